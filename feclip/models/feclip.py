@@ -1,0 +1,262 @@
+"""FE-CLIP: a frozen CLIP ViT with frequency adapters at N taps (Gong et al., ICCV 2025).
+
+Forward pass (spec section 1), for images ``(B, 3, S, S)`` and a token grid ``h = w = S / patch``:
+
+1. embed: conv1 -> flatten -> prepend the class token -> + positional embedding -> ln_pre;
+2. run the frozen resblocks; after each tap block ``n`` replace the patch tokens by
+   ``lam * (FFE(f) + LFS(f)) + (1 - lam) * f`` (Eq. 2), the class token untouched;
+3. at each tap, the patch path ``fc_patch(ln_post(tokens))`` and the CLS path ``ln_post(cls) @ proj``
+   are compared with the normal/abnormal text embeddings (cosine / temperature, 2-way softmax, Eq. 1);
+4. the image score and the map are the means over taps of the abnormal probabilities (Eq. 3).
+
+Blocks after the last tap are never run: nothing downstream of the last tap is used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feclip.errors import ConfigError
+from feclip.models.adapters import ADAPTER_SETS, LFS_STATS, TapAdapter
+from feclip.models.frequency import TRANSFORMS
+from feclip.models.prompts import PAPER_PROMPTS, PROMPT_MODES, encode_states, prompt_sentences
+
+FC_PATCH_INITS = ("random", "clip_proj")
+
+
+@dataclass
+class FEClipConfig:
+    """Every architectural option of FE-CLIP (defaults: the paper preset of DESIGN.md)."""
+
+    taps: tuple[int, ...] = (15, 18, 21, 23)  # 0-indexed resblocks after which adapters act
+    lam: float = 0.1  # fusion weight of Eq. 2
+    p: int = 3  # FFE window size
+    q: int = 3  # LFS sliding window size
+    lfs_stat: str = "mean"  # mean | abs | power | log_abs
+    lfs_kernel: int = 3  # LFS (and conv-adapter) convolution kernel size
+    adapters: str = "both"  # both | ffe | lfs | conv
+    transform: str = "dct"  # dct | fft
+    temperature: float = 0.07  # tau of Eq. 1 (logits = cos / tau)
+    use_clip_logit_scale: bool = False  # use CLIP's learned logit scale instead of 1 / temperature
+    fc_patch_init: str = "random"  # random | clip_proj
+    prompts: str = "paper"  # paper | ensemble
+    normal_prompt: str = PAPER_PROMPTS[0]
+    abnormal_prompt: str = PAPER_PROMPTS[1]
+    ln_post: bool = True  # apply CLIP's ln_post to patch tokens before fc_patch
+
+    def __post_init__(self):
+        self.taps = tuple(int(t) for t in self.taps)
+
+    def validate(self, depth: int | None = None, grid: tuple[int, int] | None = None) -> None:
+        """Raise :class:`ConfigError` naming the field and the allowed values."""
+        choices = {
+            "lfs_stat": LFS_STATS,
+            "adapters": ADAPTER_SETS,
+            "transform": TRANSFORMS,
+            "fc_patch_init": FC_PATCH_INITS,
+            "prompts": PROMPT_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.taps:
+            raise ConfigError("model.taps must name at least one block")
+        if len(set(self.taps)) != len(self.taps) or list(self.taps) != sorted(self.taps):
+            raise ConfigError(f"model.taps must be strictly increasing block indices, got {list(self.taps)}")
+        if depth is not None and not all(0 <= t < depth for t in self.taps):
+            raise ConfigError(
+                f"model.taps must lie in [0, {depth - 1}] for this {depth}-block backbone, got {list(self.taps)}"
+            )
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"model.lam must lie in [0, 1], got {self.lam}")
+        if self.temperature <= 0:
+            raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
+        for name in ("p", "q", "lfs_kernel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lfs_kernel % 2 == 0:
+            raise ConfigError(f"model.lfs_kernel must be odd (same-size convolution), got {self.lfs_kernel}")
+        if grid is not None:
+            for name in ("p", "q"):
+                if getattr(self, name) > min(grid):
+                    raise ConfigError(
+                        f"model.{name}={getattr(self, name)} is larger than the {grid[0]}x{grid[1]} token grid"
+                    )
+
+
+@dataclass
+class FEClipOutput:
+    """What :class:`FEClip` returns. ``N`` taps, ``B`` images, ``h x w`` token grid, ``S`` input size."""
+
+    image_score: torch.Tensor  # (B,) mean over taps of the CLS abnormal probability
+    anomaly_map: torch.Tensor  # (B, S, S) mean over taps of the abnormal map, bilinear to the input size
+    tap_scores: torch.Tensor  # (N, B) per-tap CLS abnormal probability
+    tap_maps: torch.Tensor  # (N, B, h, w) per-tap abnormal probability on the token grid
+    tap_cls_logits: torch.Tensor  # (N, B, 2) normal/abnormal logits of the CLS path
+    tap_patch_logits: torch.Tensor  # (N, B, h, w, 2) normal/abnormal logits of the patch path
+    tap_tokens: torch.Tensor | None = field(default=None)  # (N, B, h, w, D) fused patch tokens, on request
+
+
+class FEClip(nn.Module):
+    """FE-CLIP over a frozen open_clip model (see the module docstring for the forward pass).
+
+    Trainable: ``adapters`` (one :class:`TapAdapter` per tap) and ``fc_patch`` (Linear(D_vision, D_text),
+    shared by all taps). The CLIP stays frozen and in eval mode whatever ``train()`` is called with.
+    """
+
+    def __init__(self, clip: nn.Module, config: FEClipConfig | None = None, tokenizer=None):
+        super().__init__()
+        self.config = cfg = config or FEClipConfig()
+        visual = clip.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "class_embedding"):
+            raise ConfigError("FE-CLIP needs an open_clip VisionTransformer with a class token")
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise ConfigError("FE-CLIP needs class-token pooling (pool_type='tok', no attentional pooler)")
+        self.depth = len(visual.transformer.resblocks)
+        self.patch_size = visual.patch_size[0]
+        self.image_size = visual.image_size[0]
+        self.grid = tuple(visual.grid_size)
+        cfg.validate(depth=self.depth, grid=self.grid)
+
+        self.clip = clip
+        clip.requires_grad_(False)
+        clip.eval()
+        self.batch_first = getattr(visual.transformer, "batch_first", False)
+        width = visual.conv1.out_channels
+        embed_dim = visual.proj.shape[1]
+        self.adapters = nn.ModuleDict(
+            {
+                str(t): TapAdapter(
+                    width, cfg.adapters, cfg.lam, cfg.p, cfg.q, cfg.lfs_stat, cfg.lfs_kernel, cfg.transform
+                )
+                for t in cfg.taps
+            }
+        )
+        self.fc_patch = nn.Linear(width, embed_dim)
+        if cfg.fc_patch_init == "clip_proj":
+            with torch.no_grad():
+                self.fc_patch.weight.copy_(visual.proj.T.float())
+                self.fc_patch.bias.zero_()
+        ref = next(clip.parameters())
+        self.to(device=ref.device)
+
+        normal, abnormal = prompt_sentences(cfg.prompts, cfg.normal_prompt, cfg.abnormal_prompt)
+        self.register_buffer("text_embeddings", encode_states(clip, normal, abnormal, tokenizer))
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> FEClip:
+        super().train(mode)
+        self.clip.eval()  # frozen backbone: never in training mode
+        return self
+
+    @property
+    def backbone_name(self) -> str | None:
+        return getattr(self.clip, "feclip_model_name", None)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter and fc_patch weights (what a checkpoint holds)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("adapters.", "fc_patch."))}
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """String metadata written beside the weights, used to refuse a mismatched checkpoint."""
+        return {
+            "backbone": str(self.backbone_name),
+            "width": str(self.fc_patch.in_features),
+            "depth": str(self.depth),
+            "taps": json.dumps(list(self.config.taps)),
+            "config": json.dumps(asdict(self.config)),
+        }
+
+    @property
+    def logit_scale(self) -> torch.Tensor | float:
+        if self.config.use_clip_logit_scale:
+            return self.clip.logit_scale.exp().float()
+        return 1.0 / self.config.temperature
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Run resblock ``i`` on batch-first tokens ``(B, L, D)`` whatever layout open_clip uses inside."""
+        blk = self.clip.visual.transformer.resblocks[i]
+        if self.batch_first:
+            return blk(x)
+        return blk(x.transpose(0, 1)).transpose(0, 1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + class token + positions + ln_pre. Shape: ``(B, 3, S, S) -> (B, 1 + h*w, D)``."""
+        if (
+            images.ndim != 4
+            or images.shape[1] != 3
+            or tuple(images.shape[-2:]) != (self.image_size, self.image_size)
+        ):
+            raise ConfigError(
+                f"images must have shape (B, 3, {self.image_size}, {self.image_size}) for this backbone "
+                f"(a multiple of the patch size {self.patch_size} fixed when the CLIP was loaded), got {tuple(images.shape)}"
+            )
+        v = self.clip.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(x)
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens after the first tap block, before its adapter: independent of every trainable weight.
+
+        Shape: ``(B, 3, S, S) -> (B, 1 + h*w, D)``.
+        """
+        x = self.embed(images)
+        for i in range(self.config.taps[0] + 1):
+            x = self._block(i, x)
+        return x
+
+    def forward(self, images: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
+        """Shape: images ``(B, 3, S, S)``, CLIP-normalised -> :class:`FEClipOutput`."""
+        return self.forward_from_prefix(self.prefix(images), return_tokens=return_tokens)
+
+    def forward_from_prefix(self, x: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
+        """Continue from :meth:`prefix` tokens ``(B, 1 + h*w, D)`` (e.g. served by a cache)."""
+        taps = self.config.taps
+        h, w = self.grid
+        cls_feats, patch_feats = [], []
+        for i in range(taps[0], taps[-1] + 1):
+            if i > taps[0]:
+                x = self._block(i, x)
+            if i in taps:
+                cls, patches = x[:, :1], x[:, 1:].reshape(x.shape[0], h, w, -1)
+                fused = self.adapters[str(i)](patches)
+                x = torch.cat([cls, fused.reshape(x.shape[0], h * w, -1)], dim=1)
+                cls_feats.append(cls[:, 0])
+                patch_feats.append(fused)
+        return self.head(torch.stack(cls_feats), torch.stack(patch_feats), return_tokens)
+
+    def head(self, cls: torch.Tensor, patches: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
+        """Scores and maps from tap features: cls ``(N, B, D)``, patches ``(N, B, h, w, D)``."""
+        v = self.clip.visual
+        text = self.text_embeddings.to(cls.dtype)
+        scale = self.logit_scale
+        cls_emb = F.normalize(v.ln_post(cls) @ v.proj.to(cls.dtype), dim=-1)  # (N, B, D_text)
+        tokens = v.ln_post(patches) if self.config.ln_post else patches
+        patch_emb = F.normalize(self.fc_patch(tokens), dim=-1)  # (N, B, h, w, D_text)
+        cls_logits = scale * cls_emb @ text.T  # (N, B, 2)
+        patch_logits = scale * patch_emb @ text.T  # (N, B, h, w, 2)
+        tap_scores = cls_logits.float().softmax(-1)[..., 1]
+        tap_maps = patch_logits.float().softmax(-1)[..., 1]
+        mean_map = tap_maps.mean(0)[:, None]  # (B, 1, h, w)
+        size = self.image_size
+        anomaly_map = F.interpolate(mean_map, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return FEClipOutput(
+            image_score=tap_scores.mean(0),
+            anomaly_map=anomaly_map,
+            tap_scores=tap_scores,
+            tap_maps=tap_maps,
+            tap_cls_logits=cls_logits,
+            tap_patch_logits=patch_logits,
+            tap_tokens=patches if return_tokens else None,
+        )
