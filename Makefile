@@ -23,7 +23,7 @@ format:  ## ruff format in place
 	$(PYTHON) -m ruff format feclip tests scripts
 
 demo:  ## train + evaluate on the embedded synthetic data (feclip-train +experiment=demo)
-	@echo "make demo: not available yet (needs the training/evaluation issue: feclip-train)"; exit 1
+	feclip-train +experiment=demo
 
 reproduce-table:  ## paper protocol, 5 seeds, paper-vs-ours table (DATA_ROOT=...)
 	@echo "make reproduce-table: not available yet (needs the sweep/report issue)"; exit 1

@@ -154,11 +154,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def _drop_root_log(prefix: str):
-    """Hide root-logger records starting with ``prefix`` while the block runs."""
+def _quiet_open_clip(drop_warning: str | None = None):
+    """While the block runs, hide open_clip's chatter on the root logger: its INFO records and a
+    warning starting with ``drop_warning`` (feclip logs what it did itself)."""
 
     def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(prefix)
+        if record.levelno < logging.WARNING:
+            return False
+        return drop_warning is None or not str(record.msg).startswith(drop_warning)
 
     root = logging.getLogger()
     root.addFilter(keep)
@@ -252,7 +255,7 @@ def load_clip(
     # an explicit choice overrides the model config; None follows the weights (OpenAI -> QuickGELU)
     gelu_kwargs = {"force_quick_gelu": tag_quick_gelu} if quick_gelu is None else {"quick_gelu": quick_gelu}
 
-    with warnings.catch_warnings(), _drop_root_log("No pretrained weights loaded"):
+    with warnings.catch_warnings(), _quiet_open_clip("No pretrained weights loaded"):
         # weights are loaded below (or deliberately random); open_clip's tag/GELU checks do not apply
         warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
         model = oc.create_model(

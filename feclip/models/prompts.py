@@ -75,7 +75,10 @@ def encode_states(clip: nn.Module, normal: list[str], abnormal: list[str], token
     if tokenizer is None:
         import open_clip
 
-        tokenizer = open_clip.get_tokenizer(getattr(clip, "feclip_model_name", "ViT-L-14"))
+        from feclip.models.clip import _quiet_open_clip
+
+        with _quiet_open_clip():
+            tokenizer = open_clip.get_tokenizer(getattr(clip, "feclip_model_name", "ViT-L-14"))
     device = next(clip.parameters()).device
     rows = []
     for sentences in (normal, abnormal):

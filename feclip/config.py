@@ -1,0 +1,184 @@
+"""Typed run configuration: plain dataclasses, the schema behind the Hydra configs in ``conf/``.
+
+The library takes these objects (never a DictConfig); :mod:`feclip.cli` registers them with Hydra's
+ConfigStore so that a misspelled key or a wrong type fails when the config is composed.
+Every default is the paper preset of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from feclip.errors import ConfigError
+from feclip.models.feclip import FEClipConfig
+from feclip.scoring import ScoringConfig
+
+FC_PATCH_POLICIES = ("same", "lr_div_10", "lr_div_100", "frozen", "frozen_after")
+MASK_TARGETS = ("upsample", "nearest", "maxpool")
+MASK_LOSS_ON = ("all", "abnormal")
+MASK_LOSS_INPUTS = ("probability", "logit_margin")
+AMP_MODES = ("bf16", "none")
+RESOLUTIONS = ("input", "original")
+LOGGERS = ("none", "wandb")
+
+
+@dataclass
+class PathsConfig:
+    data_root: str = "data"  # datasets live under here (the Hydra config reads env DATA_ROOT)
+    results_dir: str = "results"  # runs write <results_dir>/<study>/<variant>/seed=<seed>/
+    cache_dir: str = ".cache/feclip"  # generated data (the synthetic sets) and other caches
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "ViT-L-14-336-quickgelu"
+    pretrained: str | None = "openai"  # open_clip tag, checkpoint file, or null for random weights
+    precision: str = "fp32"
+    image_size: int | None = None  # null = the model's own (336); e.g. 518 interpolates positions
+    fallback_tiny: bool = False  # weights missing -> feclip-tiny with a loud warning (the demo)
+
+
+@dataclass
+class DatasetRef:
+    """A dataset to read: ``name`` (a reader), its folder under ``paths.data_root`` and a split."""
+
+    name: str = "mvtec"
+    dir: str | None = None  # folder under data_root; null = the reader's default folder name
+    split: str = "test"
+    categories: list[str] | None = None  # null = all
+
+
+@dataclass
+class DataConfig:
+    train: DatasetRef = field(default_factory=DatasetRef)
+    targets: list[DatasetRef] = field(default_factory=list)
+    cache_images: bool = True  # decode each image once, reuse across epochs
+    num_workers: int = 0
+
+
+@dataclass
+class FcPatchConfig:
+    policy: str = "lr_div_100"  # same | lr_div_10 | lr_div_100 | frozen | frozen_after
+    frozen_after_batches: int = 50  # for policy=frozen_after
+
+
+@dataclass
+class LossConfig:
+    w_cls: float = 1.0  # per-tap BCE on the CLS abnormal probability (Eq. 4)
+    w_focal: float = 1.0  # per-tap focal loss on the map (Eq. 5)
+    w_dice: float = 1.0  # per-tap dice loss on the map (Eq. 5)
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None  # null = both classes weigh 1 (the peers); 0.25 = the earlier study
+    dice_smooth: float = 1.0
+    mask_target: str = "upsample"  # upsample (map to input size) | nearest | maxpool (mask to the grid)
+    mask_loss_on: str = "all"  # all | abnormal (images)
+    mask_loss_input: str = "probability"  # probability | logit_margin (upsample the margin, then sigmoid)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 9
+    batch_size: int = 16
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    fc_patch: FcPatchConfig = field(default_factory=FcPatchConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    amp: str = "bf16"  # bf16 autocast on CUDA (ignored on CPU) | none
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
+    resume: bool = True  # continue from the run directory's last epoch checkpoint
+    deterministic: bool = True
+    progress: bool = True
+
+
+@dataclass
+class PostprocessConfig:
+    """Map post-processing after Gaussian smoothing (the earlier study's experiment 5)."""
+
+    percentile_keep: float | None = None  # keep values >= this per-image percentile (e.g. 90), floor the rest
+    morph_open: int = 0  # grey opening with a (2r+1)^2 square, r pixels; 0 = off
+    min_component_px: int = 0  # drop components smaller than this of the top-decile region; 0 = off
+    component_quantile: float = 0.9  # per-image quantile that defines the region for min_component_px
+
+
+@dataclass
+class AuproConfig:
+    fpr_limit: float = 0.3
+    methods: list[str] = field(default_factory=lambda: ["exact", "zsad"])
+
+
+@dataclass
+class EvalConfig:
+    map_kind: str = "prob_abnormal"
+    tap_aggregation: str = "mean"
+    map_taps: list[int] | None = None
+    score_taps: list[int] | None = None
+    tap_weights: list[float] | None = None
+    sigma: float = 4.0
+    resolution: str = "input"  # input (the model's square size) | original (each image's own size)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    aupro: AuproConfig = field(default_factory=AuproConfig)
+    micro: bool = True  # also write pooled (__micro__) rows
+    batch_size: int = 32
+
+    def scoring(self) -> ScoringConfig:
+        cfg = ScoringConfig(
+            map_kind=self.map_kind,
+            tap_aggregation=self.tap_aggregation,
+            map_taps=tuple(self.map_taps) if self.map_taps else None,
+            score_taps=tuple(self.score_taps) if self.score_taps else None,
+            tap_weights=tuple(self.tap_weights) if self.tap_weights else None,
+            sigma=self.sigma,
+        )
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb (offline unless WANDB_MODE says otherwise)
+    project: str = "feclip"
+    mode: str = "offline"
+
+
+@dataclass
+class RunConfig:
+    study: str = "default"
+    variant: str = "default"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    force: bool = False  # re-run even when metrics.csv is complete
+    checkpoint: str | None = None  # feclip-eval: adapter file to evaluate (null = untrained / bare CLIP)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: FEClipConfig = field(default_factory=FEClipConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def validate(self) -> None:
+        """Check option values the type system cannot; raises :class:`ConfigError` naming the field."""
+        choices = [
+            ("train.fc_patch.policy", self.train.fc_patch.policy, FC_PATCH_POLICIES),
+            ("train.loss.mask_target", self.train.loss.mask_target, MASK_TARGETS),
+            ("train.loss.mask_loss_on", self.train.loss.mask_loss_on, MASK_LOSS_ON),
+            ("train.loss.mask_loss_input", self.train.loss.mask_loss_input, MASK_LOSS_INPUTS),
+            ("train.amp", self.train.amp, AMP_MODES),
+            ("eval.resolution", self.eval.resolution, RESOLUTIONS),
+            ("logger.kind", self.logger.kind, LOGGERS),
+        ]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self.train, name) < (0 if name == "epochs" else 1):
+                raise ConfigError(
+                    f"train.{name} must be >= {0 if name == 'epochs' else 1}, got {getattr(self.train, name)}"
+                )
+        if len(self.train.betas) != 2:
+            raise ConfigError(f"train.betas must hold two numbers, got {self.train.betas}")
+        bad = [m for m in self.eval.aupro.methods if m not in ("exact", "zsad")]
+        if bad:
+            raise ConfigError(f"eval.aupro.methods must be chosen from ('exact', 'zsad'), got {bad}")
+        self.eval.scoring()
+        self.model.validate()

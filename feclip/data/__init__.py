@@ -1,0 +1,46 @@
+"""Datasets: readers for the benchmarks' on-disk layouts, the torch Dataset, and the embedded synthetic data.
+
+>>> from feclip.data import list_samples, AnomalyDataset
+>>> samples = list_samples("mvtec", "/data/mvtec", split="test")   # list[Sample], sorted
+>>> ds = AnomalyDataset(samples, image_size=336)                     # ds[i]["image"]: (3, 336, 336)
+
+Dataset names: :data:`DATASETS`; default folders under ``DATA_ROOT``: :data:`DEFAULT_DIRS`.
+The command line is ``feclip-data`` (:mod:`feclip.data.cli`); sources and licences are in
+:mod:`feclip.data.download`.
+"""
+
+from feclip.data.samples import (
+    DATASETS,
+    DEFAULT_DIRS,
+    DatasetInfo,
+    EmptyDatasetError,
+    Sample,
+    dataset_info,
+    list_samples,
+)
+from feclip.data.synthetic import make_synthetic
+from feclip.data.transforms import CLIP_MEAN, CLIP_STD
+
+
+def __getattr__(name: str):
+    # AnomalyDataset imports torch; loading it lazily keeps ``feclip-data`` and the readers quick to start.
+    if name == "AnomalyDataset":
+        from feclip.data.dataset import AnomalyDataset
+
+        return AnomalyDataset
+    raise AttributeError(f"module 'feclip.data' has no attribute {name!r}")
+
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DATASETS",
+    "DEFAULT_DIRS",
+    "AnomalyDataset",
+    "DatasetInfo",
+    "EmptyDatasetError",
+    "Sample",
+    "dataset_info",
+    "list_samples",
+    "make_synthetic",
+]

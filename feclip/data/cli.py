@@ -1,0 +1,405 @@
+"""``feclip-data``: write the synthetic sets, check a dataset's ground truth, download a benchmark.
+
+Usage::
+
+    feclip-data synth ROOT [--seed 0] [--n-train-good 10] [--n-test-good 12] [--n-test-bad 24] [--image-size 256]
+    feclip-data check ROOT --dataset NAME [--categories a,b] [--decode] [--option key=value]
+    feclip-data download NAME --root DATA_ROOT [--remove-archive]
+    feclip-data info [NAME]
+
+Exit status: 0 success; 1 ``check`` found errors, or a download failed; 2 a usage error (unknown
+dataset, missing root, wrong layout), printed as one line ``feclip-data: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from feclip.data.samples import (
+    DATASETS,
+    DEFAULT_DIRS,
+    EmptyDatasetError,
+    Sample,
+    dataset_info,
+    list_samples,
+    natural_key,
+    reader_hook,
+)
+from feclip.errors import ConfigError, FEClipError
+
+__all__ = ["CheckReport", "check_dataset", "main"]
+
+PROG = "feclip-data"
+LARGE_MASK_FRACTION = 0.5
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# check
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckReport:
+    """What ``feclip-data check`` found.
+
+    Attributes:
+        rows: (category, split, images, normal, anomalous, with_mask) per category and split.
+        mask_values: per category, Counter of mask value signatures ("{0,255}", "{0,1}", "37 levels 0..255").
+        errors: problems that change the metrics (missing masks, size mismatches, unreadable files,
+            masks without images).
+        warnings: things to look at (empty or very large masks, non-binary masks, missing categories,
+            ignored folders).
+    """
+
+    name: str
+    root: Path
+    rows: list[tuple[str, str, int, int, int, int]] = field(default_factory=list)
+    mask_values: dict[str, Counter] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    n_masks_read: int = 0
+
+
+def _value_signature(values: np.ndarray) -> str:
+    uniq = np.unique(values)
+    if len(uniq) <= 3:
+        return "{" + ",".join(str(int(v)) for v in uniq) + "}"
+    return f"{len(uniq)} levels {int(uniq[0])}..{int(uniq[-1])}"
+
+
+def _inspect(sample: Sample, decode: bool) -> tuple[list[str], list[str], str | None]:
+    """Check one sample's files: (errors, warnings, mask value signature)."""
+    from feclip.data.transforms import check_image, load_mask_values
+
+    errors: list[str] = []
+    warnings: list[str] = []
+    try:
+        size = check_image(sample.image_path, decode=decode)
+    except FEClipError as err:
+        return [str(err)], [], None
+    if sample.mask_path is None:
+        return errors, warnings, None
+    try:
+        values = load_mask_values(sample.mask_path)
+    except FEClipError as err:
+        return [str(err)], [], None
+    if values.shape != size:
+        errors.append(
+            f"size mismatch: mask {sample.mask_path} is {values.shape[0]}x{values.shape[1]}, "
+            f"image {sample.image_path} is {size[0]}x{size[1]} (HxW)"
+        )
+    fraction = float((values > 0).mean())
+    if sample.label == 1 and fraction == 0.0:
+        warnings.append(
+            f"empty mask (no pixel > 0) for anomalous image {sample.image_path}: {sample.mask_path}"
+        )
+    if fraction > LARGE_MASK_FRACTION:
+        warnings.append(
+            f"mask covers {fraction:.0%} of the image, likely an object/foreground mask rather than a "
+            f"defect mask: {sample.mask_path}"
+        )
+    return errors, warnings, _value_signature(values)
+
+
+def check_dataset(
+    name: str,
+    root: str | Path,
+    categories: Sequence[str] | None = None,
+    *,
+    decode: bool = False,
+    threads: int = 8,
+    **options,
+) -> CheckReport:
+    """The ground-truth sanity check behind ``feclip-data check``; see :class:`CheckReport`.
+
+    Raises DatasetError/ConfigError for an unknown name, a missing root or a wrong layout.
+    """
+    info = dataset_info(name)
+    root = Path(root).expanduser()
+    report = CheckReport(name, root)
+    listed: list[tuple[str, Sample]] = []
+    for split in info.splits:
+        problems: list[str] = []
+        try:
+            samples = list_samples(name, root, split, categories, problems=problems, **options)
+        except EmptyDatasetError:
+            report.warnings.append(f"the {split} split has no images")
+            continue
+        report.errors.extend(problems)
+        listed.extend((split, s) for s in samples)
+    if not listed:
+        raise EmptyDatasetError(f"{name}: no images at all under {root}; expected layout: {info.layout}")
+
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for split, s in listed:
+        row = counts[(s.category, split)]
+        row[0] += 1
+        row[1 if s.label == 0 else 2] += 1
+        row[3] += s.mask_path is not None
+    order = {split: i for i, split in enumerate(info.splits)}
+    for (category, split), (n, normal, bad, masks) in sorted(
+        counts.items(), key=lambda kv: (natural_key(kv[0][0]), order[kv[0][1]])
+    ):
+        report.rows.append((category, split, n, normal, bad, masks))
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(lambda item: _inspect(item[1], decode), listed))
+    for (_, s), (errors, warnings, signature) in zip(listed, results):
+        report.errors.extend(errors)
+        report.warnings.extend(warnings)
+        if signature is not None:
+            report.n_masks_read += 1
+            report.mask_values.setdefault(s.category, Counter())[signature] += 1
+
+    found = {s.category for _, s in listed}
+    if categories is None:
+        if info.categories:
+            missing = [c for c in info.categories if c not in found]
+            extra = sorted(found - set(info.categories), key=natural_key)
+            if missing:
+                report.warnings.append(f"official categories missing: {', '.join(missing)}")
+            if extra:
+                report.warnings.append(f"categories not in the official list: {', '.join(extra)}")
+        mask_hook = reader_hook(info, info.mask_files)
+        if mask_hook is not None:
+            used = {s.mask_path.resolve() for _, s in listed if s.mask_path is not None}
+            for path in mask_hook(root, **options):
+                if path.resolve() not in used:
+                    report.errors.append(f"mask without image: {path}")
+    notes_hook = reader_hook(info, info.notes)
+    if notes_hook is not None:
+        report.warnings.extend(notes_hook(root, **options))
+    for category, signatures in report.mask_values.items():
+        odd = [sig for sig in signatures if sig not in ("{0,255}", "{0}", "{255}", "{0,1}", "{1}")]
+        if odd:
+            report.warnings.append(
+                f"{category}: masks are not binary ({', '.join(odd)}); they are binarised with > 0 "
+                "(JPEG masks may need AnomalyDataset(mask_threshold=127))"
+            )
+    return report
+
+
+def _print_report(report: CheckReport, limit: int) -> None:
+    info = dataset_info(report.name)
+    print(f"{report.name} at {report.root}  (pixel ground truth: {_yes_no(info.pixel_masks)})")
+    width = max([len("category")] + [len(r[0]) for r in report.rows])
+    print(f"{'category':<{width}}  split  images  normal  anomalous  masks")
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for category, split, n, normal, bad, masks in report.rows:
+        print(f"{category:<{width}}  {split:<5}  {n:>6}  {normal:>6}  {bad:>9}  {masks:>5}")
+        for i, v in enumerate((n, normal, bad, masks)):
+            totals[split][i] += v
+    for split, (n, normal, bad, masks) in totals.items():
+        print(f"{'TOTAL':<{width}}  {split:<5}  {n:>6}  {normal:>6}  {bad:>9}  {masks:>5}")
+    n_categories = len({r[0] for r in report.rows})
+    print(f"{n_categories} categories; {report.n_masks_read} masks read")
+    for category, signatures in report.mask_values.items():
+        values = ", ".join(f"{sig} x{n}" for sig, n in signatures.most_common())
+        print(f"  mask values {category}: {values}")
+    for title, items in (("warnings", report.warnings), ("errors", report.errors)):
+        if not items:
+            continue
+        print(f"{title} ({len(items)}):")
+        for line in items[:limit]:
+            print(f"  - {line}")
+        if len(items) > limit:
+            print(f"  ... and {len(items) - limit} more (--limit)")
+    print("OK: no errors" if not report.errors else f"FAILED: {len(report.errors)} error(s)")
+
+
+def _yes_no(value: bool | None) -> str:
+    return {True: "yes", False: "no (image level only)", None: "depends on the files"}[value]
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cmd_synth(args) -> int:
+    from feclip.data.synthetic import make_synthetic
+
+    sets = make_synthetic(
+        args.root,
+        seed=args.seed,
+        n_train_good=args.n_train_good,
+        n_test_good=args.n_test_good,
+        n_test_bad=args.n_test_bad,
+        image_size=args.image_size,
+        force=args.force,
+    )
+    for set_name, path in sets.items():
+        test = list_samples("synthetic", path, "test")
+        cats = sorted({s.category for s in test}, key=natural_key)
+        bad = sum(s.label for s in test)
+        print(f"{set_name}: {path}  ({', '.join(cats)}; test {len(test)} images, {bad} anomalous)")
+    return 0
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--option takes key=value, got {pair!r}")
+        options[key] = value
+    return options
+
+
+def _cmd_check(args) -> int:
+    categories = [c for c in args.categories.split(",") if c] if args.categories else None
+    report = check_dataset(
+        args.dataset, args.root, categories, decode=args.decode, threads=args.threads, **args.options
+    )
+    _print_report(report, args.limit)
+    return 1 if report.errors else 0
+
+
+def _progress_printer():
+    state = {"last": -1}
+
+    def show(done: int, total: int | None) -> None:
+        step = int(done / total * 20) if total else done // (100 << 20)
+        if step != state["last"]:
+            state["last"] = step
+            amount = f"{done / 1e6:.0f} MB" + (f" / {total / 1e6:.0f} MB" if total else "")
+            print(f"  {amount}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _cmd_download(args) -> int:
+    from feclip.data.download import SOURCES, describe, fetch
+
+    info = dataset_info(args.name)
+    if args.name == "synthetic":
+        from feclip.data.synthetic import make_synthetic
+
+        target = Path(args.root).expanduser() / DEFAULT_DIRS["synthetic"]
+        sets = make_synthetic(target)
+        print(f"synthetic: nothing to download; generated {', '.join(str(p) for p in sets.values())}")
+        return 0
+    if args.name not in SOURCES:
+        raise ConfigError(f"{args.name} is your own data: there is nothing to download")
+    source = SOURCES[args.name]
+    if source.url is None:
+        print(f"{args.name} cannot be downloaded automatically (no public archive). Do this instead:\n")
+        print(describe(args.name))
+        return 0
+    target = fetch(source, args.root, keep_archive=not args.remove_archive, progress=_progress_printer())
+    try:
+        samples = list_samples(args.name, target, "test")
+        print(f"{args.name}: ready at {target} ({len(samples)} test images)")
+    except FEClipError as err:
+        print(f"{args.name}: extracted to {target}, but listing it failed: {err}")
+        print(f"expected layout: {info.layout}")
+        return 1
+    print(f"check it with: {PROG} check {target} --dataset {args.name}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from feclip.data.download import SOURCES, describe
+
+    if args.name:
+        dataset_info(args.name)
+        if args.name in SOURCES:
+            print(describe(args.name))
+        else:
+            print(f"{args.name}: your own data; expected layout: {dataset_info(args.name).layout}")
+        return 0
+    print(f"{'dataset':<14} {'folder under DATA_ROOT':<24} {'download':<10} licence")
+    for name in DATASETS:
+        src = SOURCES.get(name)
+        kind = (
+            "-"
+            if src is None
+            else ("archive" if src.url else "generated" if name == "synthetic" else "manual")
+        )
+        licence = src.licence if src else "yours"
+        print(f"{name:<14} {DEFAULT_DIRS.get(name, '(your path)'):<24} {kind:<10} {licence}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, description="Datasets for feclip: synthetic data, ground-truth checks, downloads."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("synth", help="write the two embedded synthetic MVTec-layout sets under ROOT")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train-good", type=int, default=10)
+    p.add_argument("--n-test-good", type=int, default=12)
+    p.add_argument("--n-test-bad", type=int, default=24)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--force", action="store_true", help="rewrite even if complete")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("check", help="count images per category and split, and sanity-check the masks")
+    p.add_argument("root", metavar="ROOT", help="the dataset root, e.g. $DATA_ROOT/mvtec")
+    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME", help=", ".join(DATASETS))
+    p.add_argument("--categories", default=None, help="comma-separated subset")
+    p.add_argument("--decode", action="store_true", help="fully decode every image (slower)")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--limit", type=int, default=20, help="list at most this many errors/warnings each")
+    p.add_argument(
+        "--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help="reader option"
+    )
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("download", help="download and extract a benchmark (or print the manual steps)")
+    p.add_argument("name", metavar="NAME", choices=DATASETS, help=", ".join(DATASETS))
+    p.add_argument("--root", required=True, help="DATA_ROOT: the dataset goes to ROOT/<default folder>")
+    p.add_argument("--remove-archive", action="store_true", help="delete the archive after extraction")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("info", help="the dataset source table: folders, licences, download")
+    p.add_argument("name", nargs="?", choices=DATASETS, metavar="NAME")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``feclip-data``; returns the exit status."""
+    from feclip.data.download import DownloadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            args.options = _parse_options(args.options)
+        return args.func(args)
+    except argparse.ArgumentTypeError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except DownloadError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except FEClipError as err:
+        message = " ".join(str(err).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Reader for DAGM 2007 (the Kaggle "DAGM 2007 competition dataset" copy).
+
+Layout::
+
+    <root>/Class<N>/Train/*.PNG                       N = 1..10 (a doubled Class<N>/Class<N>/ is accepted)
+    <root>/Class<N>/Train/Label/<stem>_label.PNG      mask of each defective image
+    <root>/Class<N>/Train/Label/Labels.txt            optional: rows "id  flag(0/1)  image  0  mask"
+    <root>/Class<N>/Test/...                          the same
+
+An image is anomalous when its ``Label/<stem>_label.*`` exists. When ``Labels.txt`` is present its
+flags are cross-checked: a row flagged 1 without a mask file, or a mask for an image flagged 0, is an
+error. Folders like ``Class1_def`` (the original release's defect-only copies) are not read.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from feclip.data.samples import (
+    MaskFinder,
+    Sample,
+    image_files_under,
+    layout_error,
+    list_images,
+    reject_options,
+    report,
+    select_categories,
+    subdirs,
+)
+
+__all__ = ["list_dagm", "mask_files"]
+
+_CLASS = re.compile(r"^Class\d+$")
+
+
+def _class_dirs(root: Path) -> dict[str, Path]:
+    out = {}
+    for d in subdirs(root):
+        if not _CLASS.match(d.name):
+            continue
+        nested = d / d.name
+        if not (d / "Train").is_dir() and not (d / "Test").is_dir() and nested.is_dir():
+            d = nested
+        out[d.name] = d
+    return out
+
+
+def _labels_txt(path: Path) -> dict[str, int] | None:
+    """Flags by image name from ``Labels.txt``; None when absent or not in the expected row format."""
+    if not path.is_file():
+        return None
+    flags: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 1 and parts[0].isdigit():  # the header line
+            continue
+        if len(parts) < 3 or parts[1] not in ("0", "1"):
+            return None
+        flags[parts[2]] = int(parts[1])
+    return flags or None
+
+
+def list_dagm(root: Path, split: str, categories: list[str] | None, problems: list[str] | None, **options):
+    """DAGM 2007 (Wieler & Hahn), competition terms (non-commercial research use; verify).
+
+    10 texture classes ``Class1`` .. ``Class10`` with Train/Test folders; defective images are a minority
+    (roughly one in eight). Exact counts are not quoted here (not verified); run ``feclip-data check``.
+    """
+    reject_options("dagm", options)
+    found = _class_dirs(root)
+    if not found:
+        hint = ""
+        inner = [d for d in subdirs(root) if _class_dirs(d)]
+        if len(inner) == 1:
+            hint = f"; the Class folders are in {inner[0]}: pass that as the root"
+        raise layout_error("dagm", root, f"no Class<N> folder{hint}")
+    folder_name = "Train" if split == "train" else "Test"
+    samples: list[Sample] = []
+    finder = MaskFinder(("_label",))
+    for category in select_categories(list(found), categories, "dagm", root):
+        split_dir = found[category] / folder_name
+        if not split_dir.is_dir():
+            raise layout_error("dagm", root, f"{category} has no {folder_name}/ folder ({split_dir})")
+        label_dir = split_dir / "Label"
+        flags = _labels_txt(label_dir / "Labels.txt")
+        for image in list_images(split_dir):
+            mask = finder.find(label_dir, image.stem)
+            label = int(mask is not None)
+            flag = flags.get(image.name) if flags else None
+            if flag == 1 and mask is None:
+                report(
+                    problems,
+                    f"dagm: {image} is flagged defective in {label_dir / 'Labels.txt'} but its mask "
+                    f"{label_dir / (image.stem + '_label.PNG')} is missing",
+                )
+                label = 1
+            elif flag == 0 and mask is not None:
+                report(
+                    problems,
+                    f"dagm: {image} is flagged normal in {label_dir / 'Labels.txt'} but has a mask {mask}",
+                )
+            samples.append(Sample(image, mask, label, category, "defect" if label else "good"))
+    return samples
+
+
+def mask_files(root: Path, **options) -> list[Path]:
+    """Every ``*_label.*`` file under ``Class<N>/{Train,Test}/Label/``."""
+    folders = [d / split / "Label" for d in _class_dirs(root).values() for split in ("Train", "Test")]
+    return [p for p in image_files_under(folders) if p.stem.endswith("_label")]

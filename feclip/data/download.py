@@ -1,0 +1,451 @@
+"""Where each benchmark comes from, and a resumable, verified download for those with a public archive.
+
+:data:`SOURCES` is the dataset source table: homepage, licence, archive URL (when one is public),
+size and sha256 (None when not known: then completeness is checked against the server's
+Content-Length only; no checksum is ever guessed), manual steps (for datasets behind a form, Kaggle
+or a file-sharing page) and the layout expected under ``$DATA_ROOT/<DEFAULT_DIRS[name]>``.
+
+:func:`download_file` writes to ``<file>.part``, resumes it with an HTTP ``Range`` request, verifies
+the size and the sha256, and only then renames it to ``<file>``; a file that fails verification is
+deleted and never taken as complete. :func:`fetch` downloads and extracts one dataset in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from feclip.data.samples import DEFAULT_DIRS, dataset_info
+from feclip.errors import ConfigError, DatasetError
+
+__all__ = ["SOURCES", "DownloadError", "Source", "download_file", "extract_archive", "fetch", "describe"]
+
+
+class DownloadError(DatasetError):
+    """A download failed or its file does not verify (size, checksum, archive format)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One row of the dataset source table.
+
+    Attributes:
+        name: dataset name (a key of :data:`feclip.data.samples.DEFAULT_DIRS`).
+        title: the dataset's full name and citation.
+        homepage: where it is described and (officially) obtained.
+        licence: as stated by the source; "verify" where only a secondary source states it.
+        url: a public archive URL, or None when there is none (form, Kaggle, file-sharing page).
+        filename: the archive's file name.
+        size: archive size in bytes, or None when not known (then the server's Content-Length is used).
+        sha256: archive sha256, or None when not known (then the size alone is verified).
+        checksum_source: where ``sha256`` comes from.
+        manual: the manual steps (the only way when ``url`` is None; a fallback otherwise).
+        layout: what must be under ``$DATA_ROOT/<dir>`` afterwards.
+    """
+
+    name: str
+    title: str
+    homepage: str
+    licence: str
+    layout: str
+    manual: str
+    url: str | None = None
+    filename: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    checksum_source: str = ""
+
+
+def _kaggle(slug: str, name: str) -> str:
+    return (
+        f"1. Sign in to Kaggle and accept the dataset's terms at https://www.kaggle.com/datasets/{slug}\n"
+        "2. With the Kaggle CLI (pip install kaggle; API token in ~/.kaggle/kaggle.json):\n"
+        f"   kaggle datasets download -d {slug} -p $DATA_ROOT/{DEFAULT_DIRS[name]} --unzip\n"
+        f"   (or download the zip in the browser and unzip it into $DATA_ROOT/{DEFAULT_DIRS[name]})\n"
+        f"3. feclip-data check $DATA_ROOT/{DEFAULT_DIRS[name]} --dataset {name}"
+    )
+
+
+_ANOMALIB = "anomalib's DownloadInfo (openvinotoolkit/anomalib, src/anomalib/data/datamodules/image/)"
+
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in (
+        Source(
+            name="mvtec",
+            title="MVTec AD (Bergmann et al., CVPR 2019)",
+            homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
+            licence="CC BY-NC-SA 4.0",
+            url="https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
+            "420938113-1629952094/mvtec_anomaly_detection.tar.xz",
+            filename="mvtec_anomaly_detection.tar.xz",
+            sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
+            checksum_source=_ANOMALIB + "mvtecad.py",
+            manual=(
+                "The archive URL above is the mirror anomalib uses; if it no longer answers:\n"
+                "1. Fill in the form at https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads\n"
+                "2. Download mvtec_anomaly_detection.tar.xz (about 4.9 GB)\n"
+                "3. mkdir -p $DATA_ROOT/mvtec && tar -xf mvtec_anomaly_detection.tar.xz -C $DATA_ROOT/mvtec\n"
+                "4. feclip-data check $DATA_ROOT/mvtec --dataset mvtec"
+            ),
+            layout="$DATA_ROOT/mvtec/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}",
+        ),
+        Source(
+            name="visa",
+            title="VisA, Visual Anomaly (Zou et al., ECCV 2022)",
+            homepage="https://github.com/amazon-science/spot-diff",
+            licence="CC BY 4.0 (official README; anomalib's docstring says CC BY-NC-SA 4.0)",
+            url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+            filename="VisA_20220922.tar",
+            sha256="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
+            checksum_source=_ANOMALIB + "visa.py",
+            manual=(
+                "1. Download https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar\n"
+                "2. mkdir -p $DATA_ROOT/visa && tar -xf VisA_20220922.tar -C $DATA_ROOT/visa\n"
+                "3. feclip-data check $DATA_ROOT/visa --dataset visa"
+            ),
+            layout="$DATA_ROOT/visa/{split_csv/1cls.csv, <category>/Data/{Images,Masks}/...}",
+        ),
+        Source(
+            name="btad",
+            title="BTAD / BTech (Mishra et al., 2021)",
+            homepage="http://avires.dimi.uniud.it/papers/btad/",
+            licence="CC BY-NC-SA 4.0 (per anomalib's btech.py; verify)",
+            url="https://avires.dimi.uniud.it/papers/btad/btad.zip",
+            filename="btad.zip",
+            sha256="461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
+            checksum_source=_ANOMALIB + "btech.py",
+            manual=(
+                "1. Download https://avires.dimi.uniud.it/papers/btad/btad.zip\n"
+                "2. mkdir -p $DATA_ROOT/btad && unzip btad.zip -d $DATA_ROOT/btad\n"
+                "3. feclip-data check $DATA_ROOT/btad --dataset btad"
+            ),
+            layout="$DATA_ROOT/btad/BTech_Dataset_transformed/<01|02|03>/{train/ok, test/ok, test/ko, ground_truth/ko}",
+        ),
+        Source(
+            name="mpdd",
+            title="MPDD, Metal Parts Defect Detection (Jezek et al., 2021)",
+            homepage="https://github.com/stepanje/MPDD",
+            licence="CC BY-NC-SA 4.0 (per anomalib's mpdd.py; verify)",
+            manual=(
+                "No direct archive URL is known here (the files are on a university SharePoint).\n"
+                "1. Open https://github.com/stepanje/MPDD and follow its download link\n"
+                "2. Unpack so that $DATA_ROOT/mpdd/<category>/{train,test,ground_truth} exist\n"
+                "   (categories bracket_black, bracket_brown, bracket_white, connector, metal_plate, tubes)\n"
+                "3. feclip-data check $DATA_ROOT/mpdd --dataset mpdd"
+            ),
+            layout="$DATA_ROOT/mpdd/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}",
+        ),
+        Source(
+            name="dtd_synthetic",
+            title="DTD-Synthetic (Aota et al., WACV 2023), derived from DTD (Cimpoi et al., CVPR 2014)",
+            homepage="https://drive.google.com/drive/folders/10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1",
+            licence="derived from DTD, research use; verify",
+            manual=(
+                "Google Drive folder (linked in the AnomalyCLIP README):\n"
+                "1. Open https://drive.google.com/drive/folders/10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1 and download it\n"
+                "2. Unpack so that $DATA_ROOT/dtd_synthetic/<category>/{train,test,ground_truth} exist\n"
+                "   (12 categories: Blotchy_099, Fibrous_183, ..., Woven_127)\n"
+                "3. feclip-data check $DATA_ROOT/dtd_synthetic --dataset dtd_synthetic"
+            ),
+            layout="$DATA_ROOT/dtd_synthetic/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}",
+        ),
+        Source(
+            name="dagm",
+            title="DAGM 2007 competition dataset (Wieler & Hahn)",
+            homepage="https://www.kaggle.com/datasets/mhskjelvareid/dagm-2007-competition-dataset-optical-inspection",
+            licence="competition terms, non-commercial research use; verify",
+            manual=_kaggle("mhskjelvareid/dagm-2007-competition-dataset-optical-inspection", "dagm")
+            + "\n   If the Class folders end up one level deeper, pass that folder as the root.",
+            layout="$DATA_ROOT/dagm/Class<N>/{Train,Test}/*.PNG with Label/<stem>_label.PNG",
+        ),
+        Source(
+            name="brainmri",
+            title="Brain MRI Images for Brain Tumor Detection (Kaggle, navoneel)",
+            homepage="https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection",
+            licence="Kaggle dataset terms; verify",
+            manual=_kaggle("navoneel/brain-mri-images-for-brain-tumor-detection", "brainmri"),
+            layout="$DATA_ROOT/brainmri/[brain_tumor_dataset/]{yes,no}/*.jpg",
+        ),
+        Source(
+            name="br35h",
+            title="Br35H: Brain Tumor Detection 2020 (Kaggle, ahmedhamada0)",
+            homepage="https://www.kaggle.com/datasets/ahmedhamada0/brain-tumor-detection",
+            licence="Kaggle dataset terms; verify",
+            manual=_kaggle("ahmedhamada0/brain-tumor-detection", "br35h")
+            + "\n   The unlabeled pred/ folder is ignored.",
+            layout="$DATA_ROOT/br35h/{yes,no}/*.jpg",
+        ),
+        Source(
+            name="clinicdb",
+            title="CVC-ClinicDB (Bernal et al., 2015)",
+            homepage="https://polyp.grand-challenge.org/CVCClinicDB/",
+            licence="research use; cite Bernal et al. 2015",
+            manual=(
+                "No direct archive URL is known here. The polyp bundle linked in the AnomalyCLIP README:\n"
+                "1. Download https://figshare.com/articles/figure/Polyp_DataSet_zip/21221579\n"
+                "2. Put the CVC-ClinicDB frames in $DATA_ROOT/clinicdb/images and their masks (same file\n"
+                "   stems) in $DATA_ROOT/clinicdb/masks (the original release's Original/ and\n"
+                "   'Ground Truth'/ folders are accepted too)\n"
+                "3. feclip-data check $DATA_ROOT/clinicdb --dataset clinicdb"
+            ),
+            layout="$DATA_ROOT/clinicdb/{images,masks}/<stem>.<ext>",
+        ),
+        Source(
+            name="kvasir",
+            title="Kvasir-SEG (Jha et al., MMM 2020)",
+            homepage="https://datasets.simula.no/kvasir-seg/",
+            licence="research and educational use (see the homepage); cite Jha et al. 2020",
+            url="https://datasets.simula.no/downloads/kvasir-seg.zip",
+            filename="kvasir-seg.zip",
+            manual=(
+                "1. Download https://datasets.simula.no/downloads/kvasir-seg.zip\n"
+                "2. mkdir -p $DATA_ROOT/kvasir && unzip kvasir-seg.zip -d $DATA_ROOT/kvasir\n"
+                "3. feclip-data check $DATA_ROOT/kvasir --dataset kvasir"
+            ),
+            layout="$DATA_ROOT/kvasir/[Kvasir-SEG/]{images,masks}/<stem>.jpg",
+        ),
+        Source(
+            name="synthetic",
+            title="feclip's embedded synthetic sets (scikit-image's bundled photos)",
+            homepage="feclip.data.synthetic",
+            licence="the scikit-image data licences (public domain / CC0 / CC BY; see skimage.data)",
+            manual="Nothing to download: feclip-data synth $DATA_ROOT/synthetic",
+            layout="$DATA_ROOT/synthetic/{set_a,set_b}/<category>/{train,test,ground_truth}",
+        ),
+    )
+}
+
+
+def describe(name: str) -> str:
+    """A readable block: title, homepage, licence, archive (with what is verified), layout, manual steps."""
+    src = _source(name)
+    lines = [f"{src.name}: {src.title}", f"  homepage: {src.homepage}", f"  licence:  {src.licence}"]
+    if src.url:
+        check = (
+            f"sha256 {src.sha256} (from {src.checksum_source})" if src.sha256 else "sha256 unknown: size only"
+        )
+        lines += [f"  archive:  {src.url}", f"  verify:   {check}"]
+    else:
+        lines.append("  archive:  none public; manual steps below")
+    lines.append(f"  layout:   {src.layout}")
+    lines.append("  manual steps:")
+    lines += ["    " + line for line in src.manual.splitlines()]
+    return "\n".join(lines)
+
+
+def _source(name: str) -> Source:
+    dataset_info(name)  # unknown name -> ConfigError listing the names
+    if name not in SOURCES:
+        raise ConfigError(
+            f"{name} is your own data: there is nothing to download (datasets: {', '.join(SOURCES)})"
+        )
+    return SOURCES[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Download
+# ---------------------------------------------------------------------------------------------------
+
+
+def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, size: int | None, sha256: str | None) -> None:
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        raise DownloadError(f"{path} has {actual} bytes, expected {size}")
+    if sha256 is not None:
+        got = sha256_of(path)
+        if got != sha256.lower():
+            raise DownloadError(f"{path}: sha256 {got} does not match the expected {sha256}")
+
+
+def _total_from_content_range(value: str | None) -> tuple[int, int | None] | None:
+    match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", value or "")
+    if not match:
+        return None
+    return int(match.group(1)), (None if match.group(2) == "*" else int(match.group(2)))
+
+
+def download_file(
+    url: str,
+    dest: str | Path,
+    *,
+    size: int | None = None,
+    sha256: str | None = None,
+    timeout: float = 60.0,
+    chunk_size: int = 1 << 20,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Path:
+    """Download ``url`` to ``dest``, resuming ``dest.part`` and verifying before the final rename.
+
+    Args:
+        url: http(s) URL.
+        dest: the final file; the transfer goes to ``<dest>.part``.
+        size: expected size in bytes (None: the server's total is used).
+        sha256: expected hex digest (None: size only).
+        timeout: socket timeout in seconds.
+        progress: called as ``progress(bytes_so_far, total_or_None)``.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        DownloadError: HTTP/network failure (the ``.part`` file is kept for a later resume), or a file
+            that is too large or fails the checksum (the ``.part`` file is deleted).
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        try:
+            _verify(dest, size, sha256)
+        except DownloadError as err:
+            raise DownloadError(f"{err}; delete it to download it again") from None
+        return dest
+    offset = part.stat().st_size if part.exists() else 0
+    if size is not None and offset > size:
+        part.unlink()
+        offset = 0
+    headers = {"User-Agent": "feclip-data/0.1"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    total: int | None = size
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:  # nothing left to send: the partial file is complete (verified below)
+            response = None
+            match = re.match(r"bytes \*/(\d+)", err.headers.get("Content-Range") or "")
+            total = total or (int(match.group(1)) if match else None)
+        else:
+            raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise DownloadError(f"{url}: cannot connect ({getattr(err, 'reason', err)})") from None
+    if response is not None:
+        with response:
+            if response.status == 206:
+                span = _total_from_content_range(response.headers.get("Content-Range"))
+                if span is None or span[0] != offset:
+                    raise DownloadError(f"{url}: the server answered the resume request with a wrong range")
+                server_total = span[1]
+                mode = "ab"
+            else:  # 200: the server ignored the Range header; start again
+                offset, mode = 0, "wb"
+                length = response.headers.get("Content-Length")
+                server_total = int(length) if length and length.isdigit() else None
+            if size is not None and server_total is not None and server_total != size:
+                raise DownloadError(f"{url}: the server reports {server_total} bytes, expected {size}")
+            total = size if size is not None else server_total
+            done = offset
+            try:
+                with part.open(mode) as handle:
+                    while block := response.read(chunk_size):
+                        handle.write(block)
+                        done += len(block)
+                        if progress is not None:
+                            progress(done, total)
+            except (OSError, http.client.HTTPException) as err:
+                raise DownloadError(
+                    f"{url}: transfer interrupted after {done} bytes ({err}); run again to resume from {part}"
+                ) from None
+    got = part.stat().st_size if part.exists() else 0
+    if total is not None and got < total:
+        raise DownloadError(f"{url}: incomplete, {got} of {total} bytes; run again to resume from {part}")
+    if total is not None and got > total:
+        part.unlink()
+        raise DownloadError(f"{url}: {got} bytes, more than the expected {total}; deleted {part}, run again")
+    if sha256 is not None:
+        digest = sha256_of(part)
+        if digest != sha256.lower():
+            part.unlink()
+            raise DownloadError(
+                f"{url}: sha256 {digest} does not match the expected {sha256}; deleted {part} "
+                "(corrupt or changed upstream), run again to download afresh"
+            )
+    part.replace(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------------
+
+
+def extract_archive(archive: str | Path, dest: str | Path) -> None:
+    """Extract a tar (any compression) or zip archive into ``dest``, refusing paths that leave ``dest``."""
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in members:
+                if not (root / member.name).resolve().is_relative_to(root):
+                    raise DownloadError(f"{archive}: member {member.name!r} would be written outside {dest}")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, members=members, filter="data")
+            else:  # pragma: no cover - Python without extraction filters
+                tar.extractall(dest, members=members)
+    elif zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if not (root / name).resolve().is_relative_to(root):
+                    raise DownloadError(f"{archive}: member {name!r} would be written outside {dest}")
+            zf.extractall(dest)
+    else:
+        raise DownloadError(f"{archive} is neither a tar nor a zip archive")
+
+
+def fetch(
+    name: str | Source,
+    data_root: str | Path,
+    *,
+    keep_archive: bool = True,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Path:
+    """Download and extract one dataset into ``data_root/<DEFAULT_DIRS[name]>``; return that folder.
+
+    Skips the download when the verified archive is there, and the extraction when a marker says it
+    was done. A dataset with no public archive raises :class:`DownloadError` carrying the manual steps.
+    """
+    src = name if isinstance(name, Source) else _source(name)
+    target = Path(data_root).expanduser() / DEFAULT_DIRS.get(src.name, src.name)
+    if src.url is None or src.filename is None:
+        raise DownloadError(f"{src.name} has no public archive; manual steps:\n{src.manual}")
+    marker = target / f".feclip_extracted_{src.filename}.json"
+    if marker.is_file():
+        log(f"{src.name}: already downloaded and extracted in {target}")
+        return target
+    archive = target / src.filename
+    log(f"{src.name}: downloading {src.url} -> {archive}")
+    if src.sha256 is None:
+        log(f"{src.name}: no known sha256 for this archive; verifying its size only")
+    try:
+        download_file(src.url, archive, size=src.size, sha256=src.sha256, progress=progress)
+    except DownloadError as err:
+        raise DownloadError(f"{err}\nIf the URL no longer works, the manual steps:\n{src.manual}") from None
+    log(f"{src.name}: extracting {archive} into {target}")
+    extract_archive(archive, target)
+    marker.write_text(json.dumps({"url": src.url, "sha256": src.sha256, "time": time.time()}))
+    if not keep_archive:
+        archive.unlink()
+    return target

@@ -1,0 +1,162 @@
+"""Evaluation: a model over a target dataset -> scores and maps -> metric rows of the CSV schema.
+
+Maps are computed on the device in batches (tap selection, aggregation, upsampling and Gaussian
+smoothing as :class:`~feclip.scoring.ScoringConfig` says), then optionally post-processed on the CPU
+(:func:`postprocess`), and the metrics are computed per category and pooled (``__micro__``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+from torch.utils.data import DataLoader
+
+from feclip.metrics import compute_category_metrics
+from feclip.results import MICRO, MetricRow
+from feclip.scoring import anomaly_maps, image_scores
+
+log = logging.getLogger("feclip.eval")
+
+
+@dataclass
+class Predictions:
+    """Everything the metrics need for one dataset. ``N`` images, maps at the evaluation size."""
+
+    scores: np.ndarray  # (N,) float64 image scores
+    maps: list[np.ndarray]  # N maps (H, W) float32; all of one size at the input resolution
+    masks: list[np.ndarray]  # N masks (H, W) uint8 in {0, 1}; zeros for normal images
+    labels: np.ndarray  # (N,) int64
+    categories: list[str]  # (N,)
+
+
+def postprocess(amap: np.ndarray, cfg) -> np.ndarray:
+    """Map post-processing of the earlier study's experiment 5 (after smoothing), per image.
+
+    ``percentile_keep``: values below the image's p-th percentile are set to the image minimum.
+    ``morph_open``: grey opening with a (2r+1) x (2r+1) square.
+    ``min_component_px``: in the region above the image's ``component_quantile``, 8-connected
+    components smaller than this many pixels are set to the image minimum.
+    Shape: ``(H, W) -> (H, W)``.
+    """
+    out = amap
+    floor = float(amap.min())
+    if cfg.percentile_keep is not None:
+        out = np.where(out >= np.percentile(out, cfg.percentile_keep), out, floor)
+    if cfg.morph_open > 0:
+        out = ndi.grey_opening(out, size=(2 * cfg.morph_open + 1,) * 2)
+    if cfg.min_component_px > 0:
+        region = out >= np.quantile(out, cfg.component_quantile)
+        labels, n = ndi.label(region, structure=np.ones((3, 3)))
+        if n:
+            sizes = np.bincount(labels.ravel())
+            small = sizes < cfg.min_component_px
+            small[0] = False
+            out = np.where(small[labels], floor, out)
+    return out.astype(np.float32, copy=False)
+
+
+def _needs_postprocess(cfg) -> bool:
+    return cfg.percentile_keep is not None or cfg.morph_open > 0 or cfg.min_component_px > 0
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+        "index": [it["index"] for it in items],
+        "original_size": [tuple(it["original_size"].tolist()) for it in items],
+    }
+
+
+@torch.inference_mode()
+def predict(model, dataset, cfg, device: torch.device, use_amp: bool = False) -> Predictions:
+    """Run ``model`` over ``dataset`` (an :class:`~feclip.data.AnomalyDataset`) with the options of ``cfg``
+    (a :class:`feclip.config.EvalConfig`)."""
+    was_training = model.training
+    model.eval()
+    scoring = cfg.scoring()
+    taps = model.config.taps
+    scores, maps, masks, labels = [], [], [], []
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(images)
+        scores.append(image_scores(out.tap_cls_logits, taps, scoring).float().cpu())
+        if cfg.resolution == "input":
+            batch_maps = anomaly_maps(
+                out.tap_patch_logits, taps, scoring, model.image_size, model.logit_scale
+            )
+            maps.extend(batch_maps.float().cpu().numpy())
+            masks.extend(batch["mask"].numpy().astype(np.uint8))
+        else:  # each image at its own size
+            for j, (index, size) in enumerate(zip(batch["index"], batch["original_size"])):
+                m = anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, scoring, size, model.logit_scale)
+                maps.append(m[0].float().cpu().numpy())
+                masks.append(dataset.original_mask(index))
+        labels.append(batch["label"])
+    if _needs_postprocess(cfg.postprocess):
+        maps = [postprocess(m, cfg.postprocess) for m in maps]
+    model.train(was_training)
+    return Predictions(
+        scores=torch.cat(scores).double().numpy(),
+        maps=maps,
+        masks=masks,
+        labels=torch.cat(labels).numpy().astype(np.int64),
+        categories=[s.category for s in dataset.samples],
+    )
+
+
+def _stack(arrays: list[np.ndarray], what: str, category: str) -> np.ndarray:
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"category {category!r}: {what} of different sizes {sorted(shapes)[:3]}; original-resolution "
+            "evaluation needs one image size per category (use eval.resolution=input)"
+        )
+    return np.stack(arrays)
+
+
+def metric_rows(
+    dataset_name: str, preds: Predictions, category_has_masks: dict[str, bool], cfg
+) -> list[MetricRow]:
+    """Per-category metrics, plus pooled ``__micro__`` rows when ``cfg.micro``."""
+    rows: list[MetricRow] = []
+    groups = {c: [i for i, x in enumerate(preds.categories) if x == c] for c in category_has_masks}
+    if cfg.micro and len(groups) > 1:
+        groups[MICRO] = list(range(len(preds.categories)))
+    for category, idx in groups.items():
+        with_masks = all(category_has_masks.values()) if category == MICRO else category_has_masks[category]
+        masks = maps = None
+        if with_masks:
+            masks = _stack([preds.masks[i] for i in idx], "masks", category)
+            maps = _stack([preds.maps[i] for i in idx], "maps", category)
+        values = compute_category_metrics(
+            preds.labels[idx],
+            preds.scores[idx],
+            masks,
+            maps,
+            aupro_methods=tuple(cfg.aupro.methods),
+            fpr_limit=cfg.aupro.fpr_limit,
+        )
+        rows.extend(MetricRow(dataset_name, category, k, float(v), len(idx)) for k, v in values.items())
+    return rows
+
+
+def evaluate(
+    model, dataset_name: str, dataset, cfg, device: torch.device, use_amp: bool = False
+) -> list[MetricRow]:
+    """Metric rows of ``model`` on one dataset (see :func:`predict` and :func:`metric_rows`)."""
+    preds = predict(model, dataset, cfg, device, use_amp)
+    return metric_rows(dataset_name, preds, dataset.category_has_masks, cfg)

@@ -1,0 +1,216 @@
+"""The training loop: plain PyTorch over the device-resident model, readable top to bottom.
+
+Sections: setup (optimizer groups, resume) -> epochs (seeded order, step, NaN guard, fc_patch policy)
+-> checkpoint (adapters as safetensors + optimizer state, every epoch, atomically).
+
+Resuming a killed run restarts at the first unfinished epoch. The image order of epoch ``e`` depends
+only on ``(seed, e)`` and the optimizer state is restored, so on the CPU a resumed run ends with the
+same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from feclip.errors import FEClipError
+from feclip.losses import feclip_loss
+from feclip.models.checkpoint import load_adapters, save_adapters
+
+log = logging.getLogger("feclip.train")
+
+ADAPTERS_FILE = "adapters.safetensors"
+STATE_FILE = "train_state.pt"
+FC_PATCH_LR_FACTOR = {"same": 1.0, "lr_div_10": 0.1, "lr_div_100": 0.01, "frozen_after": 0.01, "frozen": 0.0}
+
+
+class TrainingDivergedError(FEClipError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int  # epochs trained in this call (0 when a finished run was resumed)
+    steps: int  # optimizer steps in total, resumed ones included
+    last_loss: float  # mean total loss of the last epoch trained in this call (nan if none)
+    seconds: float
+
+
+def build_optimizer(model, cfg) -> torch.optim.Adam:
+    """Adam with two parameter groups: adapters at ``lr``, fc_patch at ``lr * factor(policy)``.
+
+    ``frozen`` leaves fc_patch out (and stops its gradients); ``frozen_after`` trains it at lr/100
+    until ``frozen_after_batches`` steps, then freezes it.
+    """
+    policy = cfg.fc_patch.policy
+    groups = [{"params": list(model.adapters.parameters()), "lr": cfg.lr, "name": "adapters"}]
+    if policy == "frozen":
+        model.fc_patch.requires_grad_(False)
+    else:
+        model.fc_patch.requires_grad_(True)
+        groups.append(
+            {
+                "params": list(model.fc_patch.parameters()),
+                "lr": cfg.lr * FC_PATCH_LR_FACTOR[policy],
+                "name": "fc_patch",
+            }
+        )
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The image order of one epoch: a permutation that depends only on (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, step: int, fingerprint: str) -> None:
+    """Adapters (safetensors) first, then the optimizer state that marks the epoch as done."""
+    save_adapters(model, run_dir / ADAPTERS_FILE, {"epoch": str(epoch), "step": str(step)})
+    state = {
+        "epoch": epoch,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "fingerprint": fingerprint,
+        "fc_patch_frozen": not model.fc_patch.weight.requires_grad,
+    }
+    _atomic_torch_save(state, run_dir / STATE_FILE)
+
+
+def try_resume(model, optimizer, run_dir: Path, fingerprint: str) -> tuple[int, int]:
+    """Load the last epoch checkpoint if there is one; returns (first epoch to run, steps done)."""
+    state_path = run_dir / STATE_FILE
+    if not state_path.is_file() or not (run_dir / ADAPTERS_FILE).is_file():
+        return 0, 0
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise FEClipError(
+            f"{run_dir} holds a checkpoint of a different configuration; use force=true to start over "
+            "or another results directory"
+        )
+    meta = load_adapters(model, run_dir / ADAPTERS_FILE)
+    if int(meta.get("epoch", -1)) != state["epoch"]:
+        raise FEClipError(
+            f"{run_dir}: {ADAPTERS_FILE} (epoch {meta.get('epoch')}) and {STATE_FILE} (epoch {state['epoch']}) disagree"
+        )
+    if state["fc_patch_frozen"]:
+        model.fc_patch.requires_grad_(False)
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resumed from %s after epoch %d (%d steps)", run_dir, state["epoch"], state["step"])
+    return state["epoch"] + 1, state["step"]
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+    }
+
+
+def train(
+    model, dataset, cfg, run_dir: str | os.PathLike, seed: int, device: torch.device, fingerprint: str = ""
+) -> TrainResult:
+    """Train ``model``'s adapters and fc_patch on ``dataset`` (an :class:`~feclip.data.AnomalyDataset`).
+
+    Args:
+        cfg: a :class:`feclip.config.TrainConfig`.
+        run_dir: where the checkpoints go (and are resumed from when ``cfg.resume``).
+        fingerprint: identifies the configuration; a checkpoint with another one is not resumed.
+    """
+    # -- setup ------------------------------------------------------------------------------------
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    optimizer = build_optimizer(model, cfg)
+    start_epoch, step = try_resume(model, optimizer, run_dir, fingerprint) if cfg.resume else (0, 0)
+    if not cfg.resume:
+        for f in (ADAPTERS_FILE, STATE_FILE):
+            (run_dir / f).unlink(missing_ok=True)
+    use_amp = cfg.amp == "bf16" and device.type == "cuda"
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model.train()
+    epochs_run, last_loss = 0, math.nan
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        # -- one epoch ----------------------------------------------------------------------------
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=epoch_order(len(dataset), seed, epoch),
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+        )
+        bar = _progress(loader, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}")
+        loss_sum, n_images, t_epoch = torch.zeros((), device=device), 0, time.perf_counter()
+        for batch in bar:
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(images)
+            loss, parts = feclip_loss(out, masks, labels, cfg.loss)
+            if not torch.isfinite(loss):
+                kept = (
+                    f"the last good checkpoint (epoch {start_epoch + epochs_run}) is kept in {run_dir}"
+                    if (run_dir / ADAPTERS_FILE).exists()
+                    else "no checkpoint was written yet"
+                )
+                parts_txt = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} ({parts_txt}); {kept}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.detach() * len(images)
+            n_images += len(images)
+            if cfg.fc_patch.policy == "frozen_after" and step == cfg.fc_patch.frozen_after_batches:
+                model.fc_patch.requires_grad_(False)
+                log.info("fc_patch frozen after %d batches", step)
+            if bar is not loader and step % 5 == 0:
+                bar.set_postfix(
+                    loss=f"{parts['total'].item():.4f}",
+                    img_s=f"{n_images / (time.perf_counter() - t_epoch):.1f}",
+                )
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        # -- checkpoint ---------------------------------------------------------------------------
+        last_loss = (loss_sum / max(n_images, 1)).item()
+        epochs_run += 1
+        save_checkpoint(model, optimizer, run_dir, epoch, step, fingerprint)
+        log.info(
+            "epoch %d/%d: loss %.4f, %d images, %.1f images/s",
+            epoch + 1,
+            cfg.epochs,
+            last_loss,
+            n_images,
+            n_images / (time.perf_counter() - t_epoch),
+        )
+    model.eval()
+    return TrainResult(epochs_run, step, last_loss, time.perf_counter() - t_start)
+
+
+def _progress(loader, enabled: bool, desc: str):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,224 @@
+"""Downloads against a local HTTP server on 127.0.0.1: fresh, resumed (Range), restarted, truncated,
+checksum mismatch, extraction in place; and the source table's honesty (no invented checksums)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from feclip.data import DEFAULT_DIRS, list_samples
+from feclip.data.download import (
+    SOURCES,
+    DownloadError,
+    Source,
+    describe,
+    download_file,
+    extract_archive,
+    fetch,
+)
+
+
+def _tar_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        server = self.server
+        server.requests.append(self.headers.get("Range"))
+        if self.path != "/data.tar":
+            self.send_error(404)
+            return
+        data = server.payload
+        start = 0
+        match = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match and server.ranges:
+            start = int(match.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if server.cut_next:  # announce the full length, send half, hang up
+            server.cut_next = False
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.payload = _tar_bytes(
+        {f"cat/test/good/{i:03d}.png": _png() for i in range(3)}
+        | {
+            "cat/test/hole/000.png": _png(),
+            "cat/ground_truth/hole/000_mask.png": _png(),
+            "cat/train/good/0.png": _png(),
+        }
+        | {"padding.bin": b"".join(hashlib.sha256(bytes([i])).digest() for i in range(256)) * 4}
+    )
+    httpd.requests, httpd.ranges, httpd.cut_next = [], True, False
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/data.tar"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_fresh_download_verified(server, tmp_path):
+    dest = tmp_path / "a.tar"
+    seen = []
+    out = download_file(
+        server.url,
+        dest,
+        size=len(server.payload),
+        sha256=_sha(server.payload),
+        chunk_size=1024,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert out == dest and dest.read_bytes() == server.payload
+    assert not dest.with_name("a.tar.part").exists()
+    assert seen[-1] == (len(server.payload), len(server.payload))
+    # a complete, verified file is not fetched again
+    download_file(server.url, dest, sha256=_sha(server.payload))
+    assert len(server.requests) == 1
+
+
+def test_resume_from_partial_file_with_range(server, tmp_path):
+    dest = tmp_path / "a.tar"
+    part = tmp_path / "a.tar.part"
+    part.write_bytes(server.payload[:1000])
+    download_file(server.url, dest, sha256=_sha(server.payload))
+    assert server.requests == ["bytes=1000-"]
+    assert dest.read_bytes() == server.payload and not part.exists()
+
+
+def test_server_without_range_restarts(server, tmp_path):
+    server.ranges = False
+    part = tmp_path / "a.tar.part"
+    part.write_bytes(b"x" * 700)  # would corrupt the file if appended to
+    download_file(server.url, tmp_path / "a.tar", sha256=_sha(server.payload))
+    assert (tmp_path / "a.tar").read_bytes() == server.payload
+
+
+def test_truncated_transfer_is_kept_for_resume(server, tmp_path):
+    dest = tmp_path / "a.tar"
+    server.cut_next = True
+    with pytest.raises(DownloadError, match=r"(interrupted|incomplete).*run again to resume"):
+        download_file(server.url, dest, size=len(server.payload), sha256=_sha(server.payload))
+    part = tmp_path / "a.tar.part"
+    assert not dest.exists() and 0 < part.stat().st_size < len(server.payload)
+    download_file(server.url, dest, size=len(server.payload), sha256=_sha(server.payload))
+    assert server.requests[-1] == f"bytes={len(server.payload) // 2}-"
+    assert dest.read_bytes() == server.payload
+
+
+def test_checksum_mismatch_is_an_error_and_not_complete(server, tmp_path):
+    dest = tmp_path / "a.tar"
+    with pytest.raises(DownloadError, match="sha256 .* does not match"):
+        download_file(server.url, dest, sha256="0" * 64)
+    assert not dest.exists() and not (tmp_path / "a.tar.part").exists()
+    with pytest.raises(DownloadError, match="server reports"):
+        download_file(server.url, dest, size=len(server.payload) + 1)
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_file(server.url.replace("data.tar", "nope"), dest)
+
+
+def test_complete_partial_file_gets_416_then_verifies(server, tmp_path):
+    (tmp_path / "a.tar.part").write_bytes(server.payload)
+    download_file(server.url, tmp_path / "a.tar", sha256=_sha(server.payload))
+    assert server.requests == [f"bytes={len(server.payload)}-"]
+    assert (tmp_path / "a.tar").read_bytes() == server.payload
+
+
+def test_fetch_extracts_in_place_and_is_idempotent(server, tmp_path):
+    source = Source(
+        name="mvtec",
+        title="local test archive",
+        homepage="-",
+        licence="-",
+        layout="-",
+        manual="steps",
+        url=server.url,
+        filename="data.tar",
+        size=len(server.payload),
+        sha256=_sha(server.payload),
+    )
+    logs: list[str] = []
+    target = fetch(source, tmp_path, log=logs.append)
+    assert target == tmp_path / DEFAULT_DIRS["mvtec"]
+    samples = list_samples("mvtec", target)
+    assert len(samples) == 4 and sum(s.label for s in samples) == 1
+    fetch(source, tmp_path, log=logs.append)
+    assert "already downloaded and extracted" in logs[-1] and len(server.requests) == 1
+    bad = Source(**{**source.__dict__, "sha256": "f" * 64, "name": "visa", "url": server.url})
+    with pytest.raises(DownloadError, match=r"(?s)sha256.*manual steps"):
+        fetch(bad, tmp_path, log=logs.append)
+    assert not (tmp_path / "visa" / "data.tar").exists()
+
+
+def test_extract_refuses_paths_outside(tmp_path):
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(DownloadError, match="outside"):
+        extract_archive(evil, tmp_path / "dest")
+    assert not (tmp_path / "outside.txt").exists()
+    (tmp_path / "plain.txt").write_text("hi")
+    with pytest.raises(DownloadError, match="neither a tar nor a zip"):
+        extract_archive(tmp_path / "plain.txt", tmp_path / "dest")
+
+
+def test_source_table():
+    assert set(SOURCES) == set(DEFAULT_DIRS)
+    for name, src in SOURCES.items():
+        assert src.licence and src.layout and src.manual, name
+        if src.sha256 is not None:
+            assert re.fullmatch(r"[0-9a-f]{64}", src.sha256) and src.checksum_source, name
+            assert src.url is not None
+        assert name in describe(name)
+    for name in ("dagm", "brainmri", "br35h"):
+        assert SOURCES[name].url is None and "kaggle datasets download" in SOURCES[name].manual
+    assert SOURCES["kvasir"].sha256 is None  # not known: size only, never guessed

@@ -1,0 +1,273 @@
+"""Training and evaluation end to end on the tiny CLIP and small synthetic sets."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from feclip.cli import CONF_DIR, to_run_config
+from feclip.data import make_synthetic
+from feclip.engine import train as train_module
+from feclip.engine.run import run
+from feclip.engine.train import TrainingDivergedError, build_optimizer, epoch_order
+from feclip.errors import CheckpointMismatchError, DatasetError
+from feclip.results import COLUMNS, MICRO, read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(root / "synthetic", n_train_good=2, n_test_good=3, n_test_bad=3, image_size=64)
+    return root
+
+
+def compose_run(overrides, name="train"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_run_config(compose(config_name=name, overrides=overrides))
+
+
+def smoke_overrides(data_root, results, *extra):
+    return [
+        "backbone=tiny",
+        "protocol=demo",
+        f"paths.data_root={data_root}",
+        f"paths.results_dir={results}",
+        "train.epochs=2",
+        "train.batch_size=4",
+        "train.progress=false",
+        "eval.batch_size=8",
+        *extra,
+    ]
+
+
+def test_smoke_train_and_eval_writes_a_valid_csv(data_root, tmp_path):
+    cfg = compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=2", "study=smoke", "variant=v"))
+    out = run(cfg)
+    assert out == tmp_path / "smoke" / "v" / "seed=42"
+    for name in ("metrics.csv", "config.yaml", "env.txt", "train.log", "adapters.safetensors"):
+        assert (out / name).is_file(), name
+    with open(out / "metrics.csv") as f:
+        assert tuple(next(csv.reader(f))) == COLUMNS
+    rows = read_metrics(out / "metrics.csv")
+    cats = {r["category"] for r in rows}
+    assert cats == {"cat", "gravel", "rocket", MICRO}
+    metrics = {r["metric"] for r in rows}
+    assert metrics == {
+        "image_auroc",
+        "image_ap",
+        "image_f1_max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1_max",
+        "pixel_aupro",
+        "pixel_aupro_zsad",
+    }
+    for r in rows:
+        assert (
+            r["study"] == "smoke"
+            and r["variant"] == "v"
+            and r["seed"] == 42
+            and r["train_dataset"] == "synthetic"
+        )
+        assert 0.0 <= r["value"] <= 1.0, r
+        assert r["n_images"] == (18 if r["category"] == MICRO else 6)
+    assert "steps" in (out / "train.log").read_text()
+
+
+def test_a_complete_run_is_skipped_unless_forced(data_root, tmp_path):
+    cfg = compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=1"))
+    out = run(cfg)
+    stamp = (out / "metrics.csv").stat().st_mtime_ns
+    run(cfg)
+    assert (out / "metrics.csv").stat().st_mtime_ns == stamp
+    cfg.force = True
+    run(cfg)
+    assert (out / "metrics.csv").stat().st_mtime_ns != stamp
+
+
+def _train_only(cfg, run_dir):
+    from feclip.data import AnomalyDataset, list_samples
+    from feclip.engine.run import dataset_root, training_fingerprint
+    from feclip.models import FEClip, load_clip
+
+    torch.manual_seed(cfg.seed)
+    model = FEClip(load_clip("feclip-tiny"), cfg.model)
+    ds = AnomalyDataset(list_samples("synthetic", dataset_root(cfg.data.train, cfg.paths)), image_size=84)
+    train_module.train(
+        model, ds, cfg.train, run_dir, cfg.seed, torch.device("cpu"), training_fingerprint(cfg)
+    )
+    return model
+
+
+def test_resume_after_a_crash_gives_the_same_weights_bit_for_bit(data_root, tmp_path, monkeypatch):
+    cfg = compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=3"))
+    reference = _train_only(cfg, tmp_path / "straight").trainable_state_dict()
+
+    real_loss = train_module.feclip_loss
+    calls = {"n": 0}
+
+    def crashing_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # in the middle of the second epoch (5 steps per epoch)
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "feclip_loss", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        _train_only(cfg, tmp_path / "crashed")
+    monkeypatch.setattr(train_module, "feclip_loss", real_loss)
+    assert torch.load(tmp_path / "crashed" / "train_state.pt", weights_only=True)["epoch"] == 0
+    resumed = _train_only(cfg, tmp_path / "crashed").trainable_state_dict()
+    for k, v in reference.items():
+        assert torch.equal(v, resumed[k]), k
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(data_root, tmp_path, monkeypatch):
+    cfg = compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=3"))
+    real_loss = train_module.feclip_loss
+    calls = {"n": 0}
+
+    def nan_loss(*args, **kwargs):
+        calls["n"] += 1
+        total, parts = real_loss(*args, **kwargs)
+        return (total * math.nan, parts) if calls["n"] == 8 else (total, parts)
+
+    monkeypatch.setattr(train_module, "feclip_loss", nan_loss)
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at epoch 2, step 8.*epoch 1\) is kept"):
+        _train_only(cfg, tmp_path / "nan")
+    assert (tmp_path / "nan" / "adapters.safetensors").is_file()
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    assert epoch_order(20, 42, 3) == epoch_order(20, 42, 3)
+    assert epoch_order(20, 42, 3) != epoch_order(20, 42, 4)
+    assert sorted(epoch_order(20, 7, 0)) == list(range(20))
+
+
+@pytest.mark.parametrize(
+    "policy,expected",
+    [("same", [5e-4, 5e-4]), ("lr_div_10", [5e-4, 5e-5]), ("lr_div_100", [5e-4, 5e-6]), ("frozen", [5e-4])],
+)
+def test_fc_patch_policy_sets_the_parameter_groups(policy, expected):
+    from feclip.models import FEClip, load_clip
+
+    cfg = compose_run(["backbone=tiny", f"train.fc_patch.policy={policy}"])
+    model = FEClip(load_clip("feclip-tiny"), cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(expected)
+    assert model.fc_patch.weight.requires_grad == (policy != "frozen")
+
+
+def test_configs_control_the_constructed_objects(data_root):
+    from feclip.models import FEClip, load_clip
+
+    clip = load_clip("feclip-tiny")
+    base = compose_run(["backbone=tiny"])
+    changed = compose_run(
+        [
+            "backbone=tiny",
+            "model.lfs_stat=log_abs",
+            "taps=last4",
+            "model.lam=0.3",
+            "train.lr=1e-3",
+            "train.betas=[0.5,0.999]",
+            "eval.sigma=0",
+        ]
+    )
+    m0, m1 = FEClip(clip, base.model), FEClip(clip, changed.model)
+    assert m0.adapters["15"].lfs.stat == "mean" and m1.adapters["20"].lfs.stat == "log_abs"
+    assert list(m1.adapters) == ["20", "21", "22", "23"] and m1.adapters["20"].lam == 0.3
+    opt = build_optimizer(m1, changed.train)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["betas"] == (0.5, 0.999)
+    assert changed.eval.scoring().sigma == 0.0 and base.eval.scoring().sigma == 4.0
+
+
+def test_eval_of_an_adapter_file_matches_and_mismatch_is_refused(data_root, tmp_path):
+    trained = run(compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=2", "study=a")))
+    ckpt = trained / "adapters.safetensors"
+    evaluated = run(
+        compose_run(smoke_overrides(data_root, tmp_path, "study=b", f"checkpoint='{ckpt}'"), "eval"),
+        do_train=False,
+    )
+    a = {(r["category"], r["metric"]): r["value"] for r in read_metrics(trained / "metrics.csv")}
+    b = {(r["category"], r["metric"]): r["value"] for r in read_metrics(evaluated / "metrics.csv")}
+    assert a == b
+    assert {r["train_dataset"] for r in read_metrics(evaluated / "metrics.csv")} == {"none"}
+    with pytest.raises(CheckpointMismatchError, match="tap set"):
+        run(
+            compose_run(
+                smoke_overrides(data_root, tmp_path, "study=c", "taps=last4", f"checkpoint='{ckpt}'"), "eval"
+            ),
+            do_train=False,
+        )
+
+
+def test_missing_dataset_names_the_path_and_the_commands(tmp_path):
+    cfg = compose_run(
+        ["backbone=tiny", f"paths.data_root={tmp_path / 'nowhere'}", f"paths.results_dir={tmp_path}"]
+    )
+    with pytest.raises(
+        DatasetError, match=r"not found at .*nowhere/mvtec.*feclip-data download mvtec.*feclip-data check"
+    ):
+        run(cfg)
+    assert not list(tmp_path.rglob("metrics.csv"))
+
+
+def _cli(args, env_extra=None, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-c", "from feclip.cli import train_main; train_main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
+    res = _cli(["backbone=tiny", f"paths.data_root={tmp_path}/none", f"paths.results_dir={tmp_path}"])
+    assert res.returncode == 2
+    assert "feclip-train: error: dataset 'mvtec' not found" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = _cli(["+experiment=nope"])
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "demo" in res.stderr and "clip_baseline" in res.stderr  # the valid experiment names are listed
+    res = _cli(["train.epochz=3"])
+    assert res.returncode != 0 and "epochz" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_metrics_and_resumes(data_root, tmp_path):
+    args = smoke_overrides(data_root, tmp_path, "train.epochs=40", "study=kill", "variant=v")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from feclip.cli import train_main; train_main()", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = tmp_path / "kill" / "v" / "seed=42" / "train_state.pt"
+    deadline = time.time() + 90
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run never reached its first checkpoint"
+    out = state.parent
+    assert not (out / "metrics.csv").exists()
+    res = _cli(args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "metrics.csv").is_file()
+    assert "resumed from" in (out / "train.log").read_text()
