@@ -28,13 +28,18 @@ log = logging.getLogger("feclip")
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def variant_name(overrides: str) -> str:
-    """A folder-safe variant name from Hydra's override string (``"default"`` when empty)."""
+def variant_name(overrides: str, prefix: str = "") -> str:
+    """A folder-safe variant name from Hydra's override string (``"default"`` when empty).
+
+    ``prefix`` keeps evaluation-only runs (``feclip-eval``: ``eval``) apart from training runs.
+    """
     name = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]", "_", overrides.replace("/", "."))
+    if prefix:
+        return f"{prefix},{name}" if name else prefix
     return name or "default"
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
+def to_run_config(cfg: DictConfig, prefix: str = "") -> RunConfig:
     """The composed DictConfig as a typed RunConfig, with ``variant: auto`` resolved."""
     run = OmegaConf.to_object(cfg)
     if run.variant == "auto":
@@ -42,7 +47,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
             overrides = HydraConfig.get().job.override_dirname
         except ValueError:  # composed outside a Hydra app (tests)
             overrides = ""
-        run.variant = variant_name(overrides)
+        run.variant = variant_name(overrides, prefix)
     return run
 
 
@@ -50,7 +55,7 @@ def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
     from feclip.engine.run import run
 
     try:
-        run(to_run_config(cfg), do_train=do_train)
+        run(to_run_config(cfg, "" if do_train else "eval"), do_train=do_train)
     except FEClipError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

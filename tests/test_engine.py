@@ -271,3 +271,15 @@ def test_a_killed_run_leaves_no_metrics_and_resumes(data_root, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "metrics.csv").is_file()
     assert "resumed from" in (out / "train.log").read_text()
+
+
+def test_wandb_logger_works_offline_without_an_account(data_root, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=2", "logger=wandb", "variant=w"))
+    assert cfg.logger.mode == "offline"
+    out = run(cfg)
+    assert (out / "metrics.csv").is_file()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))

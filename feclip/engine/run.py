@@ -21,6 +21,7 @@ import torch
 
 from feclip.config import BackboneConfig, DatasetRef, PathsConfig, RunConfig
 from feclip.errors import DatasetError, WeightsNotFoundError
+from feclip.loggers import make_logger
 from feclip.results import (
     METRICS_FILE,
     MetricRow,
@@ -193,13 +194,23 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
             load_adapters(model, cfg.checkpoint)
             log.info("adapters loaded from %s", cfg.checkpoint)
         use_amp = cfg.train.amp == "bf16" and device.type == "cuda"
+        tracker = make_logger(cfg.logger, out_dir, f"{cfg.study}/{cfg.variant}/seed={cfg.seed}", _plain(cfg))
 
         # -- train ----------------------------------------------------------------------------------
         train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
         if train_name != "none":
             train_set = load_dataset(cfg.data.train, cfg.paths, model.image_size, cfg.data.cache_images)
             log.info("training on %s: %r", cfg.data.train.name, train_set)
-            result = train(model, train_set, cfg.train, out_dir, cfg.seed, device, training_fingerprint(cfg))
+            result = train(
+                model,
+                train_set,
+                cfg.train,
+                out_dir,
+                cfg.seed,
+                device,
+                training_fingerprint(cfg),
+                on_epoch=tracker.log_epoch,
+            )
             log.info(
                 "trained %d epochs (%d steps) in %.1f s, last loss %.4f",
                 result.epochs_run,
@@ -224,6 +235,8 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
             config_hash=config_hash(_plain(cfg)),
             git_sha=git_sha(),
         )
+        tracker.log_results(rows)
+        tracker.finish()
         log.info("\n%s", format_table(rows))
         log.info("wrote %s", metrics_path)
         return out_dir

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,14 @@ def _collate(items: list[dict]) -> dict:
 
 
 def train(
-    model, dataset, cfg, run_dir: str | os.PathLike, seed: int, device: torch.device, fingerprint: str = ""
+    model,
+    dataset,
+    cfg,
+    run_dir: str | os.PathLike,
+    seed: int,
+    device: torch.device,
+    fingerprint: str = "",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model``'s adapters and fc_patch on ``dataset`` (an :class:`~feclip.data.AnomalyDataset`).
 
@@ -130,6 +138,7 @@ def train(
         cfg: a :class:`feclip.config.TrainConfig`.
         run_dir: where the checkpoints go (and are resumed from when ``cfg.resume``).
         fingerprint: identifies the configuration; a checkpoint with another one is not resumed.
+        on_epoch: called after each epoch's checkpoint with ``(epoch, {"loss": ..., "images_per_s": ...})``.
     """
     # -- setup ------------------------------------------------------------------------------------
     run_dir = Path(run_dir)
@@ -196,14 +205,17 @@ def train(
         last_loss = (loss_sum / max(n_images, 1)).item()
         epochs_run += 1
         save_checkpoint(model, optimizer, run_dir, epoch, step, fingerprint)
+        speed = n_images / (time.perf_counter() - t_epoch)
         log.info(
             "epoch %d/%d: loss %.4f, %d images, %.1f images/s",
             epoch + 1,
             cfg.epochs,
             last_loss,
             n_images,
-            n_images / (time.perf_counter() - t_epoch),
+            speed,
         )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, {"loss": last_loss, "images_per_s": speed})
     model.eval()
     return TrainResult(epochs_run, step, last_loss, time.perf_counter() - t_start)
 
