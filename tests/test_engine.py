@@ -283,3 +283,42 @@ def test_wandb_logger_works_offline_without_an_account(data_root, tmp_path, monk
     assert (out / "metrics.csv").is_file()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_original_resolution_and_postprocessing_options(data_root, tmp_path):
+    base = run(compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=0", "variant=input"), "eval"), do_train=False)
+    orig = run(compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=0", "variant=orig", "eval.resolution=original"), "eval"),
+               do_train=False)
+    post = run(compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=0", "variant=post", "eval.postprocess.morph_open=2",
+                                           "eval.postprocess.min_component_px=30", "eval.postprocess.percentile_keep=50"), "eval"),
+               do_train=False)
+    values = [{(r["category"], r["metric"]): r["value"] for r in read_metrics(d / "metrics.csv")} for d in (base, orig, post)]
+    key = ("cat", "pixel_auroc")
+    assert values[0][key] != values[1][key] and values[0][key] != values[2][key]
+    image_keys = [k for k in values[0] if k[1].startswith("image_")]
+    assert all(values[0][k] == values[1][k] == values[2][k] for k in image_keys)  # maps only
+
+
+def test_postprocess_by_hand():
+    import numpy as np
+
+    from feclip.config import PostprocessConfig
+    from feclip.engine.evaluate import postprocess
+
+    amap = np.zeros((10, 10), np.float32)
+    amap[1, 1] = 5.0  # a one-pixel spike
+    amap[4:9, 4:9] = 3.0  # a 25-pixel blob
+    opened = postprocess(amap, PostprocessConfig(morph_open=1))
+    assert opened[1, 1] == 0.0 and opened[6, 6] == 3.0
+    small = postprocess(amap, PostprocessConfig(min_component_px=2, component_quantile=0.8))  # region: values >= 3
+    assert small[1, 1] == 0.0 and small[6, 6] == 3.0
+    kept = postprocess(amap, PostprocessConfig(percentile_keep=99))
+    assert kept[1, 1] == 5.0 and kept[6, 6] == 0.0
+
+
+def test_unknown_dataset_name_lists_the_valid_ones(tmp_path):
+    cfg = compose_run(["backbone=tiny", "data.train.name=mvtech", f"paths.data_root={tmp_path}", f"paths.results_dir={tmp_path}",
+                       "data.train.dir=x"])
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match=r"mvtech.*mvtec.*visa"):
+        run(cfg)
