@@ -84,6 +84,11 @@ class TrainConfig:
     fc_patch: FcPatchConfig = field(default_factory=FcPatchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     amp: str = "bf16"  # bf16 autocast on CUDA (ignored on CPU) | none
+    prefix_cache: str = (
+        "auto"  # auto (on when it fits prefix_cache_max_gb) | on | off: see feclip.engine.cache
+    )
+    prefix_cache_storage: str = "device"  # device (bf16 on CUDA) | pinned (host memory)
+    prefix_cache_max_gb: float = 24.0
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
     resume: bool = True  # continue from the run directory's last epoch checkpoint
     deterministic: bool = True
@@ -164,6 +169,8 @@ class RunConfig:
             ("train.loss.mask_loss_on", self.train.loss.mask_loss_on, MASK_LOSS_ON),
             ("train.loss.mask_loss_input", self.train.loss.mask_loss_input, MASK_LOSS_INPUTS),
             ("train.amp", self.train.amp, AMP_MODES),
+            ("train.prefix_cache", self.train.prefix_cache, ("auto", "on", "off")),
+            ("train.prefix_cache_storage", self.train.prefix_cache_storage, ("device", "pinned")),
             ("eval.resolution", self.eval.resolution, RESOLUTIONS),
             ("logger.kind", self.logger.kind, LOGGERS),
         ]

@@ -3,6 +3,9 @@
 Sections (``--only`` picks some):
   model    FE-CLIP forward vs plain ``encode_image`` on ViT-L-14-336 with random weights, batch 1,
            interleaved runs; trainable vs frozen parameter counts.
+  train    one training step (forward + loss + backward + Adam) with vs without the frozen-prefix cache
+           for the tap sets spread3, last4 and stages [5, 11, 17, 23] on ViT-L-14-336 (random weights).
+  eval     one synthetic category evaluated end to end (model, maps, all metrics) on ViT-L-14-336.
   metrics  AUPRO (zsad, exact) vs straightforward implementations (scripts/bench_metrics.py).
 
 The last line printed is one JSON object of named figures, e.g. ``forward_overhead``.
@@ -65,12 +68,96 @@ def bench_model(model_name: str, repeats: int) -> dict:
     }
 
 
+TAP_SETS = {"spread3": (15, 18, 21, 23), "last4": (20, 21, 22, 23), "stages": (5, 11, 17, 23)}
+
+
+def _train_step_times(clip, taps: tuple[int, ...], repeats: int, batch: int) -> dict[str, float]:
+    """Median seconds of one training step from the images and from cached prefix tokens."""
+    from feclip.config import LossConfig, TrainConfig
+    from feclip.engine.train import build_optimizer
+    from feclip.losses import feclip_loss
+    from feclip.models import FEClip, FEClipConfig
+
+    model = FEClip(clip, FEClipConfig(taps=taps)).train()
+    opt = build_optimizer(model, TrainConfig())
+    size = model.image_size
+    x = torch.randn(batch, 3, size, size)
+    masks = (torch.rand(batch, size, size) > 0.95).float()
+    labels = torch.arange(batch) % 2
+    with torch.no_grad():
+        prefix = model.prefix(x)  # what the cache would hold
+
+    def step(use_cache: bool):
+        out = model.forward_from_prefix(prefix) if use_cache else model(x)
+        loss, _ = feclip_loss(out, masks, labels, LossConfig())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(True), step(False)  # warm-up
+    times = _interleaved({"cached": lambda: step(True), "full": lambda: step(False)}, repeats)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_train(model_name: str, repeats: int, batch: int) -> dict:
+    """Train-step time with and without the prefix cache, interleaved, per tap set."""
+    from feclip.models import load_clip
+
+    torch.manual_seed(0)
+    clip = load_clip(model_name, pretrained=None)
+    figures = {}
+    for name, taps in TAP_SETS.items():
+        med = _train_step_times(clip, taps, repeats, batch)
+        figures[f"prefix_cache_speedup_{name}"] = med["full"] / med["cached"]
+        figures[f"train_step_seconds_{name}"] = med["full"]
+        figures[f"train_step_cached_seconds_{name}"] = med["cached"]
+        print(
+            f"[train] {name} {list(taps)}: batch {batch}, step {med['full']:.2f} s without the cache, "
+            f"{med['cached']:.2f} s with it: x{med['full'] / med['cached']:.2f}"
+        )
+    return figures
+
+
+def bench_eval(model_name: str, n_images: int) -> dict:
+    """One synthetic category end to end: decoding, model, maps (sigma 4), all metrics."""
+    import tempfile
+
+    from feclip.config import EvalConfig
+    from feclip.data import AnomalyDataset, list_samples, make_synthetic
+    from feclip.engine.evaluate import evaluate
+    from feclip.models import FEClip, FEClipConfig, load_clip
+
+    torch.manual_seed(0)
+    model = FEClip(load_clip(model_name, pretrained=None), FEClipConfig()).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        n_bad = n_images // 2
+        sets = make_synthetic(tmp, n_train_good=1, n_test_good=n_images - n_bad, n_test_bad=n_bad)
+        samples = [s for s in list_samples("synthetic", sets["set_b"]) if s.category == "rocket"]
+        ds = AnomalyDataset(samples, image_size=model.image_size)
+        t0 = time.perf_counter()
+        rows = evaluate(model, "synthetic", ds, EvalConfig(batch_size=8), torch.device("cpu"))
+        seconds = time.perf_counter() - t0
+    print(
+        f"[eval] {len(samples)} images of one synthetic category end to end: {seconds:.1f} s "
+        f"({seconds / len(samples):.2f} s per image, {len(rows)} metric rows)"
+    )
+    return {"eval_category_seconds": seconds, "eval_seconds_per_image": seconds / len(samples)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", default="model,metrics", help="comma-separated sections: model, metrics")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds for the model section")
+    parser.add_argument(
+        "--only",
+        default="model,train,eval,metrics",
+        help="comma-separated sections: model, train, eval, metrics",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved rounds for the model and train sections"
+    )
+    parser.add_argument("--train-batch", type=int, default=2, help="batch size of the train section")
+    parser.add_argument("--eval-images", type=int, default=8, help="images of the eval section's category")
     parser.add_argument(
         "--model", default="ViT-L-14-336-quickgelu", help="open_clip model name (random weights)"
     )
@@ -78,15 +165,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=336, help="map size for the metrics section")
     args = parser.parse_args(argv)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
-    unknown = sections - {"model", "metrics"}
+    unknown = sections - {"model", "train", "eval", "metrics"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from model, metrics")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from model, train, eval, metrics")
     figures: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
     if "model" in sections:
         figures.update(bench_model(args.model, args.repeats))
+    if "train" in sections:
+        figures.update(bench_train(args.model, args.repeats, args.train_batch))
+    if "eval" in sections:
+        figures.update(bench_eval(args.model, args.eval_images))
     if "metrics" in sections:
         from bench_metrics import bench_metrics
 

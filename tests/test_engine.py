@@ -286,13 +286,38 @@ def test_wandb_logger_works_offline_without_an_account(data_root, tmp_path, monk
 
 
 def test_original_resolution_and_postprocessing_options(data_root, tmp_path):
-    base = run(compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=0", "variant=input"), "eval"), do_train=False)
-    orig = run(compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=0", "variant=orig", "eval.resolution=original"), "eval"),
-               do_train=False)
-    post = run(compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=0", "variant=post", "eval.postprocess.morph_open=2",
-                                           "eval.postprocess.min_component_px=30", "eval.postprocess.percentile_keep=50"), "eval"),
-               do_train=False)
-    values = [{(r["category"], r["metric"]): r["value"] for r in read_metrics(d / "metrics.csv")} for d in (base, orig, post)]
+    base = run(
+        compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=0", "variant=input"), "eval"),
+        do_train=False,
+    )
+    orig = run(
+        compose_run(
+            smoke_overrides(
+                data_root, tmp_path, "train.epochs=0", "variant=orig", "eval.resolution=original"
+            ),
+            "eval",
+        ),
+        do_train=False,
+    )
+    post = run(
+        compose_run(
+            smoke_overrides(
+                data_root,
+                tmp_path,
+                "train.epochs=0",
+                "variant=post",
+                "eval.postprocess.morph_open=2",
+                "eval.postprocess.min_component_px=30",
+                "eval.postprocess.percentile_keep=50",
+            ),
+            "eval",
+        ),
+        do_train=False,
+    )
+    values = [
+        {(r["category"], r["metric"]): r["value"] for r in read_metrics(d / "metrics.csv")}
+        for d in (base, orig, post)
+    ]
     key = ("cat", "pixel_auroc")
     assert values[0][key] != values[1][key] and values[0][key] != values[2][key]
     image_keys = [k for k in values[0] if k[1].startswith("image_")]
@@ -310,15 +335,47 @@ def test_postprocess_by_hand():
     amap[4:9, 4:9] = 3.0  # a 25-pixel blob
     opened = postprocess(amap, PostprocessConfig(morph_open=1))
     assert opened[1, 1] == 0.0 and opened[6, 6] == 3.0
-    small = postprocess(amap, PostprocessConfig(min_component_px=2, component_quantile=0.8))  # region: values >= 3
+    small = postprocess(
+        amap, PostprocessConfig(min_component_px=2, component_quantile=0.8)
+    )  # region: values >= 3
     assert small[1, 1] == 0.0 and small[6, 6] == 3.0
     kept = postprocess(amap, PostprocessConfig(percentile_keep=99))
     assert kept[1, 1] == 5.0 and kept[6, 6] == 0.0
 
 
 def test_unknown_dataset_name_lists_the_valid_ones(tmp_path):
-    cfg = compose_run(["backbone=tiny", "data.train.name=mvtech", f"paths.data_root={tmp_path}", f"paths.results_dir={tmp_path}",
-                       "data.train.dir=x"])
+    cfg = compose_run(
+        [
+            "backbone=tiny",
+            "data.train.name=mvtech",
+            f"paths.data_root={tmp_path}",
+            f"paths.results_dir={tmp_path}",
+            "data.train.dir=x",
+        ]
+    )
     (tmp_path / "x").mkdir()
     with pytest.raises(ValueError, match=r"mvtech.*mvtec.*visa"):
         run(cfg)
+
+
+def test_prefix_cache_gives_the_same_weights_on_cpu(data_root, tmp_path):
+    with_cache = compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=2", "train.prefix_cache=on"))
+    without = compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=2", "train.prefix_cache=off"))
+    a = _train_only(with_cache, tmp_path / "cache").trainable_state_dict()
+    b = _train_only(without, tmp_path / "nocache").trainable_state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_prefix_cache_over_budget_is_refused_or_skipped(data_root, tmp_path, caplog):
+    refuse = compose_run(
+        smoke_overrides(data_root, tmp_path, "train.prefix_cache=on", "train.prefix_cache_max_gb=1e-9")
+    )
+    with pytest.raises(ValueError, match=r"prefix cache needs .* over train.prefix_cache_max_gb"):
+        _train_only(refuse, tmp_path / "a")
+    auto = compose_run(
+        smoke_overrides(data_root, tmp_path, "train.prefix_cache=auto", "train.prefix_cache_max_gb=1e-9")
+    )
+    with caplog.at_level("INFO", logger="feclip"):
+        _train_only(auto, tmp_path / "b")
+    assert "training without it" in caplog.text

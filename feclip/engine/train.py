@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from feclip.errors import FEClipError
+from feclip.engine.cache import PrefixCache, prefix_bytes
+from feclip.errors import ConfigError, FEClipError
 from feclip.losses import feclip_loss
 from feclip.models.checkpoint import load_adapters, save_adapters
 
@@ -119,7 +120,27 @@ def _collate(items: list[dict]) -> dict:
         "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
         "label": torch.tensor([it["label"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
     }
+
+
+def make_prefix_cache(model, dataset, cfg, device: torch.device) -> PrefixCache | None:
+    """The frozen-prefix cache when ``cfg.prefix_cache`` asks for it and it fits the memory budget."""
+    if cfg.prefix_cache == "off":
+        return None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = prefix_bytes(model, len(dataset), dtype)
+    if size > cfg.prefix_cache_max_gb * 1e9:
+        msg = f"the prefix cache needs {size / 1e9:.1f} GB, over train.prefix_cache_max_gb={cfg.prefix_cache_max_gb}"
+        if cfg.prefix_cache == "on":
+            raise ConfigError(
+                msg + "; raise the limit, use train.prefix_cache_storage=pinned, or train.prefix_cache=off"
+            )
+        log.info("%s: training without it", msg)
+        return None
+    return PrefixCache(
+        model, dataset, device, batch_size=cfg.batch_size, storage=cfg.prefix_cache_storage, dtype=dtype
+    )
 
 
 def train(
@@ -152,6 +173,7 @@ def train(
     use_amp = cfg.amp == "bf16" and device.type == "cuda"
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    cache = make_prefix_cache(model, dataset, cfg, device) if start_epoch < cfg.epochs else None
     model.train()
     epochs_run, last_loss = 0, math.nan
 
@@ -169,11 +191,13 @@ def train(
         bar = _progress(loader, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}")
         loss_sum, n_images, t_epoch = torch.zeros((), device=device), 0, time.perf_counter()
         for batch in bar:
-            images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(images)
+                if cache is not None:  # start at the first tap
+                    out = model.forward_from_prefix(cache[batch["index"]])
+                else:
+                    out = model(batch["image"].to(device, non_blocking=True))
             loss, parts = feclip_loss(out, masks, labels, cfg.loss)
             if not torch.isfinite(loss):
                 kept = (
@@ -189,8 +213,8 @@ def train(
             loss.backward()
             optimizer.step()
             step += 1
-            loss_sum += loss.detach() * len(images)
-            n_images += len(images)
+            loss_sum += loss.detach() * len(labels)
+            n_images += len(labels)
             if cfg.fc_patch.policy == "frozen_after" and step == cfg.fc_patch.frozen_after_batches:
                 model.fc_patch.requires_grad_(False)
                 log.info("fc_patch frozen after %d batches", step)
