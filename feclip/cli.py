@@ -17,6 +17,8 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from feclip.config import RunConfig
@@ -51,14 +53,51 @@ def to_run_config(cfg: DictConfig, prefix: str = "") -> RunConfig:
     return run
 
 
+FAILURES_FILE = "failures.txt"
+
+
+def _in_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
 def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
+    """Run one job. In a sweep a failing job is logged and recorded, and the sweep goes on."""
     from feclip.engine.run import run
 
+    run_cfg = to_run_config(cfg, "" if do_train else "eval")
     try:
-        run(to_run_config(cfg, "" if do_train else "eval"), do_train=do_train)
-    except FEClipError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        run(run_cfg, do_train=do_train)
+    except Exception as e:  # noqa: BLE001 - reported below, with a traceback only for bugs
+        user_error = isinstance(e, FEClipError)
+        if not _in_multirun():
+            if user_error:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+        log.exception("job failed") if not user_error else log.error("job failed: %s", e)
+        record = f"{run_cfg.study}/{run_cfg.variant}/seed={run_cfg.seed}\t{type(e).__name__}: {str(e).splitlines()[0]}\n"
+        with open(Path(HydraConfig.get().sweep.dir) / FAILURES_FILE, "a") as f:
+            f.write(record)
+
+
+class SweepReport(Callback):
+    """Lists the failed jobs of a sweep at its end (and exits with status 1 when there are any)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        (Path(config.hydra.sweep.dir) / FAILURES_FILE).unlink(missing_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        path = Path(config.hydra.sweep.dir) / FAILURES_FILE
+        failures = path.read_text().splitlines() if path.exists() else []
+        if failures:
+            print(f"\n{len(failures)} job(s) of the sweep failed (listed in {path}):", file=sys.stderr)
+            for line in failures:
+                print(f"  {line}", file=sys.stderr)
+            raise SystemExit(1)
+        print("every job of the sweep finished (complete runs were skipped)", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -109,6 +109,8 @@ class PostprocessConfig:
 class AuproConfig:
     fpr_limit: float = 0.3
     methods: list[str] = field(default_factory=lambda: ["exact", "zsad"])
+    include_normal: bool = True  # normal images add to the FPR (the standard); false = anomalous images only
+    per_image_norm: bool = False  # min-max normalise each map before the AUPRO (the earlier study's check)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import scipy.ndimage as ndi
 import torch
 from torch.utils.data import DataLoader
 
-from feclip.metrics import compute_category_metrics
+from feclip.metrics import aupro, compute_category_metrics
 from feclip.results import MICRO, MetricRow
 from feclip.scoring import anomaly_maps, image_scores
 
@@ -150,8 +150,22 @@ def metric_rows(
             aupro_methods=tuple(cfg.aupro.methods),
             fpr_limit=cfg.aupro.fpr_limit,
         )
+        if with_masks and (not cfg.aupro.include_normal or cfg.aupro.per_image_norm):
+            values.update(_aupro_variant(masks, maps, preds.labels[idx], cfg.aupro))
         rows.extend(MetricRow(dataset_name, category, k, float(v), len(idx)) for k, v in values.items())
     return rows
+
+
+def _aupro_variant(masks: np.ndarray, maps: np.ndarray, labels: np.ndarray, cfg) -> dict[str, float]:
+    """AUPRO on anomalous images only and/or on per-image min-max normalised maps (study 2)."""
+    if not cfg.include_normal:
+        masks, maps = masks[labels > 0], maps[labels > 0]
+    if cfg.per_image_norm:
+        lo = maps.min(axis=(1, 2), keepdims=True)
+        span = maps.max(axis=(1, 2), keepdims=True) - lo
+        maps = (maps - lo) / np.where(span > 0, span, 1.0)
+    names = {"exact": "pixel_aupro", "zsad": "pixel_aupro_zsad"}
+    return {names[m]: aupro(masks, maps, cfg.fpr_limit, m) for m in cfg.methods}
 
 
 def evaluate(

@@ -1,0 +1,310 @@
+"""Few-normal-shot FE-CLIP (paper section 4.6, spec section 1.11): a memory bank of normal patch features.
+
+For one category, the patch tokens of ``k`` normal reference images are stored per tap. A test token's
+few-shot distance at tap ``n`` is ``1 - max_m cos(token, bank_n[m])`` (0 when the token has an
+identical twin in the bank, at most 2). Then, for images ``(B, 3, S, S)`` and an evaluation size
+``H x W``::
+
+    fewshot_map   = blur_sigma( mean_n  Up_HxW( distance_n ) )      (B, H, W)
+    final_map     = zero_shot_map + fewshot_map                      (B, H, W)
+    final_score   = zero_shot_score + max_{pixels} fewshot_map      (B,)
+
+(The paper's text swaps the letters S and M for the score and the map; this follows the spec.)
+
+Choices the paper leaves open (see docs/fewshot.md):
+
+* **What is banked**: ``which="fused"`` (default) banks the fused tap tokens of Eq. 2, i.e.
+  ``FEClipOutput.tap_tokens``: the same features the patch path of the zero-shot map sees.
+  ``which="plain"`` banks the tokens of each tap block *before* its adapter fuses them (the adapter's
+  input). Every tap of the model is banked; test tokens are always compared tap by tap.
+* **Upsampling**: each tap's ``h x w`` distance map is upsampled bilinearly (``align_corners=False``)
+  to ``H x W``, then the taps are averaged (AnomalyGPT sums; the mean only rescales by 1/N).
+* **Smoothing**: the few-shot map gets the same Gaussian ``sigma`` as the zero-shot map, so the final
+  map equals the blur of the raw sum (the blur is linear); the image score adds the max of this
+  smoothed few-shot map (the map that is actually added).
+* **References**: :func:`pick_reference_samples` draws ``k`` of a category's normal *training* images
+  with ``numpy.random.default_rng(seed)`` from the path-sorted list, so a seed fixes the references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from feclip.errors import ConfigError, DatasetError
+from feclip.scoring import gaussian_blur, upsample
+
+FEATURE_KINDS = ("fused", "plain")
+
+__all__ = [
+    "FEATURE_KINDS",
+    "MemoryBank",
+    "combine",
+    "fewshot_maps",
+    "fewshot_predict",
+    "fewshot_scores",
+    "pick_reference_samples",
+    "tap_features",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Choosing the reference images
+# ----------------------------------------------------------------------------------------------------
+
+
+def pick_reference_samples(samples: Sequence, k: int, seed: int, category: str | None = None) -> list:
+    """Draw ``k`` normal reference images of one category, deterministically per ``seed``.
+
+    Args:
+        samples: :class:`~feclip.data.Sample` records (typically the category's ``train`` split);
+            only normal ones (``label == 0``) are candidates.
+        k: how many references (the paper uses 1, 2 and 4).
+        seed: the draw is ``numpy.random.default_rng(seed).choice(n, k, replace=False)`` over the
+            candidates sorted by path, so it does not depend on the order of ``samples``.
+        category: keep only this category; ``None`` requires the candidates to be of one category.
+
+    Returns:
+        the chosen samples, sorted by path (record ``[str(s.image_path) for s in ...]``).
+
+    Raises:
+        ConfigError: ``k < 1``, or candidates of several categories without ``category``.
+        DatasetError: fewer than ``k`` normal candidates.
+    """
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ConfigError(f"few-shot k must be a positive int, got {k!r}")
+    normal = [s for s in samples if s.label == 0 and (category is None or s.category == category)]
+    categories = sorted({s.category for s in normal})
+    if len(categories) > 1:
+        raise ConfigError(
+            f"few-shot references must come from one category; got {categories[:5]} (pass category=...)"
+        )
+    if len(normal) < k:
+        which = f" of category {category!r}" if category is not None else ""
+        raise DatasetError(f"few-shot k={k} needs {k} normal reference images{which}, found {len(normal)}")
+    candidates = sorted(normal, key=lambda s: str(s.image_path))
+    chosen = np.random.default_rng(seed).choice(len(candidates), size=int(k), replace=False)
+    return [candidates[i] for i in sorted(chosen.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _capture_adapter_inputs(model, store: list[torch.Tensor]):
+    """Append each tap adapter's input ``(B, h, w, D)`` to ``store`` while the block runs."""
+
+    def hook(_module, args):
+        store.append(args[0])
+
+    handles = [model.adapters[str(t)].register_forward_pre_hook(hook) for t in model.config.taps]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def tap_features(model, images: torch.Tensor, which: str = "fused"):
+    """Run ``model`` once; return its output and the per-tap patch features of kind ``which``.
+
+    Shape: images ``(B, 3, S, S)`` -> (:class:`~feclip.models.FEClipOutput` with ``tap_tokens``,
+    features ``(N, B, h, w, D)``). ``fused`` features are ``out.tap_tokens``; ``plain`` are the tap
+    blocks' outputs before fusion.
+    """
+    if which not in FEATURE_KINDS:
+        raise ConfigError(f"few-shot features must be one of {FEATURE_KINDS}, got {which!r}")
+    if which == "fused":
+        out = model(images, return_tokens=True)
+        return out, out.tap_tokens
+    captured: list[torch.Tensor] = []
+    with _capture_adapter_inputs(model, captured):
+        out = model(images, return_tokens=True)
+    return out, torch.stack(captured)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The memory bank
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryBank:
+    """Per-tap L2-normalised patch features of ``k`` normal images of one category.
+
+    Attributes:
+        features: ``(N, k*h*w, D)`` float32, unit norm along D; tap ``n`` is ``taps[n]``.
+        taps: the model's tap blocks.
+        grid: ``(h, w)``, the token grid the features come from.
+        which: ``"fused"`` or ``"plain"`` (see the module docstring).
+        reference_paths: the reference images, when known (for the run record).
+    """
+
+    features: torch.Tensor
+    taps: tuple[int, ...]
+    grid: tuple[int, int]
+    which: str = "fused"
+    reference_paths: list[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        """Number of reference images."""
+        return self.features.shape[1] // (self.grid[0] * self.grid[1])
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model,
+        images: torch.Tensor,
+        which: str = "fused",
+        reference_paths: Sequence[str] = (),
+        batch_size: int = 8,
+    ) -> MemoryBank:
+        """Bank the tap features of reference images ``(k, 3, S, S)`` (CLIP-normalised, model input size).
+
+        The features stay on the model's device. Shape: ``features (N, k*h*w, D)``.
+        """
+        if images.ndim != 4 or images.shape[0] < 1:
+            raise ConfigError(f"few-shot references must be a (k, 3, S, S) batch, got {tuple(images.shape)}")
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        chunks = []
+        try:
+            for start in range(0, images.shape[0], batch_size):
+                _, feats = tap_features(model, images[start : start + batch_size].to(device), which)
+                chunks.append(feats.float())
+        finally:
+            model.train(was_training)
+        feats = torch.cat(chunks, dim=1)  # (N, k, h, w, D)
+        n, k, h, w, d = feats.shape
+        bank = F.normalize(feats.reshape(n, k * h * w, d), dim=-1)
+        return cls(bank, tuple(model.config.taps), (h, w), which, [str(p) for p in reference_paths])
+
+    @classmethod
+    def from_samples(cls, model, samples: Sequence, which: str = "fused", batch_size: int = 8) -> MemoryBank:
+        """Decode the reference ``samples`` (as :class:`~feclip.data.AnomalyDataset` does) and bank them."""
+        from feclip.data import AnomalyDataset
+
+        ds = AnomalyDataset(list(samples), image_size=model.image_size, cache=False)
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        return cls.build(model, images, which, [str(s.image_path) for s in samples], batch_size)
+
+    def check_compatible(self, model) -> None:
+        """Raise :class:`ConfigError` when ``model`` has other taps, grid or width than the bank."""
+        width = model.fc_patch.in_features
+        if tuple(model.config.taps) != self.taps or tuple(model.grid) != self.grid:
+            raise ConfigError(
+                f"memory bank built for taps {list(self.taps)} on a {self.grid} grid, "
+                f"but the model has taps {list(model.config.taps)} on a {tuple(model.grid)} grid"
+            )
+        if self.features.shape[-1] != width:
+            raise ConfigError(f"memory bank width {self.features.shape[-1]} != model width {width}")
+
+    @torch.no_grad()
+    def distance_maps(self, tokens: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+        """Cosine distance of each test token to its nearest banked token, per tap.
+
+        Computed per tap in chunks of test tokens so that a similarity block never holds more than
+        about ``chunk_elements`` floats. Shape: ``(N, B, h, w, D) -> (N, B, h, w)``, values in [0, 2].
+        """
+        n, b, h, w, d = tokens.shape
+        if n != self.features.shape[0] or d != self.features.shape[-1]:
+            raise ConfigError(
+                f"tokens {tuple(tokens.shape)} do not fit the memory bank {tuple(self.features.shape)} "
+                "(taps, width)"
+            )
+        bank = self.features.to(tokens.device)
+        queries = F.normalize(tokens.float().reshape(n, b * h * w, d), dim=-1)
+        step = max(1, chunk_elements // bank.shape[1])
+        best = torch.empty(n, b * h * w, device=tokens.device)
+        for t in range(n):
+            for start in range(0, b * h * w, step):
+                sims = queries[t, start : start + step] @ bank[t].T  # (chunk, k*h*w)
+                best[t, start : start + step] = sims.amax(dim=1)
+        return (1.0 - best).clamp_(0.0, 2.0).reshape(n, b, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Maps and scores
+# ----------------------------------------------------------------------------------------------------
+
+
+def fewshot_maps(
+    tokens: torch.Tensor, bank: MemoryBank, size: int | tuple[int, int], sigma: float = 0.0
+) -> torch.Tensor:
+    """The few-shot map: mean over taps of the upsampled distance maps, then Gaussian ``sigma``.
+
+    Shape: tokens ``(N, B, h, w, D)`` -> ``(B, H, W)`` with ``size = H`` or ``(H, W)``.
+    """
+    dist = bank.distance_maps(tokens)  # (N, B, h, w)
+    n, b, h, w = dist.shape
+    up = upsample(dist.reshape(n * b, h, w), size)  # (N*B, H, W)
+    return gaussian_blur(up.reshape(n, b, *up.shape[-2:]).mean(0), sigma)
+
+
+def combine(
+    zero_shot_scores: torch.Tensor, zero_shot_maps: torch.Tensor, few_maps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final score ``zs_score + max(few_map)`` and map ``zs_map + few_map``.
+
+    Shape: ``(B,), (B, H, W), (B, H, W) -> (B,), (B, H, W)``.
+    """
+    if zero_shot_maps.shape != few_maps.shape:
+        raise ConfigError(
+            f"zero-shot maps {tuple(zero_shot_maps.shape)} and few-shot maps {tuple(few_maps.shape)} differ"
+        )
+    few_maps = few_maps.to(zero_shot_maps.device)
+    scores = zero_shot_scores.float() + few_maps.flatten(1).amax(1).to(zero_shot_scores.device)
+    return scores, zero_shot_maps.float() + few_maps
+
+
+def fewshot_scores(
+    out, bank: MemoryBank, size: int | tuple[int, int], sigma: float = 4.0, tokens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Few-shot scores and maps from one model output (paper-default zero-shot part).
+
+    The zero-shot part is the output's own: ``out.image_score`` and the mean over taps of
+    ``out.tap_maps``, upsampled to ``size`` and blurred with ``sigma``. ``tokens`` defaults to
+    ``out.tap_tokens`` (``model(images, return_tokens=True)``); a ``plain`` bank needs the features
+    of :func:`tap_features`. Shape: ``-> (B,), (B, H, W)``.
+    """
+    if tokens is None:
+        if bank.which != "fused":
+            raise ConfigError(
+                "a 'plain' memory bank needs the tokens of tap_features(model, images, 'plain')"
+            )
+        tokens = out.tap_tokens
+    if tokens is None:
+        raise ConfigError("the model output has no tap_tokens: call model(images, return_tokens=True)")
+    zs_maps = gaussian_blur(upsample(out.tap_maps.mean(0), size), sigma)
+    return combine(out.image_score, zs_maps, fewshot_maps(tokens, bank, size, sigma))
+
+
+@torch.no_grad()
+def fewshot_predict(
+    model,
+    bank: MemoryBank,
+    images: torch.Tensor,
+    zero_shot_scores: torch.Tensor,
+    zero_shot_maps: torch.Tensor,
+    sigma: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the few-shot part to zero-shot results computed by any scoring configuration.
+
+    Runs ``model`` on ``images`` again for the bank's kind of features; ``sigma`` should be the one the
+    zero-shot maps were smoothed with. Shape: images ``(B, 3, S, S)``, scores ``(B,)``, maps
+    ``(B, H, W)`` -> final scores ``(B,)`` and maps ``(B, H, W)``.
+    """
+    bank.check_compatible(model)
+    _, tokens = tap_features(model, images, bank.which)
+    few = fewshot_maps(tokens, bank, tuple(zero_shot_maps.shape[-2:]), sigma)
+    return combine(zero_shot_scores, zero_shot_maps, few)
