@@ -126,6 +126,9 @@ class EvalConfig:
     aupro: AuproConfig = field(default_factory=AuproConfig)
     micro: bool = True  # also write pooled (__micro__) rows
     batch_size: int = 32
+    fewshot_k: int = 0  # 0 = zero-shot; k > 0 = k normal reference images per category (paper Table 5)
+    fewshot_bank: str = "fused"  # fused (the tap tokens after fusion) | plain (before the tap's adapter)
+    save_figures: bool = False  # per category: best/worst montage and ROC/PRO curves under figures/
 
     def scoring(self) -> ScoringConfig:
         cfg = ScoringConfig(
@@ -186,6 +189,14 @@ class RunConfig:
                 )
         if len(self.train.betas) != 2:
             raise ConfigError(f"train.betas must hold two numbers, got {self.train.betas}")
+        if self.eval.fewshot_k < 0:
+            raise ConfigError(f"eval.fewshot_k must be >= 0, got {self.eval.fewshot_k}")
+        if self.eval.fewshot_k and self.eval.resolution != "input":
+            raise ConfigError("eval.fewshot_k > 0 needs eval.resolution=input")
+        if self.eval.fewshot_bank not in ("fused", "plain"):
+            raise ConfigError(
+                f"eval.fewshot_bank must be one of ('fused', 'plain'), got {self.eval.fewshot_bank!r}"
+            )
         bad = [m for m in self.eval.aupro.methods if m not in ("exact", "zsad")]
         if bad:
             raise ConfigError(f"eval.aupro.methods must be chosen from ('exact', 'zsad'), got {bad}")

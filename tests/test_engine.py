@@ -379,3 +379,40 @@ def test_prefix_cache_over_budget_is_refused_or_skipped(data_root, tmp_path, cap
     with caplog.at_level("INFO", logger="feclip"):
         _train_only(auto, tmp_path / "b")
     assert "training without it" in caplog.text
+
+
+def test_fewshot_changes_scores_records_references_and_is_deterministic(data_root, tmp_path):
+    def values(variant, *extra):
+        cfg = compose_run(
+            smoke_overrides(data_root, tmp_path, "train.epochs=0", f"variant={variant}", *extra), "eval"
+        )
+        out = run(cfg, do_train=False)
+        return out, {(r["category"], r["metric"]): r["value"] for r in read_metrics(out / "metrics.csv")}
+
+    _, zero = values("zs")
+    out1, few1 = values("k1a", "eval.fewshot_k=1")
+    _, few1b = values("k1b", "eval.fewshot_k=1")
+    out2, few2 = values("k1c", "eval.fewshot_k=1", "seed=7")
+    assert few1 == few1b
+    assert few1 != zero
+    refs = (out1 / "fewshot_references.csv").read_text().splitlines()
+    assert refs[0] == "dataset,category,k,seed,image_path" and len(refs) == 1 + 3  # one per category
+    assert all("/train/good/" in line for line in refs[1:])
+    other = (out2 / "fewshot_references.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[-1] for line in other] != [line.split(",")[-1] for line in refs[1:]]
+
+
+def test_save_figures_writes_non_blank_pngs(data_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    cfg = compose_run(
+        smoke_overrides(data_root, tmp_path, "train.epochs=0", "eval.save_figures=true"), "eval"
+    )
+    out = run(cfg, do_train=False)
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert [p.name for p in pngs] == [
+        f"synthetic_{c}_{k}.png" for c in ("cat", "gravel", "rocket") for k in ("curves", "montage")
+    ]
+    for p in pngs:
+        assert np.asarray(Image.open(p)).std() > 0

@@ -31,6 +31,7 @@ EXPECTED_RUNS = {
     "benchmark": 2 * 5,
     "module_ablation": 4 * 2 * 5,
     "transform": 2 * 2 * 5,
+    "fewshot": 3 * 2 * 5,
 }
 SINGLE_RUN = {"demo", "clip_baseline"}
 

@@ -74,9 +74,15 @@ def _collate(items: list[dict]) -> dict:
 
 
 @torch.inference_mode()
-def predict(model, dataset, cfg, device: torch.device, use_amp: bool = False) -> Predictions:
+def predict(
+    model, dataset, cfg, device: torch.device, use_amp: bool = False, banks: dict | None = None
+) -> Predictions:
     """Run ``model`` over ``dataset`` (an :class:`~feclip.data.AnomalyDataset`) with the options of ``cfg``
-    (a :class:`feclip.config.EvalConfig`)."""
+    (a :class:`feclip.config.EvalConfig`).
+
+    ``banks``: per category, a :class:`~feclip.models.fewshot.MemoryBank` of normal reference images;
+    when given, the few-shot map is added to each map and its maximum to each score (paper Table 5).
+    """
     was_training = model.training
     model.eval()
     scoring = cfg.scoring()
@@ -92,12 +98,17 @@ def predict(model, dataset, cfg, device: torch.device, use_amp: bool = False) ->
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(images)
-        scores.append(image_scores(out.tap_cls_logits, taps, scoring).float().cpu())
+            out = model(images, return_tokens=banks is not None)
+        batch_scores = image_scores(out.tap_cls_logits, taps, scoring)
         if cfg.resolution == "input":
             batch_maps = anomaly_maps(
                 out.tap_patch_logits, taps, scoring, model.image_size, model.logit_scale
             )
+            if banks is not None:
+                cats = [dataset.samples[i].category for i in batch["index"]]
+                batch_scores, batch_maps = _add_fewshot(
+                    out.tap_tokens, cats, banks, batch_scores, batch_maps, cfg.sigma
+                )
             maps.extend(batch_maps.float().cpu().numpy())
             masks.extend(batch["mask"].numpy().astype(np.uint8))
         else:  # each image at its own size
@@ -105,6 +116,7 @@ def predict(model, dataset, cfg, device: torch.device, use_amp: bool = False) ->
                 m = anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, scoring, size, model.logit_scale)
                 maps.append(m[0].float().cpu().numpy())
                 masks.append(dataset.original_mask(index))
+        scores.append(batch_scores.float().cpu())
         labels.append(batch["label"])
     if _needs_postprocess(cfg.postprocess):
         maps = [postprocess(m, cfg.postprocess) for m in maps]
@@ -116,6 +128,43 @@ def predict(model, dataset, cfg, device: torch.device, use_amp: bool = False) ->
         labels=torch.cat(labels).numpy().astype(np.int64),
         categories=[s.category for s in dataset.samples],
     )
+
+
+def _add_fewshot(tokens, categories: list[str], banks: dict, scores, maps, sigma: float):
+    """Few-shot scores and maps of one batch, each image against its own category's bank."""
+    from feclip.models.fewshot import combine, fewshot_maps
+
+    scores, maps = scores.clone().float(), maps.clone().float()
+    for category in dict.fromkeys(categories):
+        sel = torch.tensor([c == category for c in categories], device=maps.device)
+        few = fewshot_maps(tokens[:, sel].float(), banks[category], tuple(maps.shape[-2:]), sigma)
+        scores[sel], maps[sel] = combine(scores[sel], maps[sel], few)
+    return scores, maps
+
+
+def save_figures(out_dir, dataset_name: str, dataset, preds: Predictions) -> None:
+    """Per category: the best/worst montage and the ROC/PRO curves (``<out_dir>/figures/``)."""
+    from PIL import Image
+
+    from feclip.viz import save_category_figures
+
+    for category, has_masks in dataset.category_has_masks.items():
+        idx = [i for i, c in enumerate(preds.categories) if c == category]
+        size = preds.maps[idx[0]].shape
+        images = [
+            np.asarray(Image.fromarray(dataset.original_image(i)).resize(size[::-1], Image.BILINEAR))
+            for i in idx
+        ]
+        masks = [preds.masks[i] for i in idx] if has_masks else None
+        save_category_figures(
+            out_dir,
+            f"{dataset_name}_{category}",
+            images,
+            masks,
+            [preds.maps[i] for i in idx],
+            preds.scores[idx],
+            preds.labels[idx],
+        )
 
 
 def _stack(arrays: list[np.ndarray], what: str, category: str) -> np.ndarray:
@@ -169,8 +218,18 @@ def _aupro_variant(masks: np.ndarray, maps: np.ndarray, labels: np.ndarray, cfg)
 
 
 def evaluate(
-    model, dataset_name: str, dataset, cfg, device: torch.device, use_amp: bool = False
+    model,
+    dataset_name: str,
+    dataset,
+    cfg,
+    device: torch.device,
+    use_amp: bool = False,
+    banks: dict | None = None,
+    figures_dir=None,
 ) -> list[MetricRow]:
-    """Metric rows of ``model`` on one dataset (see :func:`predict` and :func:`metric_rows`)."""
-    preds = predict(model, dataset, cfg, device, use_amp)
+    """Metric rows of ``model`` on one dataset (see :func:`predict` and :func:`metric_rows`); with
+    ``figures_dir`` (and ``cfg.save_figures``) also the per-category figures."""
+    preds = predict(model, dataset, cfg, device, use_amp, banks)
+    if cfg.save_figures and figures_dir is not None:
+        save_figures(figures_dir, dataset_name, dataset, preds)
     return metric_rows(dataset_name, preds, dataset.category_has_masks, cfg)

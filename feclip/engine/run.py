@@ -99,6 +99,28 @@ def load_dataset(ref: DatasetRef, paths: PathsConfig, image_size: int, cache: bo
     return AnomalyDataset(samples, image_size=image_size, cache=cache)
 
 
+def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], out_dir: Path) -> dict:
+    """Few-shot memory banks, one per category, from ``k`` normal training images drawn by the run seed.
+
+    The chosen images are recorded in ``fewshot_references.csv`` beside metrics.csv.
+    """
+    from feclip.data import list_samples
+    from feclip.models.fewshot import MemoryBank, pick_reference_samples
+
+    pool = list_samples(ref.name, dataset_root(ref, cfg.paths), split="train", categories=categories)
+    banks, lines = {}, ["dataset,category,k,seed,image_path"]
+    for category in categories:
+        chosen = pick_reference_samples(pool, cfg.eval.fewshot_k, cfg.seed, category)
+        banks[category] = MemoryBank.from_samples(model, chosen, which=cfg.eval.fewshot_bank)
+        lines += [f"{ref.name},{category},{cfg.eval.fewshot_k},{cfg.seed},{s.image_path}" for s in chosen]
+    path = out_dir / "fewshot_references.csv"
+    old = path.read_text().splitlines()[1:] if path.exists() else []
+    atomic_write_text(
+        path, "\n".join(lines[:1] + [x for x in old if not x.startswith(f"{ref.name},")] + lines[1:]) + "\n"
+    )
+    return banks
+
+
 def _plain(obj):
     """Dataclass -> JSON-safe plain data (tuples become lists)."""
     return json.loads(json.dumps(asdict(obj), default=str))
@@ -224,7 +246,8 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
         for ref in cfg.data.targets:
             target = load_dataset(ref, cfg.paths, model.image_size, cfg.data.cache_images)
             log.info("evaluating on %s: %r", ref.name, target)
-            rows += evaluate(model, ref.name, target, cfg.eval, device, use_amp)
+            banks = build_banks(model, ref, cfg, target.categories, out_dir) if cfg.eval.fewshot_k else None
+            rows += evaluate(model, ref.name, target, cfg.eval, device, use_amp, banks, out_dir)
         write_metrics(
             metrics_path,
             rows,
