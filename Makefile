@@ -25,17 +25,29 @@ format:  ## ruff format in place
 demo:  ## train + evaluate on the embedded synthetic data (feclip-train +experiment=demo)
 	feclip-train +experiment=demo
 
-reproduce-table:  ## paper protocol, 5 seeds, paper-vs-ours table (DATA_ROOT=...)
-	@echo "make reproduce-table: not available yet (needs the sweep/report issue)"; exit 1
+reproduce-table:  ## paper protocol (Tables 1-2), 5 seeds, paper-vs-ours table: make reproduce-table DATA_ROOT=...
+	@test -n "$(DATA_ROOT)" || { echo "make reproduce-table: set DATA_ROOT=/path/to/datasets (see docs/datasets.md)"; exit 2; }
+	$(PYTHON) scripts/check_datasets.py --data-root "$(DATA_ROOT)" mvtec_to_all visa_to_mvtec
+	DATA_ROOT="$(DATA_ROOT)" feclip-train -m +experiment=benchmark $(ARGS)
+	feclip-report results/benchmark --out results/tables/benchmark
+	cp results/tables/benchmark/summary.md results/tables/paper_vs_ours.md
+	@echo "wrote results/tables/paper_vs_ours.md"
 
-reproduce-study:  ## the earlier study's spread3-vs-last4 benchmark (DATA_ROOT=...)
-	@echo "make reproduce-study: not available yet (needs the sweep/report issue)"; exit 1
+reproduce-study:  ## the earlier study's spread3-vs-last4 benchmark (MVTec AD, VisA, BTAD), 5 seeds
+	@test -n "$(DATA_ROOT)" || { echo "make reproduce-study: set DATA_ROOT=/path/to/datasets (see docs/datasets.md)"; exit 2; }
+	$(PYTHON) scripts/check_datasets.py --data-root "$(DATA_ROOT)" visa_to_mvtec study3
+	DATA_ROOT="$(DATA_ROOT)" feclip-train -m +experiment=benchmark_taps $(ARGS)
+	feclip-report results/benchmark_taps --out results/tables/benchmark_taps
+	cp results/tables/benchmark_taps/summary.md results/tables/study_vs_ours.md
+	@echo "wrote results/tables/study_vs_ours.md"
 
-sweep:  ## run an experiment sweep: make sweep EXP=taps
-	@echo "make sweep: not available yet (needs the sweep/report issue)"; exit 1
+sweep:  ## run a study's sweep: make sweep EXP=taps [ARGS="hydra/launcher=slurm"]
+	@test -n "$(EXP)" || { echo "make sweep: name the study, e.g. make sweep EXP=taps (conf/experiment/)"; exit 2; }
+	feclip-train -m +experiment=$(EXP) $(ARGS)
 
 report:  ## aggregate a results tree: make report RESULTS=results/taps
-	@echo "make report: not available yet (needs the sweep/report issue)"; exit 1
+	@test -n "$(RESULTS)" || { echo "make report: name the results tree, e.g. make report RESULTS=results/taps"; exit 2; }
+	feclip-report $(RESULTS)
 
 bench:  ## side-by-side speed ratios on this CPU; last line is JSON
 	$(PYTHON) scripts/bench.py
