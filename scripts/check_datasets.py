@@ -27,7 +27,9 @@ def protocol_datasets(name: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("protocols", nargs="+")
     parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data"))
     args = parser.parse_args(argv)
