@@ -124,3 +124,23 @@ def test_sliding_fft_equals_unfold_then_fft2():
 def test_unknown_transform_is_refused():
     with pytest.raises(ValueError, match="transform must be one of"):
         window_transform(torch.zeros(1, 3, 3, 1), 3, "wavelet")
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_conv2d_nhwc_equals_conv2d(k):
+    from feclip.models.adapters import conv2d_nhwc
+
+    conv = torch.nn.Conv2d(6, 4, k, padding=k // 2).double()
+    x = torch.randn(2, 7, 5, 6, dtype=torch.float64)
+    ref = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert torch.allclose(conv2d_nhwc(x, conv), ref, atol=1e-12)
+
+
+def test_filter2d_nhwc_equals_depthwise_conv_with_replicate_padding():
+    from feclip.models.adapters import filter2d_nhwc
+
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    k = torch.randn(3, 3, dtype=torch.float64)
+    xp = F.pad(x.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate")
+    ref = F.conv2d(xp, k.expand(3, 1, 3, 3), groups=3).permute(0, 2, 3, 1)
+    assert torch.allclose(filter2d_nhwc(x, k), ref, atol=1e-12)

@@ -22,6 +22,43 @@ ADAPTER_SETS = ("both", "ffe", "lfs", "conv")
 LOG_ABS_EPS = 1e-6  # log(|c| + eps) for the log-abs statistic (F3-Net lineage)
 
 
+def conv2d_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A same-size, zero-padded ``conv`` applied to a channels-last grid, as one matrix product.
+
+    The ``k x k`` neighbourhoods are laid side by side on the channel axis (im2col) and multiplied by
+    the reshaped kernel: the same numbers as ``conv(x.permute(0, 3, 1, 2))``, but one large GEMM
+    (about twice as fast as the direct convolution on the CPU for D = 1024 on a 24 x 24 grid).
+    Shape: ``(B, H, W, C_in) -> (B, H, W, C_out)``.
+    """
+    k = conv.kernel_size[0]
+    r = k // 2
+    h, w = x.shape[1], x.shape[2]
+    xp = F.pad(x, (0, 0, r, r, r, r))
+    shifts = [xp[:, i : i + h, j : j + w] for i in range(k) for j in range(k)]
+    cols = torch.stack(shifts, dim=-1).flatten(-2)  # (B, H, W, C_in*k*k), ordered like the kernel
+    weight = conv.weight.flatten(1)  # (C_out, C_in*k*k): a view, no copy of the kernel
+    return F.linear(cols, weight.to(cols.dtype), None if conv.bias is None else conv.bias.to(cols.dtype))
+
+
+def filter2d_nhwc(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The same ``q x q`` filter on every channel, replicate padding, channels last.
+
+    Shape: ``(B, H, W, D), (q, q) -> (B, H, W, D)``.
+    """
+    q = kernel.shape[0]
+    h, w = x.shape[1], x.shape[2]
+    xp = F.pad(x.permute(0, 3, 1, 2), (q // 2, (q - 1) // 2, q // 2, (q - 1) // 2), mode="replicate").permute(
+        0, 2, 3, 1
+    )
+    kernel = kernel.to(x.dtype)
+    out = kernel[0, 0] * xp[:, :h, :w]
+    for i in range(q):
+        for j in range(q):
+            if i or j:
+                out = out + kernel[i, j] * xp[:, i : i + h, j : j + w]
+    return out
+
+
 class FFEAdapter(nn.Module):
     """FFE: windowed transform -> Linear(D, D) + GELU on the coefficients -> inverse transform.
 
@@ -61,25 +98,20 @@ class LFSAdapter(nn.Module):
         self.register_buffer("mean_kernel", sliding_mean_kernel(q, transform), persistent=False)
 
     def statistic(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-token frequency statistic. Shape: ``(B, D, H, W) -> (B, D, H, W)``."""
-        q = self.q
-        if self.stat == "mean":
-            d = x.shape[1]
-            xp = F.pad(x, (q // 2, (q - 1) // 2, q // 2, (q - 1) // 2), mode="replicate")
-            weight = self.mean_kernel.to(x.dtype).expand(d, 1, q, q)
-            return F.conv2d(xp, weight, groups=d)
-        coeffs = sliding_coefficients(x, q, self.transform)  # (B, G, D, Q*Q, H, W)
+        """The per-token frequency statistic. Shape: ``(B, H, W, D) -> (B, H, W, D)``."""
+        if self.stat == "mean":  # linear in the window: one fixed filter
+            return filter2d_nhwc(x, self.mean_kernel)
+        coeffs = sliding_coefficients(x.permute(0, 3, 1, 2), self.q, self.transform)  # (B, G, D, Q*Q, H, W)
         if self.stat == "abs":
             values = coeffs.abs()
         elif self.stat == "power":
             values = coeffs.square()
         else:  # log_abs
             values = torch.log(coeffs.abs() + LOG_ABS_EPS)
-        return values.mean(dim=3).sum(dim=1)
+        return values.mean(dim=3).sum(dim=1).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.statistic(x.permute(0, 3, 1, 2))
-        return F.gelu(self.conv(y)).permute(0, 2, 3, 1)
+        return F.gelu(conv2d_nhwc(self.statistic(x), self.conv))
 
 
 class ConvAdapter(nn.Module):
@@ -93,7 +125,7 @@ class ConvAdapter(nn.Module):
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        return F.gelu(conv2d_nhwc(x, self.conv))
 
 
 class TapAdapter(nn.Module):
