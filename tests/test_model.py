@@ -277,3 +277,26 @@ def test_option_grid_runs_quickly(clip, images):
     for adapters, transform, stat in itertools.product(["both", "lfs"], ["dct", "fft"], ["mean", "log_abs"]):
         out = make(clip, adapters=adapters, transform=transform, lfs_stat=stat)(images[:1])
         assert torch.isfinite(out.tap_maps).all()
+
+
+def test_plain_block_equals_open_clip_block_forward_and_backward(clip):
+    from feclip.models.feclip import is_plain_block, plain_block
+
+    blk = clip.visual.transformer.resblocks[7]
+    assert is_plain_block(blk)
+    x = torch.randn(3, 37, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ours = plain_block(blk, x)
+    theirs = blk(x)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), x)[0]
+    g_theirs = torch.autograd.grad(theirs.square().sum(), x)[0]
+    assert torch.allclose(g_ours, g_theirs, atol=1e-4)
+
+
+def test_training_and_inference_paths_agree(clip, images):
+    model = make(clip)
+    randomize_adapters(model, scale=0.05)
+    with torch.no_grad():
+        inference = model(images).tap_maps
+    training = model(images).tap_maps  # adapters require grad: the plain-block path after the first tap
+    assert torch.allclose(inference, training, atol=1e-5)

@@ -29,6 +29,36 @@ from feclip.models.prompts import PAPER_PROMPTS, PROMPT_MODES, encode_states, pr
 FC_PATCH_INITS = ("random", "clip_proj")
 
 
+def is_plain_block(blk: nn.Module) -> bool:
+    """open_clip's standard pre-norm block: ln_1 -> self-attention (packed qkv) -> ls_1, ln_2 -> mlp -> ls_2."""
+    attn = getattr(blk, "attn", None)
+    return (
+        type(blk).__name__ == "ResidualAttentionBlock"
+        and isinstance(attn, nn.MultiheadAttention)
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None
+        and attn.dropout == 0.0
+        and not hasattr(blk, "ln_1_kv")
+        and all(hasattr(blk, n) for n in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
+    )
+
+
+def plain_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``ResidualAttentionBlock`` on ``(B, L, D)`` tokens, with contiguous projections and
+    :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels where available).
+
+    Shape: ``(B, L, D) -> (B, L, D)``.
+    """
+    attn = blk.attn
+    b, n, d = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D)
+    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # each (B, H, L, D/H)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+    x = x + blk.ls_1(attn.out_proj(o))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
 @dataclass
 class FEClipConfig:
     """Every architectural option of FE-CLIP (defaults: the paper preset of DESIGN.md)."""
@@ -127,6 +157,7 @@ class FEClip(nn.Module):
         clip.requires_grad_(False)
         clip.eval()
         self.batch_first = getattr(visual.transformer, "batch_first", False)
+        self._plain_blocks = all(is_plain_block(b) for b in visual.transformer.resblocks)
         width = visual.conv1.out_channels
         embed_dim = visual.proj.shape[1]
         self.adapters = nn.ModuleDict(
@@ -182,8 +213,17 @@ class FEClip(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
 
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Run resblock ``i`` on batch-first tokens ``(B, L, D)`` whatever layout open_clip uses inside."""
+        """Run resblock ``i`` on batch-first tokens ``(B, L, D)`` whatever layout open_clip uses inside.
+
+        When gradients flow through the block, open_clip's standard block is computed here with its own
+        weights (:func:`plain_block`): there ``nn.MultiheadAttention(batch_first=True)`` projects a
+        transposed, non-contiguous view, which PyTorch runs as a batched matmul over a broadcast weight
+        (1.6x slower forward + backward on the CPU for ViT-L). Without gradients open_clip's block runs
+        as it is (its inference fast path).
+        """
         blk = self.clip.visual.transformer.resblocks[i]
+        if self._plain_blocks and x.requires_grad and torch.is_grad_enabled():
+            return plain_block(blk, x)
         if self.batch_first:
             return blk(x)
         return blk(x.transpose(0, 1)).transpose(0, 1)
