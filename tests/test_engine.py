@@ -416,3 +416,12 @@ def test_save_figures_writes_non_blank_pngs(data_root, tmp_path):
     ]
     for p in pngs:
         assert np.asarray(Image.open(p)).std() > 0
+
+
+def test_a_missing_target_fails_before_training(data_root, tmp_path, monkeypatch):
+    cfg = compose_run(smoke_overrides(data_root, tmp_path, "data.targets=[{name: mvtec}]"))
+    monkeypatch.setattr(
+        train_module, "train", lambda *a, **k: pytest.fail("trained before checking the targets")
+    )
+    with pytest.raises(DatasetError, match="dataset 'mvtec' not found"):
+        run(cfg)

@@ -92,11 +92,11 @@ def dataset_root(ref: DatasetRef, paths: PathsConfig) -> Path:
     return root
 
 
-def load_dataset(ref: DatasetRef, paths: PathsConfig, image_size: int, cache: bool):
-    from feclip.data import AnomalyDataset, list_samples
+def list_dataset(ref: DatasetRef, paths: PathsConfig) -> list:
+    """The samples of one dataset reference (raises at once when the folder or its layout is wrong)."""
+    from feclip.data import list_samples
 
-    samples = list_samples(ref.name, dataset_root(ref, paths), split=ref.split, categories=ref.categories)
-    return AnomalyDataset(samples, image_size=image_size, cache=cache)
+    return list_samples(ref.name, dataset_root(ref, paths), split=ref.split, categories=ref.categories)
 
 
 def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], out_dir: Path) -> dict:
@@ -189,6 +189,7 @@ def format_table(rows: list[MetricRow]) -> str:
 
 def run(cfg: RunConfig, do_train: bool = True) -> Path:
     """Train (when ``do_train``), evaluate every target, and write the run directory. Returns it."""
+    from feclip.data import AnomalyDataset
     from feclip.engine.evaluate import evaluate
     from feclip.engine.train import train
     from feclip.models import FEClip, load_adapters
@@ -208,6 +209,11 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
         atomic_write_text(out_dir / "config.yaml", _to_yaml(_plain(cfg)))
         atomic_write_text(out_dir / "env.txt", environment_text(device))
 
+        # -- data: every listing first, so a missing target fails before any training ------------
+        train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
+        train_samples = list_dataset(cfg.data.train, cfg.paths) if train_name != "none" else None
+        target_samples = [list_dataset(ref, cfg.paths) for ref in cfg.data.targets]
+
         # -- model ----------------------------------------------------------------------------------
         seed_everything(cfg.seed)
         clip = build_clip(cfg.backbone, device)
@@ -219,9 +225,10 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
         tracker = make_logger(cfg.logger, out_dir, f"{cfg.study}/{cfg.variant}/seed={cfg.seed}", _plain(cfg))
 
         # -- train ----------------------------------------------------------------------------------
-        train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
-        if train_name != "none":
-            train_set = load_dataset(cfg.data.train, cfg.paths, model.image_size, cfg.data.cache_images)
+        if train_samples is not None:
+            train_set = AnomalyDataset(
+                train_samples, image_size=model.image_size, cache=cfg.data.cache_images
+            )
             log.info("training on %s: %r", cfg.data.train.name, train_set)
             result = train(
                 model,
@@ -243,8 +250,8 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
 
         # -- evaluate -------------------------------------------------------------------------------
         rows: list[MetricRow] = []
-        for ref in cfg.data.targets:
-            target = load_dataset(ref, cfg.paths, model.image_size, cfg.data.cache_images)
+        for ref, samples in zip(cfg.data.targets, target_samples):
+            target = AnomalyDataset(samples, image_size=model.image_size, cache=cfg.data.cache_images)
             log.info("evaluating on %s: %r", ref.name, target)
             banks = build_banks(model, ref, cfg, target.categories, out_dir) if cfg.eval.fewshot_k else None
             rows += evaluate(model, ref.name, target, cfg.eval, device, use_amp, banks, out_dir)
