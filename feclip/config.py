@@ -84,6 +84,7 @@ class TrainConfig:
     fc_patch: FcPatchConfig = field(default_factory=FcPatchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     amp: str = "bf16"  # bf16 autocast on CUDA (ignored on CPU) | none
+    compile: str = "off"  # torch.compile the training forward: off | default | reduce-overhead | max-autotune
     prefix_cache: str = (
         "auto"  # auto (on when it fits prefix_cache_max_gb) | on | off: see feclip.engine.cache
     )
@@ -174,6 +175,7 @@ class RunConfig:
             ("train.loss.mask_loss_on", self.train.loss.mask_loss_on, MASK_LOSS_ON),
             ("train.loss.mask_loss_input", self.train.loss.mask_loss_input, MASK_LOSS_INPUTS),
             ("train.amp", self.train.amp, AMP_MODES),
+            ("train.compile", self.train.compile, ("off", "default", "reduce-overhead", "max-autotune")),
             ("train.prefix_cache", self.train.prefix_cache, ("auto", "on", "off")),
             ("train.prefix_cache_storage", self.train.prefix_cache_storage, ("device", "pinned")),
             ("eval.resolution", self.eval.resolution, RESOLUTIONS),

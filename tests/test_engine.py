@@ -425,3 +425,15 @@ def test_a_missing_target_fails_before_training(data_root, tmp_path, monkeypatch
     )
     with pytest.raises(DatasetError, match="dataset 'mvtec' not found"):
         run(cfg)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(data_root, tmp_path):
+    eager = compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=1", "train.max_steps=2"))
+    compiled = compose_run(
+        smoke_overrides(data_root, tmp_path, "train.epochs=1", "train.max_steps=2", "train.compile=default")
+    )
+    a = _train_only(eager, tmp_path / "eager").trainable_state_dict()
+    b = _train_only(compiled, tmp_path / "compiled").trainable_state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

@@ -175,6 +175,9 @@ def train(
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     cache = make_prefix_cache(model, dataset, cfg, device) if start_epoch < cfg.epochs else None
+    forward = model.forward_from_prefix if cache is not None else model.forward
+    if cfg.compile != "off":
+        forward = torch.compile(forward, mode=cfg.compile)
     model.train()
     epochs_run, last_loss = 0, math.nan
 
@@ -196,9 +199,9 @@ def train(
             labels = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 if cache is not None:  # start at the first tap
-                    out = model.forward_from_prefix(cache[batch["index"]])
+                    out = forward(cache[batch["index"]])
                 else:
-                    out = model(batch["image"].to(device, non_blocking=True))
+                    out = forward(batch["image"].to(device, non_blocking=True))
             loss, parts = feclip_loss(out, masks, labels, cfg.loss)
             if not torch.isfinite(loss):
                 kept = (

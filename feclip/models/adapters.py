@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from feclip.models.frequency import (
+    replicate_pad,
     sliding_coefficients,
     sliding_mean_kernel,
     window_inverse,
@@ -47,9 +48,7 @@ def filter2d_nhwc(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """
     q = kernel.shape[0]
     h, w = x.shape[1], x.shape[2]
-    xp = F.pad(x.permute(0, 3, 1, 2), (q // 2, (q - 1) // 2, q // 2, (q - 1) // 2), mode="replicate").permute(
-        0, 2, 3, 1
-    )
+    xp = replicate_pad(x, q // 2, (q - 1) // 2, q // 2, (q - 1) // 2)
     kernel = kernel.to(x.dtype)
     out = kernel[0, 0] * xp[:, :h, :w]
     for i in range(q):

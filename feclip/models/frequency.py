@@ -54,18 +54,24 @@ def idct2(y: torch.Tensor) -> torch.Tensor:
     return r.T @ y @ c
 
 
+def replicate_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Replicate-pad a channels-last grid by indexing (no permutes; friendly to torch.compile).
+
+    Shape: ``(B, H, W, D) -> (B, H + top + bottom, W + left + right, D)``.
+    """
+    h, w = x.shape[1], x.shape[2]
+    rows = (torch.arange(-top, h + bottom, device=x.device)).clamp(0, h - 1)
+    cols = (torch.arange(-left, w + right, device=x.device)).clamp(0, w - 1)
+    return x[:, rows][:, :, cols]
+
+
 def pad_to_multiple(x: torch.Tensor, p: int) -> torch.Tensor:
     """Replicate-pad a grid at the bottom and right so both sides are multiples of ``p``.
 
     Shape: ``(B, H, W, D) -> (B, ceil(H/p)*p, ceil(W/p)*p, D)``.
     """
-    _, h, w, _ = x.shape
-    ph, pw = (-h) % p, (-w) % p
-    if ph == 0 and pw == 0:
-        return x
-    # F.pad's replicate mode wants channels first: (B, D, H, W), padding (left, right, top, bottom).
-    y = F.pad(x.permute(0, 3, 1, 2), (0, pw, 0, ph), mode="replicate")
-    return y.permute(0, 2, 3, 1)
+    ph, pw = (-x.shape[1]) % p, (-x.shape[2]) % p
+    return x if ph == 0 and pw == 0 else replicate_pad(x, 0, ph, 0, pw)
 
 
 def to_windows(x: torch.Tensor, p: int) -> torch.Tensor:
