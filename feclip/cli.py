@@ -77,7 +77,10 @@ def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
             raise
-        log.exception("job failed") if not user_error else log.error("job failed: %s", e)
+        if user_error:
+            log.error("job failed: %s", e)
+        else:
+            log.exception("job failed")
         record = f"{run_cfg.study}/{run_cfg.variant}/seed={run_cfg.seed}\t{type(e).__name__}: {str(e).splitlines()[0]}\n"
         with open(Path(HydraConfig.get().sweep.dir) / FAILURES_FILE, "a") as f:
             f.write(record)

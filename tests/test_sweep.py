@@ -123,3 +123,24 @@ def test_slurm_launcher_composes():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_a_failing_job_does_not_stop_the_sweep_and_is_listed(sweep):
+    root, _, _ = sweep
+    args = [
+        "+experiment=demo",
+        "backbone=tiny",
+        "seed=5",
+        "data.train.dir=synthetic/set_a,synthetic/missing",
+        f"paths.data_root={root / 'data'}",
+        f"paths.results_dir={root / 'results_fail'}",
+        "train.epochs=1",
+        "train.batch_size=4",
+        "train.progress=false",
+    ]
+    res = _multirun(args, REPO)
+    assert res.returncode == 1
+    assert "1 job(s) of the sweep failed" in res.stderr and "data.train.dir=synthetic.missing" in res.stderr
+    assert "Traceback" not in res.stderr
+    done = find_metrics(root / "results_fail")
+    assert len(done) == 1 and "synthetic.set_a" in str(done[0])
