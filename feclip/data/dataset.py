@@ -225,3 +225,18 @@ class AnomalyDataset(Dataset):
                 f"{sample.image_path} is {size[0]}x{size[1]}"
             )
         return mask.astype(np.uint8)
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack :class:`AnomalyDataset` items into a batch (the ``collate_fn`` of feclip's loaders).
+
+    Returns ``image`` (B, 3, S, S), ``mask`` (B, S, S), ``label`` (B,), ``index`` (B,) int64 and
+    ``original_size``: B tuples (H0, W0).
+    """
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+        "original_size": [tuple(it["original_size"].tolist()) for it in items],
+    }

@@ -16,6 +16,7 @@ import logging
 import torch
 from torch.utils.data import DataLoader
 
+from feclip.data.dataset import collate
 from feclip.errors import ConfigError
 
 log = logging.getLogger("feclip.cache")
@@ -53,12 +54,13 @@ class PrefixCache:
         self.tokens = torch.empty(
             shape, dtype=dtype, device=where, pin_memory=storage == "pinned" and device.type == "cuda"
         )
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_images_and_indices)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
         was_training = model.training
         model.eval()
         with torch.inference_mode():
-            for images, index in loader:
-                self.tokens[index] = model.prefix(images.to(device)).to(dtype=dtype, device=where)
+            for batch in loader:
+                tokens = model.prefix(batch["image"].to(device)).to(dtype=dtype, device=where)
+                self.tokens[batch["index"].to(where)] = tokens
         model.train(was_training)
         log.info(
             "prefix cache: %d images, %.2f GB on %s",
@@ -72,7 +74,3 @@ class PrefixCache:
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
         return self.tokens[index.to(self.tokens.device)].to(self.device, non_blocking=True).float()
-
-
-def _images_and_indices(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([it["image"] for it in items]), torch.tensor([it["index"] for it in items])

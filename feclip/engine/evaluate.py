@@ -15,6 +15,7 @@ import scipy.ndimage as ndi
 import torch
 from torch.utils.data import DataLoader
 
+from feclip.data.dataset import collate
 from feclip.metrics import aupro, compute_category_metrics
 from feclip.results import MICRO, MetricRow
 from feclip.scoring import anomaly_maps, image_scores
@@ -63,16 +64,6 @@ def _needs_postprocess(cfg) -> bool:
     return cfg.percentile_keep is not None or cfg.morph_open > 0 or cfg.min_component_px > 0
 
 
-def _collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items]),
-        "index": [it["index"] for it in items],
-        "original_size": [tuple(it["original_size"].tolist()) for it in items],
-    }
-
-
 @torch.inference_mode()
 def predict(
     model, dataset, cfg, device: torch.device, use_amp: bool = False, banks: dict | None = None
@@ -92,7 +83,7 @@ def predict(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=False,
-        collate_fn=_collate,
+        collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
     for batch in loader:
@@ -105,14 +96,14 @@ def predict(
                 out.tap_patch_logits, taps, scoring, model.image_size, model.logit_scale
             )
             if banks is not None:
-                cats = [dataset.samples[i].category for i in batch["index"]]
+                cats = [dataset.samples[i].category for i in batch["index"].tolist()]
                 batch_scores, batch_maps = _add_fewshot(
                     out.tap_tokens, cats, banks, batch_scores, batch_maps, cfg.sigma
                 )
             maps.extend(batch_maps.float().cpu().numpy())
             masks.extend(batch["mask"].numpy().astype(np.uint8))
         else:  # each image at its own size
-            for j, (index, size) in enumerate(zip(batch["index"], batch["original_size"])):
+            for j, (index, size) in enumerate(zip(batch["index"].tolist(), batch["original_size"])):
                 m = anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, scoring, size, model.logit_scale)
                 maps.append(m[0].float().cpu().numpy())
                 masks.append(dataset.original_mask(index))

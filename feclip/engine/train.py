@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from feclip.data.dataset import collate
 from feclip.engine.cache import PrefixCache, prefix_bytes
 from feclip.errors import ConfigError, FEClipError
 from feclip.losses import feclip_loss
@@ -116,15 +117,6 @@ def try_resume(model, optimizer, run_dir: Path, fingerprint: str) -> tuple[int, 
     return state["epoch"] + 1, state["step"]
 
 
-def _collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items]),
-        "index": torch.tensor([it["index"] for it in items]),
-    }
-
-
 def make_prefix_cache(model, dataset, cfg, device: torch.device) -> PrefixCache | None:
     """The frozen-prefix cache when ``cfg.prefix_cache`` asks for it and it fits the memory budget."""
     if cfg.prefix_cache == "off":
@@ -189,7 +181,7 @@ def train(
             dataset,
             batch_size=cfg.batch_size,
             sampler=epoch_order(len(dataset), seed, epoch),
-            collate_fn=_collate,
+            collate_fn=collate,
             pin_memory=device.type == "cuda",
         )
         bar = _progress(loader, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}")
