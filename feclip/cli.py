@@ -10,6 +10,7 @@ prints one line ``feclip-train: error: ...`` and exits with status 2.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -113,11 +114,22 @@ def _eval(cfg: DictConfig) -> None:
     _execute(cfg, "feclip-eval", do_train=False)
 
 
+# Under torchrun, ranks other than 0 leave Hydra's outputs (.hydra/, the job log) to rank 0.
+OTHER_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
+
+
+def _quiet_other_ranks() -> None:
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += [o for o in OTHER_RANK_OVERRIDES if o not in sys.argv]
+
+
 def train_main() -> None:
-    """Console script ``feclip-train``."""
+    """Console script ``feclip-train`` (also under ``torchrun``: docs/distributed.md)."""
+    _quiet_other_ranks()
     _train()
 
 
 def eval_main() -> None:
     """Console script ``feclip-eval``."""
+    _quiet_other_ranks()
     _eval()

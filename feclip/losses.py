@@ -64,8 +64,18 @@ def mask_to_grid(masks: torch.Tensor, size: tuple[int, int], how: str) -> torch.
     raise ValueError(f"mask_target must be 'nearest' or 'maxpool' here, got {how!r}")
 
 
+def mask_loss_images(labels: torch.Tensor, cfg) -> torch.Tensor:
+    """The images of a batch that the map losses (focal, dice) see: all, or only the anomalous ones
+    (``cfg.mask_loss_on``). Shape: ``(B,) -> (B,)`` bool."""
+    return labels > 0 if cfg.mask_loss_on == "abnormal" else torch.ones_like(labels, dtype=torch.bool)
+
+
 def feclip_loss(
-    out, masks: torch.Tensor, labels: torch.Tensor, cfg
+    out,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    cfg,
+    shares: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts for one batch.
 
@@ -75,14 +85,18 @@ def feclip_loss(
         masks: ``(B, S, S)`` in {0, 1}, zeros for normal images.
         labels: ``(B,)`` in {0, 1}.
         cfg: a :class:`feclip.config.LossConfig`.
+        shares: when this batch is one rank's part of a larger batch, its fraction ``(of the images,
+            of the images the map losses see)``: the returned total weighs the BCE term by the first and
+            the focal and dice terms by the second, so that the parts' totals sum to the loss of the
+            whole batch (:func:`feclip.engine.distributed.loss_shares`). ``None``: the batch is whole.
 
     Returns ``(total, {"cls": ..., "focal": ..., "dice": ..., "total": ...})``; the parts are detached
-    scalar tensors (no device synchronisation until someone reads them).
+    scalar tensors of this batch alone, unweighted (no device synchronisation until someone reads them).
     """
     n_taps = out.tap_cls_logits.shape[0]
     cls_margin = (out.tap_cls_logits[..., 1] - out.tap_cls_logits[..., 0]).float()  # (N, B)
     map_margin = (out.tap_patch_logits[..., 1] - out.tap_patch_logits[..., 0]).float()  # (N, B, h, w)
-    keep = labels > 0 if cfg.mask_loss_on == "abnormal" else torch.ones_like(labels, dtype=torch.bool)
+    keep = mask_loss_images(labels, cfg)
     size = tuple(masks.shape[-2:])
     if cfg.mask_target == "upsample":
         target = masks.float()
@@ -108,11 +122,16 @@ def feclip_loss(
             t = target[keep]
             l_focal = l_focal + focal_loss(logit_map, t, cfg.focal_gamma, cfg.focal_alpha) / n_taps
             l_dice = l_dice + dice_loss(torch.sigmoid(logit_map), t, cfg.dice_smooth) / n_taps
-    total = cfg.w_cls * l_cls + cfg.w_focal * l_focal + cfg.w_dice * l_dice
+    plain = cfg.w_cls * l_cls + cfg.w_focal * l_focal + cfg.w_dice * l_dice
+    if shares is None:
+        total = plain
+    else:
+        image_share, mask_share = shares
+        total = cfg.w_cls * l_cls * image_share + (cfg.w_focal * l_focal + cfg.w_dice * l_dice) * mask_share
     parts = {
         "cls": l_cls.detach(),
         "focal": l_focal.detach(),
         "dice": l_dice.detach(),
-        "total": total.detach(),
+        "total": plain.detach(),
     }
     return total, parts

@@ -7,6 +7,8 @@ skips ``(first_tap + 1) / (last_tap + 1)`` of the backbone's forward and backwar
 24 blocks).
 
 Storage: on the training device (bf16 on CUDA, the model dtype elsewhere) or in pinned host memory.
+The prefix runs under the same bf16 autocast as the training forward when ``amp`` is on, so a cached
+run sees the tokens an uncached bf16 run computes (up to the bf16 rounding of the stored tokens).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def prefix_bytes(model, n_images: int, dtype: torch.dtype) -> int:
 class PrefixCache:
     """Prefix tokens of every image of a dataset, indexed like the dataset.
 
+    Args:
+        model: the :class:`~feclip.models.FEClip` whose ``prefix`` is cached.
+        dataset: an :class:`~feclip.data.AnomalyDataset`; ``cache[i]`` holds its image ``i``.
+        storage: ``device`` or ``pinned`` (host memory, copied to ``device`` per batch).
+        dtype: of the stored tokens (default bf16 on CUDA, float32 elsewhere).
+        amp: run the prefix under bf16 autocast (CUDA), as the training forward does.
+
     Shape: ``cache[indices] -> (B, 1 + h*w, D)`` float32 on ``device``.
     """
 
@@ -43,6 +52,7 @@ class PrefixCache:
         batch_size: int = 32,
         storage: str = "device",
         dtype: torch.dtype | None = None,
+        amp: bool = False,
     ):
         if storage not in ("device", "pinned"):
             raise ConfigError(f"train.prefix_cache_storage must be 'device' or 'pinned', got {storage!r}")
@@ -57,7 +67,8 @@ class PrefixCache:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
         was_training = model.training
         model.eval()
-        with torch.inference_mode():
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+        with torch.inference_mode(), autocast:  # the same precision as the training forward
             for batch in loader:
                 tokens = model.prefix(batch["image"].to(device)).to(dtype=dtype, device=where)
                 self.tokens[batch["index"].to(where)] = tokens

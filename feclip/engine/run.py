@@ -3,6 +3,9 @@
 ``<results_dir>/<study>/<variant>/seed=<seed>/`` receives ``config.yaml``, ``env.txt``, ``train.log``,
 ``adapters.safetensors`` (+ ``train_state.pt`` for resuming) and, last, ``metrics.csv``. A run whose
 metrics.csv is complete is skipped unless ``force``; a killed run resumes from its last epoch.
+
+Under ``torchrun`` every rank trains (:mod:`feclip.engine.distributed`); rank 0 alone writes the run
+directory and evaluates, the other ranks return once training is done.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 import torch
 
 from feclip.config import BackboneConfig, DatasetRef, PathsConfig, RunConfig
+from feclip.engine import distributed as dist
 from feclip.errors import DatasetError, WeightsNotFoundError
-from feclip.loggers import make_logger
+from feclip.loggers import NullLogger, make_logger
 from feclip.results import (
     METRICS_FILE,
     MetricRow,
@@ -151,6 +155,7 @@ def environment_text(device: torch.device) -> str:
         f"feclip git {git_sha()}",
         f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         f"torch threads {torch.get_num_threads()}",
+        dist.describe(),
     ]
     return "\n".join(lines) + "\n"
 
@@ -195,24 +200,33 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
     from feclip.models import FEClip, load_adapters
 
     cfg.validate()
+    device = dist.init(resolve_device(cfg.device))  # joins torchrun's process group, if any
+    dist.check_batch_size(cfg.train.batch_size)
+    main = dist.is_main()  # rank 0 (or the only process) writes the run directory and evaluates
     out_dir = run_dir(cfg.paths.results_dir, cfg.study, cfg.variant, cfg.seed)
     metrics_path = out_dir / METRICS_FILE
     if is_complete(metrics_path) and not cfg.force:
         log.info("skipping %s: metrics.csv is complete (force=true re-runs)", out_dir)
         return out_dir
-    if cfg.force and out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_file_log(out_dir / ("train.log" if do_train else "eval.log"))
+    if main:
+        if cfg.force and out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    handler = _attach_file_log(out_dir / ("train.log" if do_train else "eval.log")) if main else None
     try:
-        device = resolve_device(cfg.device)
-        atomic_write_text(out_dir / "config.yaml", _to_yaml(_plain(cfg)))
-        atomic_write_text(out_dir / "env.txt", environment_text(device))
+        if main:
+            atomic_write_text(out_dir / "config.yaml", _to_yaml(_plain(cfg)))
+            atomic_write_text(out_dir / "env.txt", environment_text(device))
 
         # -- data: every listing first, so a missing target fails before any training ------------
         train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
-        train_samples = list_dataset(cfg.data.train, cfg.paths) if train_name != "none" else None
-        target_samples = [list_dataset(ref, cfg.paths) for ref in cfg.data.targets]
+        # rank 0 first: it may generate the synthetic sets, and it has cleared the run directory (force)
+        # before the other ranks look for a checkpoint to resume from
+        with dist.main_first():
+            train_samples = list_dataset(cfg.data.train, cfg.paths) if train_name != "none" else None
+            target_samples = [list_dataset(ref, cfg.paths) for ref in cfg.data.targets]
+        if not main and train_samples is None:
+            return out_dir  # nothing to train: rank 0 evaluates alone
 
         # -- model ----------------------------------------------------------------------------------
         seed_everything(cfg.seed)
@@ -222,7 +236,8 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
             load_adapters(model, cfg.checkpoint)
             log.info("adapters loaded from %s", cfg.checkpoint)
         use_amp = cfg.train.amp == "bf16" and device.type == "cuda"
-        tracker = make_logger(cfg.logger, out_dir, f"{cfg.study}/{cfg.variant}/seed={cfg.seed}", _plain(cfg))
+        name = f"{cfg.study}/{cfg.variant}/seed={cfg.seed}"
+        tracker = make_logger(cfg.logger, out_dir, name, _plain(cfg)) if main else NullLogger()
 
         # -- train ----------------------------------------------------------------------------------
         if train_samples is not None:
@@ -248,7 +263,9 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
                 result.last_loss,
             )
 
-        # -- evaluate -------------------------------------------------------------------------------
+        # -- evaluate (rank 0 only) -----------------------------------------------------------------
+        if not main:
+            return out_dir
         rows: list[MetricRow] = []
         for ref, samples in zip(cfg.data.targets, target_samples):
             target = AnomalyDataset(samples, image_size=model.image_size, cache=cfg.data.cache_images)
@@ -271,8 +288,9 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
         log.info("wrote %s", metrics_path)
         return out_dir
     finally:
-        logging.getLogger("feclip").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("feclip").removeHandler(handler)
+            handler.close()
 
 
 def _to_yaml(data: dict) -> str:

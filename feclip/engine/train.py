@@ -6,6 +6,10 @@ Sections: setup (optimizer groups, resume) -> epochs (seeded order, step, NaN gu
 Resuming a killed run restarts at the first unfinished epoch. The image order of epoch ``e`` depends
 only on ``(seed, e)`` and the optimizer state is restored, so on the CPU a resumed run ends with the
 same weights, bit for bit, as an uninterrupted one.
+
+Under ``torchrun`` (:mod:`feclip.engine.distributed`) every rank runs this same loop on its share of
+each global batch, its loss weighted by that share and the gradients summed over the ranks; rank 0
+alone writes the checkpoints and the log.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from feclip.data.dataset import collate
+from feclip.engine import distributed as dist
 from feclip.engine.cache import PrefixCache, prefix_bytes
 from feclip.errors import ConfigError, FEClipError
-from feclip.losses import feclip_loss
+from feclip.losses import feclip_loss, mask_loss_images
 from feclip.models.checkpoint import load_adapters, save_adapters
 
 log = logging.getLogger("feclip.train")
@@ -132,7 +137,13 @@ def make_prefix_cache(model, dataset, cfg, device: torch.device) -> PrefixCache 
         log.info("%s: training without it", msg)
         return None
     return PrefixCache(
-        model, dataset, device, batch_size=cfg.batch_size, storage=cfg.prefix_cache_storage, dtype=dtype
+        model,
+        dataset,
+        device,
+        batch_size=cfg.batch_size,
+        storage=cfg.prefix_cache_storage,
+        dtype=dtype,
+        amp=cfg.amp == "bf16" and device.type == "cuda",
     )
 
 
@@ -152,17 +163,24 @@ def train(
         cfg: a :class:`feclip.config.TrainConfig`.
         run_dir: where the checkpoints go (and are resumed from when ``cfg.resume``).
         fingerprint: identifies the configuration; a checkpoint with another one is not resumed.
-        on_epoch: called after each epoch's checkpoint with ``(epoch, {"loss": ..., "images_per_s": ...})``.
+        on_epoch: called after each epoch's checkpoint with ``(epoch, {"loss": ..., "images_per_s": ...})``
+            (on rank 0 only under torchrun).
+
+    Under torchrun, ``cfg.batch_size`` is the global batch and ``device`` this rank's device; every rank
+    reads the checkpoint when resuming, rank 0 alone writes them.
     """
     # -- setup ------------------------------------------------------------------------------------
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    dist.check_batch_size(cfg.batch_size)
     optimizer = build_optimizer(model, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     start_epoch, step = try_resume(model, optimizer, run_dir, fingerprint) if cfg.resume else (0, 0)
-    if not cfg.resume:
+    if not cfg.resume and dist.is_main():
         for f in (ADAPTERS_FILE, STATE_FILE):
             (run_dir / f).unlink(missing_ok=True)
+    dist.broadcast_parameters(params)  # also: no rank writes a checkpoint before every rank has read it
     use_amp = cfg.amp == "bf16" and device.type == "cuda"
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -177,25 +195,19 @@ def train(
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         # -- one epoch ----------------------------------------------------------------------------
+        mine, batch_sizes = dist.micro_batches(epoch_order(len(dataset), seed, epoch), cfg.batch_size)
         loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            sampler=epoch_order(len(dataset), seed, epoch),
-            collate_fn=collate,
+            dataset.targets_only() if cache is not None else dataset,  # the cache replaces the images
+            batch_sampler=mine,  # this rank's share of each global batch (alone: the batches themselves)
+            collate_fn=_collate_share,
             pin_memory=device.type == "cuda",
         )
-        bar = _progress(loader, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(loader, cfg.progress and dist.is_main(), f"epoch {epoch + 1}/{cfg.epochs}")
         loss_sum, n_images, t_epoch = torch.zeros((), device=device), 0, time.perf_counter()
-        for batch in bar:
-            masks = batch["mask"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if cache is not None:  # start at the first tap
-                    out = forward(cache[batch["index"]])
-                else:
-                    out = forward(batch["image"].to(device, non_blocking=True))
-            loss, parts = feclip_loss(out, masks, labels, cfg.loss)
-            if not torch.isfinite(loss):
+        for batch, n_batch in zip(bar, batch_sizes):
+            loss, parts = _batch_loss(forward, cache, batch, cfg, device, use_amp)
+            batch_loss = dist.sum_over_ranks(loss.detach())  # of the global batch (``loss`` itself alone)
+            if not torch.isfinite(batch_loss):
                 kept = (
                     f"the last good checkpoint (epoch {start_epoch + epochs_run}) is kept in {run_dir}"
                     if (run_dir / ADAPTERS_FILE).exists()
@@ -203,20 +215,22 @@ def train(
                 )
                 parts_txt = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
                 raise TrainingDivergedError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} ({parts_txt}); {kept}"
+                    f"loss is {batch_loss.item()} at epoch {epoch + 1}, step {step + 1} ({parts_txt}); {kept}"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # an empty share has no graph
+                loss.backward()
+            dist.all_reduce_gradients(params)
             optimizer.step()
             step += 1
-            loss_sum += loss.detach() * len(labels)
-            n_images += len(labels)
+            loss_sum += batch_loss * n_batch
+            n_images += n_batch
             if cfg.fc_patch.policy == "frozen_after" and step == cfg.fc_patch.frozen_after_batches:
                 model.fc_patch.requires_grad_(False)
                 log.info("fc_patch frozen after %d batches", step)
             if bar is not loader and step % 5 == 0:
                 bar.set_postfix(
-                    loss=f"{parts['total'].item():.4f}",
+                    loss=f"{batch_loss.item():.4f}",
                     img_s=f"{n_images / (time.perf_counter() - t_epoch):.1f}",
                 )
             if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -224,7 +238,8 @@ def train(
         # -- checkpoint ---------------------------------------------------------------------------
         last_loss = (loss_sum / max(n_images, 1)).item()
         epochs_run += 1
-        save_checkpoint(model, optimizer, run_dir, epoch, step, fingerprint)
+        if dist.is_main():
+            save_checkpoint(model, optimizer, run_dir, epoch, step, fingerprint)
         speed = n_images / (time.perf_counter() - t_epoch)
         log.info(
             "epoch %d/%d: loss %.4f, %d images, %.1f images/s",
@@ -234,10 +249,41 @@ def train(
             n_images,
             speed,
         )
-        if on_epoch is not None:
+        if on_epoch is not None and dist.is_main():
             on_epoch(epoch + 1, {"loss": last_loss, "images_per_s": speed})
     model.eval()
     return TrainResult(epochs_run, step, last_loss, time.perf_counter() - t_start)
+
+
+def _batch_loss(forward, cache, batch: dict, cfg, device: torch.device, use_amp: bool):
+    """Forward and loss of one batch (this rank's micro-batch under torchrun): ``(loss, parts)``.
+
+    ``forward`` is the model's ``forward_from_prefix`` (fed from ``cache``) or its ``forward`` (fed
+    with the images). Under torchrun the loss is weighted by this rank's share of the global batch, so
+    that the ranks' losses sum to the loss of the whole batch; an empty share gives a constant 0 (and
+    still joins the all-reduce of the shares).
+    """
+    labels = batch["label"].to(device, non_blocking=True)
+    shares = dist.loss_shares(mask_loss_images(labels, cfg.loss))  # None alone
+    if len(labels) == 0:
+        zero = torch.zeros((), device=device)
+        return zero, dict.fromkeys(("cls", "focal", "dice", "total"), zero)
+    masks = batch["mask"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if cache is not None:  # start at the first tap
+            out = forward(cache[batch["index"]])
+        else:
+            out = forward(batch["image"].to(device, non_blocking=True))
+    return feclip_loss(out, masks, labels, cfg.loss, shares)
+
+
+def _collate_share(items: list[dict]) -> dict:
+    """:func:`~feclip.data.dataset.collate`; an empty batch for a rank's empty share of a last batch
+    with fewer images than ranks."""
+    if items:
+        return collate(items)
+    empty = torch.zeros(0, dtype=torch.int64)
+    return {"label": empty, "index": empty}
 
 
 def _progress(loader, enabled: bool, desc: str):
