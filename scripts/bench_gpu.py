@@ -54,6 +54,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from feclip.data.samples import MVTEC_CATEGORIES
+
 SECTIONS = ("checks", "infer", "train", "protocol", "eval")
 PEAK_TFLOPS_H200 = 989.0  # H200 SXM, dense bf16 (datasheet: 1,979 with sparsity)
 VIT_L_FORWARD_GFLOPS = 381.9
@@ -62,23 +64,6 @@ PAPER_TAPS = (15, 18, 21, 23)
 FLOP_MODELS = ("ViT-L-14-336", "ViT-L-14-336-quickgelu")  # the backbones the FLOP model describes
 MVTEC_TEST_IMAGES = 1725
 MVTEC_ANOMALOUS_FRACTION = 1258 / 1725
-MVTEC_CATEGORIES = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-)
 FUSED_ATTENTION_OPS = (  # prefixes of the aten ops of fused SDPA kernels (CUDA, and flash on the CPU)
     "aten::_scaled_dot_product_flash_attention",
     "aten::_scaled_dot_product_efficient_attention",
@@ -547,7 +532,7 @@ def measure_protocol(clip, dataset, device: torch.device, sizes: Sizes, compile_
         "protocol_seconds": seconds,
         "protocol_images_per_s": len(dataset) * sizes.epochs / seconds,
         "protocol_epoch_images_per_s": speeds,
-        # setup and the prefix cache's build (fp32, no autocast): outside the epochs' clocks
+        # setup and the prefix cache's build (bf16 autocast, as the steps): outside the epochs' clocks
         "protocol_outside_epochs_seconds": seconds - sum(len(dataset) / v for v in speeds),
         "protocol_last_loss": result.last_loss,
         "protocol_warnings": sorted({str(w.message)[:160] for w in caught}),
