@@ -437,3 +437,42 @@ def test_torch_compile_trains_like_eager(data_root, tmp_path):
     b = _train_only(compiled, tmp_path / "compiled").trainable_state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("include_normal,per_image_norm", [(False, False), (True, True), (False, True)])
+def test_aupro_variants_of_study_2(include_normal, per_image_norm):
+    """eval.aupro.include_normal=false drops the normal images; per_image_norm rescales each map to
+    [0, 1]; both change the AUPRO rows exactly as doing it by hand does, and nothing else."""
+    import numpy as np
+
+    from feclip.config import EvalConfig
+    from feclip.engine.evaluate import Predictions, metric_rows
+    from feclip.metrics import aupro
+
+    rng = np.random.default_rng(0)
+    n, s = 8, 24
+    labels = np.array([0, 1] * (n // 2))
+    masks = np.zeros((n, s, s), np.uint8)
+    for i in np.flatnonzero(labels):
+        y, x = rng.integers(0, s - 6, 2)
+        masks[i, y : y + 6, x : x + 6] = 1
+    # maps whose scale differs per image, so that per-image normalisation changes the ranking
+    maps = (rng.random((n, s, s)) + 2 * masks) * rng.uniform(0.2, 5.0, (n, 1, 1))
+    maps = maps.astype(np.float32)
+    preds = Predictions(maps.reshape(n, -1).max(1), list(maps), list(masks), labels, ["c"] * n)
+    cfg = EvalConfig()
+    cfg.aupro.include_normal, cfg.aupro.per_image_norm = include_normal, per_image_norm
+    got = {r.metric: r.value for r in metric_rows("d", preds, {"c": True}, cfg)}
+    plain = {r.metric: r.value for r in metric_rows("d", preds, {"c": True}, EvalConfig())}
+
+    keep = labels > 0 if not include_normal else np.ones(n, bool)
+    m, a = masks[keep], maps[keep]
+    if per_image_norm:
+        lo, hi = a.min(axis=(1, 2), keepdims=True), a.max(axis=(1, 2), keepdims=True)
+        a = (a - lo) / (hi - lo)
+    assert got["pixel_aupro"] == pytest.approx(aupro(m, a, 0.3, "exact"), abs=1e-12)
+    assert got["pixel_aupro_zsad"] == pytest.approx(aupro(m, a, 0.3, "zsad"), abs=1e-12)
+    assert got["pixel_aupro"] != pytest.approx(plain["pixel_aupro"], abs=1e-6)
+    assert {k: v for k, v in got.items() if "aupro" not in k} == {
+        k: v for k, v in plain.items() if "aupro" not in k
+    }

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from feclip.data.dataset import collate
 from feclip.metrics import aupro, compute_category_metrics
+from feclip.metrics.aggregate import AUPRO_METRIC_NAMES
 from feclip.results import MICRO, MetricRow
 from feclip.scoring import anomaly_maps, image_scores
 
@@ -204,8 +205,7 @@ def _aupro_variant(masks: np.ndarray, maps: np.ndarray, labels: np.ndarray, cfg)
         lo = maps.min(axis=(1, 2), keepdims=True)
         span = maps.max(axis=(1, 2), keepdims=True) - lo
         maps = (maps - lo) / np.where(span > 0, span, 1.0)
-    names = {"exact": "pixel_aupro", "zsad": "pixel_aupro_zsad"}
-    return {names[m]: aupro(masks, maps, cfg.fpr_limit, m) for m in cfg.methods}
+    return {AUPRO_METRIC_NAMES[m]: aupro(masks, maps, cfg.fpr_limit, m) for m in cfg.methods}
 
 
 def evaluate(
