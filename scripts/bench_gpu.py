@@ -28,7 +28,8 @@ The backward pass runs through the frozen blocks after the first tap for their i
 forward); the blocks up to the first tap need no backward. spread3 [15, 18, 21, 23]: 433.8 GFLOPs per
 image forward, 665.0 per uncached and 410.4 per cached training step. Achieved TFLOP/s = images/s x
 GFLOPs per image / 1000; MFU = that / the peak (``--peak-tflops``, 989 for the H200 SXM's dense bf16:
-NVIDIA's datasheet gives 1,979 TFLOP/s with 2:4 sparsity; the H200 NVL's dense figure is 835).
+NVIDIA's datasheet gives 1,979 TFLOP/s with 2:4 sparsity; the H200 NVL's dense figure is 835; a large
+bf16 matrix product reaches about 790 on the H200 this project is lent).
 
 Usage: ``python scripts/bench_gpu.py [--quick] [--only checks,infer] [--out bench_gpu.json]``. Prints
 the versions and the device, one line per figure, and last one JSON object of named figures. Exit
