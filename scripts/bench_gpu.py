@@ -471,30 +471,13 @@ class RandomAnomalySet(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index]} | self._targets(index)
-
-    def _targets(self, index: int) -> dict:
         return {
+            "image": self.images[index],
             "mask": self.masks[index].float(),
             "label": self.labels[index],
             "index": index,
             "original_size": self.size,
         }
-
-    def targets_only(self) -> torch.utils.data.Dataset:
-        """The items without their image, as :meth:`feclip.data.AnomalyDataset.targets_only`."""
-        return _Targets(self)
-
-
-class _Targets(torch.utils.data.Dataset):
-    def __init__(self, data: RandomAnomalySet):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.data._targets(index)
 
 
 # -- protocol and evaluation -----------------------------------------------------------------------

@@ -165,21 +165,6 @@ def test_dataloader_collate(files):
     assert ds.labels.tolist() == [1, 0, 0] and ds.categories == ["c"] and ds.indices("c") == [0, 1, 2]
 
 
-def test_targets_only_view_and_feclip_collate(files):
-    """The view the prefix-cached training loop reads: the same masks, labels and indices, no image."""
-    from feclip.data.dataset import collate
-
-    ds = AnomalyDataset([sample(files["rgb"], files["visa_mask"]), sample(files["gray"])], S)
-    view = ds.targets_only()
-    assert len(view) == 2 and "image" not in view[0]
-    full, light = collate([ds[0], ds[1]]), collate([view[0], view[1]])
-    assert "image" not in light and full["image"].shape == (2, 3, S, S)
-    assert set(full) - set(light) == {"image"}
-    assert torch.equal(full["mask"], light["mask"]) and full["mask"][0].sum() > 0
-    assert full["label"].tolist() == light["label"].tolist() == [1, 0]
-    assert full["index"].tolist() == light["index"].tolist() == [0, 1]
-
-
 def test_normalize_shape():
     out = normalize(np.zeros((4, 5, 3), np.uint8))
     assert out.shape == (3, 4, 5)

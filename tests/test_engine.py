@@ -367,6 +367,31 @@ def test_prefix_cache_gives_the_same_weights_on_cpu(data_root, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_prefix_cache_batch_holds_the_prefix_masks_and_labels(data_root):
+    """A cached batch is what the dataset and the model's prefix give for those indices; empty works."""
+    from feclip.data import AnomalyDataset, list_samples
+    from feclip.engine.cache import PrefixCache, prefix_bytes
+    from feclip.models import FEClip, FEClipConfig, load_clip
+
+    torch.manual_seed(0)
+    model = FEClip(load_clip("feclip-tiny"), FEClipConfig())
+    samples = list_samples("synthetic", data_root / "synthetic" / "set_a")[:6]
+    ds = AnomalyDataset(samples, image_size=model.image_size)
+    cache = PrefixCache(model, ds, torch.device("cpu"), batch_size=4)
+    assert cache.tokens.nbytes + cache.masks.nbytes == prefix_bytes(model, len(ds), torch.float32)
+    picked = [5, 0, 3]
+    got = cache.batch(picked)
+    items = [ds[i] for i in picked]
+    with torch.inference_mode():
+        tokens = model.prefix(torch.stack([it["image"] for it in items]))
+    assert torch.equal(got["tokens"], tokens)
+    assert torch.equal(got["mask"], torch.stack([it["mask"] for it in items]))
+    assert got["label"].tolist() == [it["label"] for it in items] and got["index"].tolist() == picked
+    assert any(it["mask"].sum() > 0 for it in items) and any(it["label"] == 0 for it in items)
+    empty = cache.batch([])
+    assert empty["tokens"].shape[0] == empty["mask"].shape[0] == len(empty["label"]) == 0
+
+
 def test_prefix_cache_over_budget_is_refused_or_skipped(data_root, tmp_path, caplog):
     refuse = compose_run(
         smoke_overrides(data_root, tmp_path, "train.prefix_cache=on", "train.prefix_cache_max_gb=1e-9")

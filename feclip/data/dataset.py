@@ -179,11 +179,6 @@ class AnomalyDataset(Dataset):
         return self
 
     def __getitem__(self, index: int) -> dict:
-        return self.item(index)
-
-    def item(self, index: int, with_image: bool = True) -> dict:
-        """Sample ``index`` as a dict (``image`` (3, S, S) normalised, ``mask`` (S, S), ``label``, ...);
-        ``with_image=False`` leaves out the image (no normalisation work), see :meth:`targets_only`."""
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -195,7 +190,8 @@ class AnomalyDataset(Dataset):
             mask = torch.zeros((S, S), dtype=torch.float32)
         else:
             mask = torch.from_numpy(decoded.mask.astype(np.float32))
-        item = {
+        return {
+            "image": normalize(decoded.image, self.mean, self.std),
             "mask": mask,
             "has_mask": self.category_has_masks[sample.category],
             "label": int(sample.label),
@@ -205,14 +201,6 @@ class AnomalyDataset(Dataset):
             "original_size": torch.tensor(decoded.original_size, dtype=torch.int64),
             "index": index,
         }
-        if with_image:
-            item["image"] = normalize(decoded.image, self.mean, self.std)
-        return item
-
-    def targets_only(self) -> _TargetsOnly:
-        """A view of this dataset whose items carry everything but the image (masks, labels, indices):
-        what a training loop fed by the prefix cache needs, without normalising images it never uses."""
-        return _TargetsOnly(self)
 
     # -- original resolution ------------------------------------------------------------------------
 
@@ -239,28 +227,14 @@ class AnomalyDataset(Dataset):
         return mask.astype(np.uint8)
 
 
-class _TargetsOnly(Dataset):
-    """:meth:`AnomalyDataset.targets_only`: the items of ``dataset`` without their ``image``."""
-
-    def __init__(self, dataset: AnomalyDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.dataset.item(index, with_image=False)
-
-
 def collate(items: list[dict]) -> dict:
     """Stack :class:`AnomalyDataset` items into a batch (the ``collate_fn`` of feclip's loaders).
 
-    Returns ``image`` (B, 3, S, S) (absent for items without one, see
-    :meth:`AnomalyDataset.targets_only`), ``mask`` (B, S, S), ``label`` (B,), ``index`` (B,) int64 and
+    Returns ``image`` (B, 3, S, S), ``mask`` (B, S, S), ``label`` (B,), ``index`` (B,) int64 and
     ``original_size``: B tuples (H0, W0).
     """
-    batch = {} if "image" not in items[0] else {"image": torch.stack([it["image"] for it in items])}
-    return batch | {
+    return {
+        "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
         "label": torch.tensor([it["label"] for it in items]),
         "index": torch.tensor([it["index"] for it in items]),

@@ -195,17 +195,21 @@ def train(
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         # -- one epoch ----------------------------------------------------------------------------
+        # this rank's share of each global batch (alone: the batches themselves)
         mine, batch_sizes = dist.micro_batches(epoch_order(len(dataset), seed, epoch), cfg.batch_size)
-        loader = DataLoader(
-            dataset.targets_only() if cache is not None else dataset,  # the cache replaces the images
-            batch_sampler=mine,  # this rank's share of each global batch (alone: the batches themselves)
-            collate_fn=_collate_share,
-            pin_memory=device.type == "cuda",
-        )
-        bar = _progress(loader, cfg.progress and dist.is_main(), f"epoch {epoch + 1}/{cfg.epochs}")
+        if cache is not None:  # tokens, masks and labels already on the device
+            loader = map(cache.batch, mine)
+        else:
+            loader = DataLoader(
+                dataset,
+                batch_sampler=mine,
+                collate_fn=_collate_share,
+                pin_memory=device.type == "cuda",
+            )
+        bar = _progress(loader, cfg.progress and dist.is_main(), f"epoch {epoch + 1}/{cfg.epochs}", len(mine))
         loss_sum, n_images, t_epoch = torch.zeros((), device=device), 0, time.perf_counter()
         for batch, n_batch in zip(bar, batch_sizes):
-            loss, parts = _batch_loss(forward, cache, batch, cfg, device, use_amp)
+            loss, parts = _batch_loss(forward, batch, cfg, device, use_amp)
             batch_loss = dist.sum_over_ranks(loss.detach())  # of the global batch (``loss`` itself alone)
             if not torch.isfinite(batch_loss):
                 kept = (
@@ -255,13 +259,14 @@ def train(
     return TrainResult(epochs_run, step, last_loss, time.perf_counter() - t_start)
 
 
-def _batch_loss(forward, cache, batch: dict, cfg, device: torch.device, use_amp: bool):
+def _batch_loss(forward, batch: dict, cfg, device: torch.device, use_amp: bool):
     """Forward and loss of one batch (this rank's micro-batch under torchrun): ``(loss, parts)``.
 
-    ``forward`` is the model's ``forward_from_prefix`` (fed from ``cache``) or its ``forward`` (fed
-    with the images). Under torchrun the loss is weighted by this rank's share of the global batch, so
-    that the ranks' losses sum to the loss of the whole batch; an empty share gives a constant 0 (and
-    still joins the all-reduce of the shares).
+    ``batch`` holds prefix ``tokens`` (from :meth:`PrefixCache.batch`; ``forward`` is then the model's
+    ``forward_from_prefix``) or the ``image`` (``forward`` is the model's ``forward``). Under torchrun
+    the loss is weighted by this rank's share of the global batch, so that the ranks' losses sum to the
+    loss of the whole batch; an empty share gives a constant 0 (and still joins the all-reduce of the
+    shares).
     """
     labels = batch["label"].to(device, non_blocking=True)
     shares = dist.loss_shares(mask_loss_images(labels, cfg.loss))  # None alone
@@ -269,11 +274,9 @@ def _batch_loss(forward, cache, batch: dict, cfg, device: torch.device, use_amp:
         zero = torch.zeros((), device=device)
         return zero, dict.fromkeys(("cls", "focal", "dice", "total"), zero)
     masks = batch["mask"].to(device, non_blocking=True)
+    inputs = batch["tokens"] if "tokens" in batch else batch["image"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        if cache is not None:  # start at the first tap
-            out = forward(cache[batch["index"]])
-        else:
-            out = forward(batch["image"].to(device, non_blocking=True))
+        out = forward(inputs)
     return feclip_loss(out, masks, labels, cfg.loss, shares)
 
 
@@ -286,9 +289,9 @@ def _collate_share(items: list[dict]) -> dict:
     return {"label": empty, "index": empty}
 
 
-def _progress(loader, enabled: bool, desc: str):
+def _progress(loader, enabled: bool, desc: str, total: int):
     if not enabled:
         return loader
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
