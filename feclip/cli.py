@@ -20,15 +20,36 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from feclip.config import RunConfig
-from feclip.errors import FEClipError
+from feclip.errors import ConfigError, FEClipError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("feclip")
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def hydra_dir(results_dir: str) -> str:
+    """Where Hydra keeps its own outputs (``.hydra/`` configs, job log): ``<results_dir>/.hydra`` with
+    ``~`` expanded, or a folder in the system's temporary directory when the results folder cannot be
+    written, so that a read-only results tree can still be read (finished runs skipped) and a run that
+    must write there fails with feclip's one-line error rather than Hydra's traceback."""
+    import tempfile
+
+    path = Path(os.path.expandvars(os.path.expanduser(results_dir))) / ".hydra"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return str(path)
+    except OSError:
+        pass
+    return str(Path(tempfile.gettempdir()) / f"feclip-hydra-{os.getuid() if hasattr(os, 'getuid') else 0}")
+
+
+if not OmegaConf.has_resolver("feclip_hydra_dir"):
+    OmegaConf.register_new_resolver("feclip_hydra_dir", hydra_dir)
 
 
 def variant_name(overrides: str, prefix: str = "") -> str:
@@ -42,8 +63,42 @@ def variant_name(overrides: str, prefix: str = "") -> str:
     return name or "default"
 
 
+def unknown_keys(node, path: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not have, dotted.
+
+    Hydra refuses ``train.epochz=3`` at compose time, but ``+train.epochz=3`` and ``++train.epochz=3``
+    add the key to the structured node, and converting to the dataclass would drop it silently.
+    Free-form ``dict`` fields (``data.*.options``) take any key.
+    """
+    import dataclasses
+
+    found = []
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+        for key in node.keys():
+            dotted = f"{path}.{key}" if path else str(key)
+            if fields is not None and key not in fields:
+                found.append(dotted)
+            elif fields is not None:
+                found += unknown_keys(node._get_node(key), dotted)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            found += unknown_keys(node._get_node(i), f"{path}[{i}]")
+    return found
+
+
 def to_run_config(cfg: DictConfig, prefix: str = "") -> RunConfig:
-    """The composed DictConfig as a typed RunConfig, with ``variant: auto`` resolved."""
+    """The composed DictConfig as a typed RunConfig, with ``variant: auto`` resolved.
+
+    Raises ConfigError for a key the schema does not have (however it was added).
+    """
+    stray = unknown_keys(cfg)
+    if stray:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(stray)}: not a field of the run schema "
+            "(see `feclip-train --cfg job` for the keys there are)"
+        )
     run = OmegaConf.to_object(cfg)
     if run.variant == "auto":
         try:
@@ -68,9 +123,20 @@ def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
     """Run one job. In a sweep a failing job is logged and recorded, and the sweep goes on."""
     from feclip.engine.run import run
 
-    run_cfg = to_run_config(cfg, "" if do_train else "eval")
+    try:
+        run_cfg = to_run_config(cfg, "" if do_train else "eval")
+    except FEClipError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         run(run_cfg, do_train=do_train)
+    except KeyboardInterrupt:
+        print(
+            f"{prog}: interrupted; every finished epoch is kept in the run folder: run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     except Exception as e:  # noqa: BLE001 - reported below, with a traceback only for bugs
         user_error = isinstance(e, FEClipError)
         if not _in_multirun():

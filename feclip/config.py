@@ -7,7 +7,9 @@ Every default is the paper preset of DESIGN.md.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from feclip.errors import ConfigError
 from feclip.models.feclip import FEClipConfig
@@ -46,6 +48,8 @@ class DatasetRef:
     dir: str | None = None  # folder under data_root; null = the reader's default folder name
     split: str = "test"
     categories: list[str] | None = None  # null = all
+    # reader options, e.g. {good_dir: ok} for `folder`, {split_file: 2cls_highshot} for `visa`
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,8 +193,40 @@ class RunConfig:
                 raise ConfigError(
                     f"train.{name} must be >= {0 if name == 'epochs' else 1}, got {getattr(self.train, name)}"
                 )
-        if len(self.train.betas) != 2:
-            raise ConfigError(f"train.betas must hold two numbers, got {self.train.betas}")
+        if not self.train.lr > 0 or self.train.lr != self.train.lr or self.train.lr == float("inf"):
+            raise ConfigError(f"train.lr must be a positive finite number, got {self.train.lr}")
+        if len(self.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.train.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.train.betas)}")
+        if self.train.prefix_cache_max_gb < 0:
+            raise ConfigError(f"train.prefix_cache_max_gb must be >= 0, got {self.train.prefix_cache_max_gb}")
+        if self.train.max_steps is not None and self.train.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.train.max_steps}")
+        if self.train.fc_patch.frozen_after_batches < 0:
+            raise ConfigError(
+                f"train.fc_patch.frozen_after_batches must be >= 0, got {self.train.fc_patch.frozen_after_batches}"
+            )
+        if self.eval.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.eval.batch_size}")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
+        if not 0.0 < self.eval.aupro.fpr_limit <= 1.0:
+            raise ConfigError(f"eval.aupro.fpr_limit must lie in (0, 1], got {self.eval.aupro.fpr_limit}")
+        check_device_name(self.device)
+        taps = list(self.model.taps)
+        for name in ("map_taps", "score_taps"):
+            chosen = getattr(self.eval, name)
+            if chosen is not None:
+                if not chosen:
+                    raise ConfigError(f"eval.{name} must name at least one tap, or be null (all taps)")
+                stray = [t for t in chosen if t not in taps]
+                if stray:
+                    raise ConfigError(
+                        f"eval.{name} names blocks {stray} that are not taps of the model (model.taps={taps})"
+                    )
+        if self.eval.tap_weights is not None and len(self.eval.tap_weights) != len(taps):
+            raise ConfigError(
+                f"eval.tap_weights needs one weight per model tap {taps}, got {list(self.eval.tap_weights)}"
+            )
         if self.eval.fewshot_k < 0:
             raise ConfigError(f"eval.fewshot_k must be >= 0, got {self.eval.fewshot_k}")
         if self.eval.fewshot_k and self.eval.resolution != "input":
@@ -204,3 +240,32 @@ class RunConfig:
             raise ConfigError(f"eval.aupro.methods must be chosen from ('exact', 'zsad'), got {bad}")
         self.eval.scoring()
         self.model.validate()
+
+    def expand_paths(self) -> None:
+        """Expand ``~`` and environment variables in every path, once, before anything reads them."""
+        for name in ("data_root", "results_dir", "cache_dir"):
+            setattr(self.paths, name, os.path.expandvars(os.path.expanduser(getattr(self.paths, name))))
+        if self.checkpoint:
+            self.checkpoint = os.path.expandvars(os.path.expanduser(self.checkpoint))
+
+
+def check_device_name(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must exist on this machine."""
+    import re
+
+    if name in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name}: no CUDA device is available on this machine (use device=cpu or auto)"
+        )
+    index = int(m[1] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
+        )

@@ -1,16 +1,18 @@
 """Results tree -> summary tables, paired seed comparisons and plots (``feclip-report``).
 
 Reads every ``<results_dir>/<study>/<variant>/seed=<seed>/metrics.csv`` (the schema of
-:mod:`feclip.results`) and writes, into ``--out`` (default ``<results_dir>/report/``):
+:mod:`feclip.results`, the legacy 12-column one included) and writes, into ``--out`` (default
+``<results_dir>/report/``):
 
-- ``summary.csv``: tidy, one row per (study, variant, train_dataset, dataset, averaging, metric) with
-  the mean and sample std over seeds, the number of seeds, the paper's number and the gap. All numbers
-  in this file and in the tables are in percent (points), as papers print them.
-- ``summary.md`` / ``summary.tex``: one table per study (rows variant x dataset, cells
+- ``summary.csv``: tidy, one row per (study, variant, backbone, train_dataset, dataset, averaging,
+  metric) with the mean and sample std over seeds, the number of seeds, the categories the macro covers,
+  the paper's number and the gap. All numbers in this file and in the tables are in percent (points),
+  as papers print them.
+- ``summary.md`` / ``summary.tex``: one table per study (rows variant x backbone x dataset, cells
   ``91.2 ± 0.3 (5)``), a micro (pooled) table when ``__micro__`` rows exist, and, in the Markdown, the
   paired differences between variants.
-- ``paired.csv``: paired differences between the variants of a study over their shared seeds, with a
-  95% Student-t confidence interval.
+- ``paired.csv``: paired differences between the variants of a study (same backbone) over their shared
+  seeds, with a 95% Student-t confidence interval.
 - ``bars_<metric>.png`` (ours vs the paper, per dataset) and ``study_<study>.png`` (mean ± std per
   variant).
 
@@ -20,14 +22,23 @@ category makes the seed's value ``nan``, so a broken category is never hidden
 (``skip_nan=True`` / ``--skip-nan-categories`` averages the defined ones). Across seeds ``nan``
 propagates as well. The std is the sample std (ddof=1), undefined for a single seed.
 
-This module never imports torch (only numpy, pandas, and lazily scipy and matplotlib), so the report
-runs on a laptop without the training stack.
+Provenance. The ``backbone`` column (the CLIP that ran) is part of every grouping key, so runs of two
+backbones never average together; a random init's seed is dropped from it (:func:`backbone_group`), so
+the seeds of a random-backbone study still form one row. Only rows of the paper's CLIP
+(:func:`feclip.results.is_paper_backbone`; ``unknown``, the value of legacy files, is not) whose macro
+covers exactly the dataset's official categories (:func:`category_coverage`) are compared with the
+paper.
+
+This module never imports torch (only numpy, pandas, the torch-free dataset registry of
+:mod:`feclip.data`, and lazily scipy and matplotlib), so the report runs on a laptop without the
+training stack.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import math
 import os
@@ -40,11 +51,22 @@ import numpy as np
 import pandas as pd
 
 from feclip.errors import FEClipError
-from feclip.results import COLUMNS, MICRO, atomic_write_text, find_metrics, read_metrics
+from feclip.results import (
+    COLUMNS,
+    LEGACY_COLUMNS,
+    MICRO,
+    UNKNOWN,
+    find_metrics,
+    is_paper_backbone,
+)
 
 __all__ = [
     "ReportError",
     "load_results",
+    "backbone_group",
+    "backbone_label",
+    "official_categories",
+    "category_coverage",
     "macro_per_seed",
     "micro_per_seed",
     "aggregate_seeds",
@@ -59,7 +81,7 @@ __all__ = [
 
 PROG = "feclip-report"
 #: The columns that identify one cell of a summary table (plus ``averaging``).
-KEYS = ["study", "variant", "train_dataset", "dataset", "metric"]
+KEYS = ["study", "variant", "backbone", "train_dataset", "dataset", "metric"]
 #: Metrics shown in the tables and study plots by default (the ones the paper reports).
 MAIN_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro_zsad")
 #: Display order of metrics; unknown metrics follow alphabetically.
@@ -91,19 +113,31 @@ NO_TRAINING = "none"
 DEFAULT_PAPER = Path(__file__).resolve().parent.parent / "results" / "paper" / "paper_numbers.csv"
 FLAG = "†"
 FLAG_NOTE = "fewer seeds than the other cells"
+#: Marks a macro cell whose categories are not the dataset's official list (or differ between seeds).
+INCOMPLETE_FLAG = "‡"
 CONFIDENCE = 0.95
+#: Why a macro cell with a paper number does not show it (``not_compared``, joined by ``+``).
+WHY_BACKBONE = "backbone"  # not the paper's CLIP (random, tiny fallback, another model, unknown)
+WHY_INCOMPLETE = "incomplete"  # the macro does not cover the official categories
+WHY_PROTOCOL = "protocol"  # trained on another auxiliary dataset than the paper's
 SUMMARY_COLUMNS = [
-    "study", "variant", "train_dataset", "dataset", "averaging", "metric", "mean", "std", "n_seeds",
-    "paper", "gap", "flagged",
+    "study", "variant", "backbone", "train_dataset", "dataset", "averaging", "metric", "mean", "std",
+    "n_seeds", "categories", "incomplete", "paper", "gap", "not_compared", "flagged",
 ]  # fmt: skip
 PAIRED_COLUMNS = [
-    "study", "train_dataset", "dataset", "metric", "variant_a", "variant_b", "n_shared", "seeds",
-    "mean_diff", "ci_low", "ci_high", "distinguishable",
+    "study", "backbone", "train_dataset", "dataset", "metric", "variant_a", "variant_b", "n_shared",
+    "seeds", "mean_diff", "ci_low", "ci_high", "distinguishable",
 ]  # fmt: skip
+#: The text columns of metrics.csv that must not be empty.
+_TEXT_FIELDS = ("study", "variant", "train_dataset", "dataset", "category", "metric")
+_PROVENANCE_FIELDS = ("backbone", "checkpoint")
+#: Float rounding a metric may carry past [0, 1] (an integral of 1.0000000000000002); a percentage
+#: written by mistake (85.3) is far outside.
+_VALUE_TOLERANCE = 1e-6
 
 
 class ReportError(FEClipError, ValueError):
-    """A results tree or a paper file the report cannot use; the message names the file."""
+    """A results tree, a paper file or an output folder the report cannot use; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,23 +146,114 @@ class ReportError(FEClipError, ValueError):
 
 
 def _read_one(path: Path) -> pd.DataFrame:
-    """One metrics.csv as a DataFrame; any parse problem becomes a :class:`ReportError` naming the file."""
+    """One metrics.csv as a DataFrame (:data:`COLUMNS`, ``unknown`` provenance for legacy files).
+
+    Parses as :func:`feclip.results.read_metrics` does, but checks every line: the field count, a number
+    in [0, 1] (or ``nan``) as value, integers as seed and n_images, no empty name. Any problem becomes a
+    :class:`ReportError` naming the file, the line and the field.
+    """
+
+    def fail(detail: str) -> ReportError:
+        return ReportError(f"malformed metrics file {path}: {detail}")
+
+    data: dict[str, list] = {c: [] for c in COLUMNS}
+    reader = None
     try:
-        rows = read_metrics(path)
-    except (OSError, ValueError, TypeError, KeyError, csv.Error) as err:
-        detail = str(err).replace(str(path), "").strip(" :") or type(err).__name__
-        raise ReportError(f"malformed metrics file {path}: {detail}") from None
-    for i, row in enumerate(rows, start=2):
-        if None in row or any(row.get(c) is None for c in COLUMNS):
-            raise ReportError(f"malformed metrics file {path}: line {i} does not have {len(COLUMNS)} fields")
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, strict=True)
+            header = next(reader, None)
+            if header is None:
+                raise fail("empty file, no header line")
+            header = tuple(header)
+            if header not in (COLUMNS, LEGACY_COLUMNS):
+                raise fail(
+                    f"line 1: columns {','.join(header)} are neither the metrics.csv schema "
+                    f"{','.join(COLUMNS)} nor its legacy first {len(LEGACY_COLUMNS)} columns"
+                )
+            legacy = header == LEGACY_COLUMNS
+            for fields in reader:
+                line = reader.line_num
+                if not fields:  # a blank line
+                    continue
+                if len(fields) != len(header):
+                    raise fail(f"line {line} has {len(fields)} fields, expected {len(header)}")
+                row = dict(zip(header, fields))
+                if legacy:
+                    row["backbone"] = row["checkpoint"] = UNKNOWN
+                for name in _TEXT_FIELDS + _PROVENANCE_FIELDS:
+                    if not row[name].strip():
+                        raise fail(f"line {line}: empty {name}")
+                for name in ("seed", "n_images"):
+                    try:
+                        row[name] = int(row[name])
+                    except ValueError:
+                        raise fail(f"line {line}: {name} {row[name]!r} is not an integer") from None
+                try:
+                    value = float(row["value"])
+                except ValueError:
+                    raise fail(f"line {line}: value {row['value']!r} is not a number") from None
+                if not (math.isnan(value) or -_VALUE_TOLERANCE <= value <= 1.0 + _VALUE_TOLERANCE):
+                    raise fail(
+                        f"line {line}: value {row['value']} of {row['metric']} is outside [0, 1] "
+                        "(metrics.csv holds fractions)"
+                    )
+                row["value"] = value
+                for name in COLUMNS:
+                    data[name].append(row[name])
+    except UnicodeDecodeError:
+        raise fail("not UTF-8 text") from None
+    except csv.Error as err:
+        raise fail(f"line {reader.line_num if reader else 1}: {err}") from None
+    except OSError as err:
+        raise ReportError(f"cannot read metrics file {path}: {err.strerror or err}") from None
+    frame = pd.DataFrame(data, columns=list(COLUMNS))
+    frame["seed"] = frame["seed"].astype("int64")
+    frame["n_images"] = frame["n_images"].astype("int64")
+    frame["value"] = frame["value"].astype(float)
     frame["source"] = str(path)
     return frame
 
 
+_RANDOM_INIT = re.compile(r"random\(seed=[^)]*\)")
+_HASH = re.compile(r"@sha256=([0-9A-Fa-f]+)")
+
+
+def backbone_group(backbone: str) -> str:
+    """The backbone value runs are grouped by: the provenance string without a random init's seed.
+
+    ``feclip-tiny:random(seed=42)`` -> ``feclip-tiny:random``: a random backbone is initialised from the
+    run's seed, so keeping it would make every seed a row of its own. Weight hashes are kept (two
+    different weight files never average together).
+    """
+    return _RANDOM_INIT.sub("random", str(backbone))
+
+
+def backbone_label(backbone: str, hash_chars: int = 0) -> str:
+    """The short form shown in the tables: name and source, the weights' hash cut to ``hash_chars``."""
+    if hash_chars <= 0:
+        return _HASH.sub("", backbone)
+    return _HASH.sub(lambda m: "@" + m.group(1)[:hash_chars], backbone)
+
+
+def _backbone_labels(backbones: Iterable[str]) -> dict[str, str]:
+    """Short labels for the backbones of a report; a hash prefix is kept where two would read the same."""
+    backbones = sorted(set(backbones))
+    short = {b: backbone_label(b) for b in backbones}
+    clash = {s for s in short.values() if list(short.values()).count(s) > 1}
+    return {b: backbone_label(b, 8) if short[b] in clash else short[b] for b in backbones}
+
+
+def _grouped(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``backbone`` replaced by its grouping value (:func:`backbone_group`)."""
+    df = df.copy()
+    df["backbone"] = df["backbone"].map(backbone_group) if "backbone" in df else UNKNOWN
+    return df
+
+
 def _check_duplicates(df: pd.DataFrame) -> None:
-    """Two files holding the same (study, variant, seed, dataset, category, metric) would count twice."""
-    key = ["study", "variant", "seed", "train_dataset", "dataset", "category", "metric"]
+    """Two files holding the same (study, variant, backbone, seed, dataset, category, metric) would count twice."""
+    key = ["study", "variant", "backbone", "seed", "train_dataset", "dataset", "category", "metric"]
+    df = _grouped(df)
     dup = df[df.duplicated(key, keep=False)]
     if dup.empty:
         return
@@ -137,31 +262,73 @@ def _check_duplicates(df: pd.DataFrame) -> None:
     where = " and ".join(files) if len(files) > 1 else f"{files[0]} (twice)"
     raise ReportError(
         f"duplicate results for study={first['study']} variant={first['variant']} seed={first['seed']} "
-        f"dataset={first['dataset']} metric={first['metric']} in {where}; keep one copy per run"
+        f"backbone={first['backbone']} dataset={first['dataset']} category={first['category']} "
+        f"metric={first['metric']} in {where}; keep one copy per run"
     )
 
 
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     """Every metrics.csv under ``results_dir`` as one long DataFrame (columns of the schema + ``source``).
 
+    Legacy 12-column files get ``backbone`` = ``checkpoint`` = ``unknown``.
+
     Raises:
-        ReportError: no metrics.csv under the folder, a malformed file (the message names it), or the
-            same run stored twice.
+        ReportError: the folder is missing or a file, no metrics.csv under it, a malformed file (the
+            message names it and the line), or the same run stored twice.
     """
     results_dir = Path(results_dir)
-    if not results_dir.is_dir():
+    if not results_dir.exists():
         raise ReportError(f"results folder {results_dir} does not exist")
-    paths = find_metrics(results_dir)
+    if not results_dir.is_dir():
+        raise ReportError(
+            f"results folder {results_dir} is a file, not a folder (pass the folder holding it)"
+        )
+    try:
+        paths = find_metrics(results_dir)
+    except OSError as err:
+        raise ReportError(f"cannot list results folder {results_dir}: {err.strerror or err}") from None
     if not paths:
         raise ReportError(f"no metrics.csv under {results_dir}")
     df = pd.concat([_read_one(p) for p in paths], ignore_index=True)
     if df.empty:
         raise ReportError(f"the metrics.csv files under {results_dir} hold no rows")
-    for column in ("study", "variant", "train_dataset", "dataset", "category", "metric"):
+    for column in ("study", "variant", "train_dataset", "dataset", "category", "metric", "backbone"):
         df[column] = df[column].astype(str)
     df["value"] = df["value"].astype(float)
     _check_duplicates(df)
     return df
+
+
+def _read_paper_table(path: Path) -> pd.DataFrame:
+    """The rows of a paper numbers CSV as text (``#`` starts a comment; every line as wide as the header)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ReportError(f"paper numbers {path}: not UTF-8 text") from None
+    except OSError as err:
+        raise ReportError(f"cannot read paper numbers {path}: {err.strerror or err}") from None
+    header, rows = None, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0]
+        if not line.strip():
+            continue
+        try:
+            fields = [field.strip() for field in next(csv.reader([line], strict=True))]
+        except csv.Error as err:
+            raise ReportError(f"cannot read paper numbers {path}: line {number}: {err}") from None
+        if header is None:
+            header = fields
+        elif len(fields) != len(header):
+            raise ReportError(
+                f"cannot read paper numbers {path}: line {number} has {len(fields)} fields, "
+                f"the header {len(header)}"
+            )
+        else:
+            rows.append(fields)
+    if header is None:
+        raise ReportError(f"paper numbers {path}: empty file")
+    return pd.DataFrame(rows, columns=header, dtype=object)
 
 
 def load_paper_numbers(
@@ -171,25 +338,48 @@ def load_paper_numbers(
 
     Reads ``paper_numbers.csv`` (``#`` lines are comments, ``-`` = not reported) and renames the paper's
     columns to our metric names with :data:`PAPER_TO_OURS`; unreported values are dropped.
+
+    Raises:
+        ReportError: the file cannot be read or parsed, lacks a column, has no row for ``method`` and
+            ``setting``, lists a dataset twice, or holds a value that is not a percentage.
     """
-    try:
-        table = pd.read_csv(path, comment="#", na_values=["-"], skipinitialspace=True)
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise ReportError(f"cannot read paper numbers {path}: {err}") from None
+    table = _read_paper_table(Path(path))
     needed = {"method", "setting", "dataset", *PAPER_TO_OURS}
     missing = sorted(needed - set(table.columns))
     if missing:
         raise ReportError(f"paper numbers {path}: missing columns {missing}")
     rows = table[(table["method"] == method) & (table["setting"] == setting)]
+    if rows.empty:
+        raise ReportError(f"paper numbers {path}: no row with method={method} and setting={setting}")
+    twice = rows["dataset"][rows["dataset"].duplicated()]
+    if not twice.empty:
+        raise ReportError(
+            f"paper numbers {path}: dataset {twice.iloc[0]} appears twice for {method} {setting}"
+        )
     long = rows.melt(
-        id_vars=["dataset"], value_vars=list(PAPER_TO_OURS), var_name="metric", value_name="paper"
+        id_vars=["dataset"], value_vars=list(PAPER_TO_OURS), var_name="column", value_name="text"
     )
-    long["metric"] = long["metric"].map(PAPER_TO_OURS)
-    try:
-        long["paper"] = long["paper"].astype(float)
-    except ValueError as err:
-        raise ReportError(f"paper numbers {path}: non-numeric value ({err})") from None
-    return long.dropna(subset=["paper"]).reset_index(drop=True)
+    long["text"] = long["text"].replace({"-": None, "": None})  # "-": not reported
+    long["paper"] = pd.to_numeric(long["text"], errors="coerce")
+    bad = long[long["text"].notna() & long["paper"].isna()]
+    if not bad.empty:
+        b = bad.iloc[0]
+        raise ReportError(
+            f"paper numbers {path}: dataset {b['dataset']}, column {b['column']}: {b['text']!r} is not a number"
+        )
+    out_of_range = long[(long["paper"] < 0) | (long["paper"] > 100)]
+    if not out_of_range.empty:
+        b = out_of_range.iloc[0]
+        raise ReportError(
+            f"paper numbers {path}: dataset {b['dataset']}, column {b['column']}: {b['paper']} is not a "
+            "percentage in [0, 100]"
+        )
+    if long["paper"].notna().any() and (long["paper"].dropna() <= 1.0).all():
+        raise ReportError(
+            f"paper numbers {path}: every {method} {setting} value is <= 1; the file holds percent, not fractions"
+        )
+    long["metric"] = long["column"].map(PAPER_TO_OURS)
+    return long.dropna(subset=["paper"])[["dataset", "metric", "paper"]].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,17 +400,80 @@ def _nan_propagating_mean(df: pd.DataFrame, by: list[str], skip_nan: bool = Fals
 def macro_per_seed(df: pd.DataFrame, skip_nan: bool = False) -> pd.DataFrame:
     """The dataset value of each metric per seed: unweighted mean over categories, ``__micro__`` excluded.
 
-    Returns columns ``KEYS + [seed, value]`` (fractions). With ``skip_nan=False`` one ``nan`` category
-    makes the value ``nan`` (as :func:`feclip.metrics.macro_average`).
+    Returns columns ``KEYS + [seed, value]`` (fractions; ``backbone`` as :func:`backbone_group`). With
+    ``skip_nan=False`` one ``nan`` category makes the value ``nan`` (as
+    :func:`feclip.metrics.macro_average`).
     """
-    categories = df[df["category"] != MICRO]
+    categories = _grouped(df[df["category"] != MICRO])
     return _nan_propagating_mean(categories, KEYS + ["seed"], skip_nan)
 
 
 def micro_per_seed(df: pd.DataFrame) -> pd.DataFrame:
     """The pooled (``__micro__``) value of each metric per seed; empty when no run wrote micro rows."""
-    micro = df[df["category"] == MICRO]
+    micro = _grouped(df[df["category"] == MICRO])
     return micro[KEYS + ["seed", "value"]].reset_index(drop=True)
+
+
+@functools.cache
+def official_categories(dataset: str) -> tuple[str, ...] | None:
+    """The official category list of a benchmark (:func:`feclip.data.dataset_info`), ``None`` without one.
+
+    Open-ended datasets (``synthetic``, ``folder``, ``meta_json``) and names the registry does not know
+    have none. The registry is torch-free (``feclip.data`` loads its torch Dataset lazily).
+    """
+    from feclip.data import dataset_info
+
+    try:
+        categories = dataset_info(dataset).categories
+    except FEClipError:
+        return None
+    return tuple(categories) or None
+
+
+def _coverage_text(n_official: Sequence[int], n_other: Sequence[int], total: int | None) -> str:
+    """``2/15``, ``2-15/15`` (seeds differ), ``15/15 +1 other``; without an official list ``3`` or ``2-3``."""
+    low, high = min(n_official), max(n_official)
+    text = str(low) if low == high else f"{low}-{high}"
+    if total is not None:
+        text += f"/{total}"
+    if max(n_other) > 0:
+        text += f" +{max(n_other)} other"
+    return text
+
+
+def category_coverage(df: pd.DataFrame, skip_nan: bool = False) -> pd.DataFrame:
+    """Which categories each macro cell averages, per :data:`KEYS` cell over its seeds.
+
+    Returns ``KEYS + [categories, incomplete]``: ``categories`` is the count of the dataset's official
+    categories the runs cover over the official count (``2/15``; a range ``2-15/15`` when the seeds
+    differ; ``+k other`` for categories outside the list), or the plain count for datasets without an
+    official list. ``incomplete`` is True when a seed's categories are not exactly the official list, or
+    when the seeds cover different categories. With ``skip_nan`` only the categories with a value count,
+    as only they are averaged.
+    """
+    rows = _grouped(df[df["category"] != MICRO])
+    if rows.empty:
+        return pd.DataFrame(columns=KEYS + ["categories", "incomplete"])
+    counted = rows["category"].where(rows["value"].notna()) if skip_nan else rows["category"]
+    per_seed = counted.groupby([rows[c] for c in KEYS + ["seed"]], sort=False, dropna=False).agg(
+        lambda s: frozenset(s.dropna())
+    )
+    out = []
+    for key, sets in per_seed.groupby(level=list(range(len(KEYS))), sort=False):
+        dataset = key[KEYS.index("dataset")]
+        official = official_categories(dataset)
+        sets = list(sets)
+        if official is None:
+            n_in, n_out, total = [len(s) for s in sets], [0], None
+            incomplete = len(set(sets)) > 1
+        else:
+            reference = frozenset(official)
+            n_in = [len(s & reference) for s in sets]
+            n_out = [len(s - reference) for s in sets]
+            total = len(reference)
+            incomplete = any(s != reference for s in sets)
+        out.append([*key, _coverage_text(n_in, n_out, total), incomplete])
+    return pd.DataFrame(out, columns=KEYS + ["categories", "incomplete"])
 
 
 def aggregate_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
@@ -243,22 +496,39 @@ def paper_train_dataset(dataset: str) -> str:
 
 
 def _attach_paper(summary: pd.DataFrame, paper: pd.DataFrame | None) -> pd.DataFrame:
-    """Add ``paper`` and ``gap`` (ours - paper, points) to macro rows that follow the paper's protocol.
+    """Add ``paper``, ``gap`` (ours - paper, points) and ``not_compared`` to the summary.
 
-    A row trained on another auxiliary dataset than the paper's gets no paper number (the comparison
-    would mislead); evaluation-only rows (``train_dataset == "none"``) do get one.
+    A macro row gets the paper's number only when it is comparable: the paper's backbone
+    (:func:`feclip.results.is_paper_backbone`; ``unknown`` is not), a complete macro (the dataset's
+    official categories, every seed), and the paper's protocol (the paper's auxiliary training set, or
+    evaluation only: ``train_dataset == "none"``). Where the paper has a number but the row is not
+    comparable, ``not_compared`` says why (``backbone``, ``incomplete``, ``protocol``, joined by ``+``).
     """
     summary = summary.copy()
     summary["paper"] = np.nan
-    if paper is not None and not paper.empty:
+    summary["not_compared"] = ""
+    if paper is not None and not paper.empty and not summary.empty:
         lookup = {(d, m): v for d, m, v in paper[["dataset", "metric", "paper"]].itertuples(index=False)}
-        protocol = summary["train_dataset"].isin([NO_TRAINING]) | (
-            summary["train_dataset"] == summary["dataset"].map(paper_train_dataset)
+        reported = pd.Series(
+            [lookup.get((d, m), np.nan) for d, m in summary[["dataset", "metric"]].itertuples(index=False)],
+            index=summary.index,
+            dtype=float,
         )
-        eligible = protocol & (summary["averaging"] == "macro")
-        summary.loc[eligible, "paper"] = [
-            lookup.get((d, m), np.nan)
-            for d, m in summary.loc[eligible, ["dataset", "metric"]].itertuples(index=False)
+        macro = summary["averaging"] == "macro"
+        reasons = {
+            WHY_BACKBONE: ~summary["backbone"].map(is_paper_backbone).astype(bool),
+            WHY_INCOMPLETE: summary["incomplete"].astype(bool),
+            WHY_PROTOCOL: ~(
+                (summary["train_dataset"] == NO_TRAINING)
+                | (summary["train_dataset"] == summary["dataset"].map(paper_train_dataset))
+            ),
+        }
+        blocked = pd.concat(reasons, axis=1)
+        comparable = macro & ~blocked.any(axis=1)
+        summary.loc[comparable, "paper"] = reported[comparable]
+        withheld = macro & reported.notna() & ~comparable
+        summary.loc[withheld, "not_compared"] = [
+            "+".join(name for name in reasons if row[name]) for _, row in blocked[withheld].iterrows()
         ]
     summary["gap"] = summary["mean"] - summary["paper"]
     return summary
@@ -299,11 +569,17 @@ def summarize(df: pd.DataFrame, paper: pd.DataFrame | None = None, skip_nan: boo
     for averaging, per_seed in (("macro", macro_per_seed(df, skip_nan)), ("micro", micro_per_seed(df))):
         if not per_seed.empty:
             parts.append(aggregate_seeds(per_seed).assign(averaging=averaging))
+    if not parts:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
     summary = pd.concat(parts, ignore_index=True)
     summary[["mean", "std"]] = summary[["mean", "std"]].astype(float) * 100.0
     summary["n_seeds"] = summary["n_seeds"].astype(int)
+    # a micro cell pools the same categories as the macro cell of its run and metric
+    summary = summary.merge(category_coverage(df, skip_nan), on=KEYS, how="left")
+    summary["categories"] = summary["categories"].fillna("")
+    summary["incomplete"] = summary["incomplete"].eq(True)
     summary = _flag_fewer_seeds(_attach_paper(summary, paper))
-    order = ["study", "averaging", "variant", "train_dataset", "dataset", "metric"]
+    order = ["study", "averaging", "variant", "backbone", "train_dataset", "dataset", "metric"]
     return summary.sort_values(order, key=_sort_key).reset_index(drop=True)[SUMMARY_COLUMNS]
 
 
@@ -341,17 +617,20 @@ def paired_differences(
 ) -> pd.DataFrame:
     """Paired differences between the variants of each study over their shared seeds (points).
 
-    For a pair (a, b) and each (train_dataset, dataset, metric): the per-seed difference of the macro
-    values a - b on the seeds both have, its mean, and a Student-t CI. ``distinguishable`` is ``True``
-    when the CI excludes 0, ``None`` when the CI is undefined (< 2 shared seeds).
+    Variants are paired within one backbone only. For a pair (a, b) and each (train_dataset, dataset,
+    metric): the per-seed difference of the macro values a - b on the seeds both have, its mean, and a
+    Student-t CI. ``distinguishable`` is ``True`` when the CI excludes 0, ``None`` when the CI is
+    undefined (< 2 shared seeds).
 
     Args:
         per_seed: :func:`macro_per_seed` output (fractions).
-        baseline: compare every variant against this one (in the studies that have it); default every pair.
+        baseline: compare every variant against this one (in the studies and backbones that have it);
+            default every pair.
     """
     rows = []
     cell_keys = ["train_dataset", "dataset", "metric"]
-    for study, sdf in per_seed.groupby("study", sort=True):
+    per_seed = _grouped(per_seed)
+    for (study, backbone), sdf in per_seed.groupby(["study", "backbone"], sort=True):
         by_variant = {v: g[cell_keys + ["seed", "value"]] for v, g in sdf.groupby("variant")}
         for a, b in _variant_pairs(sorted(by_variant), baseline):
             # inner join: the seeds both variants have; a nan value stays nan (and so does the mean)
@@ -363,13 +642,27 @@ def paired_differences(
                 seeds = ";".join(map(str, cell["seed"]))
                 verdict = None if math.isnan(low) else bool(low > 0 or high < 0)
                 rows.append(
-                    [study, train, dataset, metric, a, b, len(diffs), seeds, mean, low, high, verdict]
+                    [
+                        study,
+                        backbone,
+                        train,
+                        dataset,
+                        metric,
+                        a,
+                        b,
+                        len(diffs),
+                        seeds,
+                        mean,
+                        low,
+                        high,
+                        verdict,
+                    ]
                 )
     out = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
     if out.empty:
         return out
     return out.sort_values(
-        ["study", "variant_a", "variant_b", "train_dataset", "dataset", "metric"], key=_sort_key
+        ["study", "backbone", "variant_a", "variant_b", "train_dataset", "dataset", "metric"], key=_sort_key
     )
 
 
@@ -378,6 +671,9 @@ def paired_differences(
 # ---------------------------------------------------------------------------------------------------
 
 DASH = "–"
+#: Label columns of the summary and paired tables (left-aligned; the rest are numbers).
+_SUMMARY_LABELS = ["variant", "backbone", "train", "dataset"]
+_PAIRED_LABELS = ["A − B", "backbone", "train", "dataset"]
 
 
 def _num(value: float, digits: int = 1) -> str:
@@ -393,10 +689,12 @@ def _signed(value: float, digits: int = 1) -> str:
     return text.replace("-", "−")
 
 
-def format_cell(mean: float, std: float, n: int, flagged: bool = False) -> str:
-    """``91.2 ± 0.3 (5)``; std ``–`` for one seed, mean ``nan`` when undefined, ``†`` when flagged."""
+def format_cell(mean: float, std: float, n: int, flagged: bool = False, incomplete: bool = False) -> str:
+    """``91.2 ± 0.3 (5)``; std ``–`` for one seed, mean ``nan`` when undefined, ``†`` when flagged (fewer
+    seeds), ``‡`` when the macro does not cover the dataset's official categories."""
     mean_text = "nan" if math.isnan(mean) else f"{mean:.1f}"
-    return f"{mean_text} ± {_num(std)} ({n})" + (FLAG if flagged else "")
+    marks = (FLAG if flagged else "") + (INCOMPLETE_FLAG if incomplete else "")
+    return f"{mean_text} ± {_num(std)} ({n})" + marks
 
 
 def format_paired(mean: float, low: float, high: float, n: int, distinguishable: bool | None) -> str:
@@ -412,43 +710,58 @@ def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     return sorted(set(values), key=lambda v: (rank.get(v, len(rank)), v))
 
 
-def _summary_table(cells: pd.DataFrame, metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one study table: rows variant x dataset, a cell per metric (+ paper, gap)."""
+def _summary_table(
+    cells: pd.DataFrame, metrics: Sequence[str], labels: dict[str, str]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one study table: rows variant x backbone x dataset, a cell per metric (+ paper,
+    gap; both empty where the row is not compared with the paper)."""
     metrics = [m for m in metrics if m in set(cells["metric"])]
-    with_paper = [m for m in metrics if cells.loc[cells["metric"] == m, "paper"].notna().any()]
-    header = ["variant", "train", "dataset"]
+    with_paper = [
+        m
+        for m in metrics
+        if cells.loc[cells["metric"] == m, "paper"].notna().any()
+        or (cells.loc[cells["metric"] == m, "not_compared"] != "").any()
+    ]
+    header = list(_SUMMARY_LABELS)
     for m in metrics:
         header += [m] + (["paper", "gap"] if m in with_paper else [])
     rows = []
-    index = cells.set_index(["variant", "train_dataset", "dataset", "metric"])
-    for (variant, train, dataset), _ in cells.groupby(["variant", "train_dataset", "dataset"], sort=False):
-        row = [variant, train, dataset]
+    row_keys = ["variant", "backbone", "train_dataset", "dataset"]
+    index = cells.set_index(row_keys + ["metric"])
+    for (variant, backbone, train, dataset), _ in cells.groupby(row_keys, sort=False):
+        row = [variant, labels.get(backbone, backbone), train, dataset]
         for m in metrics:
-            key = (variant, train, dataset, m)
+            key = (variant, backbone, train, dataset, m)
             cell = index.loc[key] if key in index.index else None
             row.append(
                 ""
                 if cell is None
-                else format_cell(cell["mean"], cell["std"], cell["n_seeds"], cell["flagged"])
+                else format_cell(
+                    cell["mean"], cell["std"], cell["n_seeds"], cell["flagged"], cell["incomplete"]
+                )
             )
             if m in with_paper:
-                row += ["", ""] if cell is None else [_num(cell["paper"]), _signed(cell["gap"])]
+                if cell is None or cell["not_compared"]:
+                    row += ["", ""]
+                else:
+                    row += [_num(cell["paper"]), _signed(cell["gap"])]
         rows.append(row)
     return header, rows
 
 
-def _paired_table(pairs: pd.DataFrame, metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one study's paired table: rows pair x dataset, a cell per metric."""
+def _paired_table(
+    pairs: pd.DataFrame, metrics: Sequence[str], labels: dict[str, str]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one study's paired table: rows pair x backbone x dataset, a cell per metric."""
     metrics = [m for m in metrics if m in set(pairs["metric"])]
-    header = ["A − B", "train", "dataset"] + list(metrics)
+    header = list(_PAIRED_LABELS) + list(metrics)
     rows = []
-    index = pairs.set_index(["variant_a", "variant_b", "train_dataset", "dataset", "metric"])
-    for (a, b, train, dataset), _ in pairs.groupby(
-        ["variant_a", "variant_b", "train_dataset", "dataset"], sort=False
-    ):
-        row = [f"{a} − {b}", train, dataset]
+    row_keys = ["variant_a", "variant_b", "backbone", "train_dataset", "dataset"]
+    index = pairs.set_index(row_keys + ["metric"])
+    for (a, b, backbone, train, dataset), _ in pairs.groupby(row_keys, sort=False):
+        row = [f"{a} − {b}", labels.get(backbone, backbone), train, dataset]
         for m in metrics:
-            key = (a, b, train, dataset, m)
+            key = (a, b, backbone, train, dataset, m)
             if key not in index.index:
                 row.append("")
                 continue
@@ -460,9 +773,9 @@ def _paired_table(pairs: pd.DataFrame, metrics: Sequence[str]) -> tuple[list[str
     return header, rows
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    align = ["---" if i < 3 else "---:" for i in range(len(header))]
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], n_labels: int = 4) -> str:
+    """A GitHub-flavoured Markdown table (the first ``n_labels`` columns left-aligned)."""
+    align = ["---" if i < n_labels else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(r) + " |" for r in [list(header), align, *rows]]
     return "\n".join(lines)
 
@@ -471,13 +784,52 @@ def _typical_seeds(cells: pd.DataFrame) -> int:
     return _mode_count(cells["n_seeds"]) if not cells.empty else 0
 
 
-def _table_notes(cells: pd.DataFrame, paper_label: str | None) -> list[str]:
-    """Footnotes under a summary table: the seed flag and the paper/gap legend."""
+def _foreign_backbones(cells: pd.DataFrame) -> list[str]:
+    """The backbones of ``cells`` that are not the paper's CLIP, sorted."""
+    return sorted(b for b in set(cells["backbone"]) if not is_paper_backbone(b))
+
+
+def _backbone_note(backbones: Sequence[str], labels: dict[str, str]) -> str:
+    """The note on rows from a backbone that is not the paper's (random, fallback, other, unknown)."""
+    names = ", ".join(labels.get(b, b) for b in backbones)
+    text = (
+        f"rows from a random/fallback backbone are not compared with the paper: their backbone ({names}) "
+        "is not the paper's CLIP, ViT-L/14@336 with OpenAI weights"
+    )
+    if UNKNOWN in backbones:
+        text += (
+            f"; {UNKNOWN} = a metrics.csv written before the backbone column, whose CLIP cannot be "
+            "told, so it is not comparable either (re-run it to record the backbone)"
+        )
+    return text + "."
+
+
+def _table_notes(cells: pd.DataFrame, paper_label: str | None, labels: dict[str, str]) -> list[str]:
+    """Footnotes under a summary table: the seed flag, incomplete macros, backbones, the paper legend."""
     notes = []
     if cells["flagged"].any():
         notes.append(f"{FLAG} {FLAG_NOTE} (most cells have {_typical_seeds(cells)}).")
-    if cells["paper"].notna().any() and paper_label:
-        notes.append(f"paper: {paper_label}; gap = ours − paper, in points.")
+    incomplete = cells[cells["incomplete"]]
+    if not incomplete.empty:
+        covered = ", ".join(
+            f"{d} {c}" for d, c in dict.fromkeys(zip(incomplete["dataset"], incomplete["categories"]))
+        )
+        notes.append(
+            f"{INCOMPLETE_FLAG} incomplete macro: the categories averaged are not the dataset's official "
+            f"list, or differ between seeds ({covered}); never compared with the paper."
+        )
+    foreign = _foreign_backbones(cells)
+    if foreign:
+        notes.append(_backbone_note(foreign, labels))
+    withheld = cells.loc[cells["not_compared"] != "", "not_compared"]
+    if withheld.str.contains(WHY_PROTOCOL).any():
+        notes.append(
+            "rows trained on another auxiliary dataset than the paper's (VisA for mvtec, MVTec AD "
+            "otherwise) are not compared with the paper."
+        )
+    if (cells["paper"].notna().any() or not withheld.empty) and paper_label:
+        legend = f"paper: {paper_label}; gap = ours − paper, in points"
+        notes.append(legend + ("; empty: not compared (see above)." if not withheld.empty else "."))
     return notes
 
 
@@ -498,34 +850,40 @@ def render_markdown(
     paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
 ) -> str:
     """The Markdown report: per study a macro table, a micro table when present and the paired table."""
+    labels = _backbone_labels(summary["backbone"])
     out = [
         f"# {title}",
         "",
         "Percent; mean ± sample std over seeds (number of seeds); per seed, macro = unweighted mean over "
         "the dataset's categories.",
     ]
+    foreign = _foreign_backbones(summary)
+    if foreign:
+        note = _backbone_note(foreign, labels)
+        out += ["", f"> **Warning: not the paper's CLIP.** {note[0].upper()}{note[1:]}"]
     for study in sorted(summary["study"].unique()):
         out += ["", f"## Study `{study}`"]
         for averaging, label in (("macro", "macro (paper protocol)"), ("micro", "micro (pooled, ablation)")):
             cells = summary[(summary["study"] == study) & (summary["averaging"] == averaging)]
             if cells.empty:
                 continue
-            header, rows = _summary_table(cells, _study_metrics(cells, metrics))
-            out += ["", f"### {label.capitalize()}", "", _markdown_table(header, rows)]
-            notes = _table_notes(cells, paper_label)
+            header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
+            out += ["", f"### {label.capitalize()}", "", _markdown_table(header, rows, len(_SUMMARY_LABELS))]
+            notes = _table_notes(cells, paper_label, labels)
             out += [""] + notes if notes else []
         pairs = paired[paired["study"] == study] if paired is not None and not paired.empty else None
         if pairs is not None and not pairs.empty:
-            header, rows = _paired_table(pairs, _study_metrics(pairs, metrics))
+            header, rows = _paired_table(pairs, _study_metrics(pairs, metrics), labels)
             out += [
                 "",
                 "### Paired differences",
                 "",
                 f"Cells: A − B in points, the mean of the per-seed differences over the seeds both share "
-                f"[{CONFIDENCE:.0%} CI, Student t, n−1 dof] (n shared seeds). **Bold**: the CI excludes 0, "
-                "the difference is distinguishable from seed noise; n/a: fewer than 2 shared seeds.",
+                f"[{CONFIDENCE:.0%} CI, Student t, n−1 dof] (n shared seeds), within one backbone. "
+                "**Bold**: the CI excludes 0, the difference is distinguishable from seed noise; n/a: fewer "
+                "than 2 shared seeds.",
                 "",
-                _markdown_table(header, rows),
+                _markdown_table(header, rows, len(_PAIRED_LABELS)),
             ]
     return "\n".join(out) + "\n"
 
@@ -533,20 +891,24 @@ def render_markdown(
 _TEX_REPLACEMENTS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
     "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "†": r"$^\dagger$",
-    "–": "--", "−": "$-$",
+    "‡": r"$^\ddagger$", "–": "--", "−": "$-$",
 }  # fmt: skip
 
 
 def _tex(text: str) -> str:
-    """Escape a cell for LaTeX (and typeset ±, †, dashes and minus signs)."""
+    """Escape a cell for LaTeX (and typeset ±, †, ‡, dashes and minus signs)."""
     return "".join(_TEX_REPLACEMENTS.get(ch, ch) for ch in str(text))
 
 
 def _latex_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], caption: str, notes: Sequence[str]
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    caption: str,
+    notes: Sequence[str],
+    n_labels: int = 4,
 ) -> str:
-    """A booktabs tabular with a comment line naming it and the notes as a last row."""
-    spec = "lll" + "r" * (len(header) - 3)
+    """A booktabs tabular with a comment line naming it and the notes as last rows."""
+    spec = "l" * n_labels + "r" * (len(header) - n_labels)
     lines = [
         f"% {caption}",
         f"\\begin{{tabular}}{{{spec}}}",
@@ -567,6 +929,7 @@ def render_latex(
     paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
 ) -> str:
     """The summary tables as LaTeX tabulars (booktabs), one per study and averaging."""
+    labels = _backbone_labels(summary["backbone"])
     blocks = [
         "% feclip-report: percent, mean +- sample std over seeds (n seeds). Needs \\usepackage{booktabs}."
     ]
@@ -575,9 +938,10 @@ def render_latex(
             cells = summary[(summary["study"] == study) & (summary["averaging"] == averaging)]
             if cells.empty:
                 continue
-            header, rows = _summary_table(cells, _study_metrics(cells, metrics))
+            header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
+            notes = _table_notes(cells, paper_label, labels)
             blocks.append(
-                _latex_table(header, rows, f"study {study}, {averaging}", _table_notes(cells, paper_label))
+                _latex_table(header, rows, f"study {study}, {averaging}", notes, len(_SUMMARY_LABELS))
             )
     return "\n\n".join(blocks) + "\n"
 
@@ -597,15 +961,11 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save_png(fig, path: Path) -> Path:
-    """Render to PNG in memory, then write atomically (temporary name + rename)."""
+def _png_bytes(fig) -> bytes:
+    """Render a figure to PNG in memory."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return buf.getvalue()
 
 
 def _safe_name(name: str) -> str:
@@ -613,32 +973,42 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def plot_paper_bars(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One PNG per metric with paper numbers: per dataset, bars of each study/variant (± std) and the paper."""
+def render_paper_bars(summary: pd.DataFrame) -> dict[str, bytes]:
+    """``bars_<metric>.png`` per metric with paper numbers: per dataset, the paper's bar and one bar per
+    study/variant/backbone (± std). Only rows compared with the paper are drawn."""
     cells = summary[(summary["averaging"] == "macro") & summary["paper"].notna()]
-    written = []
+    labels = _backbone_labels(summary["backbone"])
+    several_backbones = cells["backbone"].nunique() > 1
+    pngs = {}
     for metric in _ordered(cells["metric"], METRIC_ORDER):
         sub = cells[cells["metric"] == metric]
         datasets = _ordered(sub["dataset"], DATASET_ORDER)
-        series = sorted(set(zip(sub["study"], sub["variant"], sub["train_dataset"])))
+        series = sorted(set(zip(sub["study"], sub["variant"], sub["backbone"], sub["train_dataset"])))
         width = 0.8 / (len(series) + 1)
         fig = _new_figure(max(5.0, 1.2 * len(datasets) * (len(series) + 1) ** 0.5 + 2), 4.0)
         ax = fig.add_subplot()
         x = np.arange(len(datasets))
         paper = sub.groupby("dataset")["paper"].first()
         ax.bar(x, [paper.get(d, np.nan) for d in datasets], width, label="paper", color="0.6")
-        for i, (study, variant, train) in enumerate(series, start=1):
-            s = sub[(sub["study"] == study) & (sub["variant"] == variant) & (sub["train_dataset"] == train)]
+        for i, (study, variant, backbone, train) in enumerate(series, start=1):
+            s = sub[
+                (sub["study"] == study)
+                & (sub["variant"] == variant)
+                & (sub["backbone"] == backbone)
+                & (sub["train_dataset"] == train)
+            ]
             s = s.set_index("dataset").reindex(datasets)
             label = f"{study}/{variant} (train {train})"
+            if several_backbones:
+                label += f" [{labels.get(backbone, backbone)}]"
             ax.bar(x + i * width, s["mean"], width, yerr=s["std"].fillna(0.0), capsize=3, label=label)
         ax.set_xticks(x + width * len(series) / 2, datasets)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{metric}: ours (mean ± std over seeds) vs paper")
         _set_ylim(ax, np.r_[sub["mean"].to_numpy(), sub["paper"].to_numpy()])
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        written.append(_save_png(fig, out_dir / f"bars_{_safe_name(metric)}.png"))
-    return written
+        pngs[f"bars_{_safe_name(metric)}.png"] = _png_bytes(fig)
+    return pngs
 
 
 def _set_ylim(ax, values: np.ndarray) -> None:
@@ -650,45 +1020,126 @@ def _set_ylim(ax, values: np.ndarray) -> None:
         ax.set_ylim(max(0.0, low - 3 * pad), min(100.0, high + pad) if high <= 100 else high + pad)
 
 
-def plot_studies(summary: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None = None) -> list[Path]:
-    """One PNG per study: a panel per (train, dataset), x = variants, mean ± std per metric."""
-    written = []
+def render_studies(summary: pd.DataFrame, metrics: Sequence[str] | None = None) -> dict[str, bytes]:
+    """``study_<study>.png`` per study: a panel per (train, dataset), x = variants (with the backbone when
+    the study has several), mean ± std per metric."""
+    pngs = {}
     macro = summary[summary["averaging"] == "macro"]
+    labels = _backbone_labels(summary["backbone"])
     for study in sorted(macro["study"].unique()):
         cells = macro[macro["study"] == study]
         shown = _study_metrics(cells, metrics)
-        cells = cells[cells["metric"].isin(shown)]
+        cells = cells[cells["metric"].isin(shown)].copy()
+        if cells["backbone"].nunique() > 1:
+            cells["series"] = cells["variant"] + " [" + cells["backbone"].map(labels) + "]"
+        else:
+            cells["series"] = cells["variant"]
         panels = list(dict.fromkeys(zip(cells["train_dataset"], cells["dataset"])))
         ncols = min(len(panels), 3)
         nrows = math.ceil(len(panels) / ncols)
-        most = cells.groupby(["train_dataset", "dataset"])["variant"].nunique().max()
+        most = cells.groupby(["train_dataset", "dataset"])["series"].nunique().max()
         fig = _new_figure(max(4.5, 0.6 * most + 2) * ncols, 3.8 * nrows)
         fig.set_layout_engine("constrained")
         offsets = np.linspace(-0.2, 0.2, len(shown)) if len(shown) > 1 else [0.0]
         for k, (train, dataset) in enumerate(panels):
             ax = fig.add_subplot(nrows, ncols, k + 1)
             panel = cells[(cells["train_dataset"] == train) & (cells["dataset"] == dataset)]
-            variants = sorted(panel["variant"].unique())
-            x = np.arange(len(variants))
+            series = sorted(panel["series"].unique())
+            x = np.arange(len(series))
             for metric, dx in zip(shown, offsets):
-                s = panel[panel["metric"] == metric].set_index("variant").reindex(variants)
+                s = panel[panel["metric"] == metric].set_index("series").reindex(series)
                 ax.errorbar(x + dx, s["mean"], yerr=s["std"].fillna(0.0), fmt="o", capsize=3, label=metric)
-            tilt = len(variants) > 3
-            ax.set_xticks(x, variants, rotation=45 if tilt else 0, ha="right" if tilt else "center")
-            ax.set_xlim(-0.5, len(variants) - 0.5)
+            tilt = len(series) > 3 or any(len(s) > 20 for s in series)
+            ax.set_xticks(x, series, rotation=45 if tilt else 0, ha="right" if tilt else "center")
+            ax.set_xlim(-0.5, len(series) - 0.5)
             ax.set_title(f"{dataset} (train {train})")
             ax.set_ylabel("%")
             ax.grid(axis="y", alpha=0.3)
             if k == 0:
                 ax.legend(fontsize="small")
         fig.suptitle(f"study {study}: mean ± std over seeds")
-        written.append(_save_png(fig, out_dir / f"study_{_safe_name(study)}.png"))
-    return written
+        pngs[f"study_{_safe_name(study)}.png"] = _png_bytes(fig)
+    return pngs
+
+
+def plot_paper_bars(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write :func:`render_paper_bars` into ``out_dir`` (atomically); returns the paths."""
+    return _write_files(Path(out_dir), render_paper_bars(summary))
+
+
+def plot_studies(summary: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None = None) -> list[Path]:
+    """Write :func:`render_studies` into ``out_dir`` (atomically); returns the paths."""
+    return _write_files(Path(out_dir), render_studies(summary, metrics))
 
 
 # ---------------------------------------------------------------------------------------------------
-# the whole report
+# writing
 # ---------------------------------------------------------------------------------------------------
+
+
+def _why(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail early (before any work) on an output folder that is a file or cannot be written."""
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ReportError(f"output folder {out_dir}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ReportError(
+                    f"output folder {out_dir}: {parent} is not writable (choose another with --out)"
+                )
+            return
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write a new file and push it to the disk (it is renamed over the old one only afterwards)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_files(out_dir: Path, files: dict[str, bytes]) -> list[Path]:
+    """Write every file of ``files`` into ``out_dir`` all or nothing, as far as a file system allows.
+
+    Every file is first written in full under a temporary name; only when all are written are they
+    renamed over the old ones. A failure while writing (read-only folder, full disk) removes the
+    temporary files and leaves the folder as it was; a rename, which replaces a file in one step, leaves
+    each file either old or new, never half-written.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReportError(f"output folder {out_dir} is a file, not a folder") from None
+    except OSError as err:
+        raise ReportError(f"cannot create output folder {out_dir}: {_why(err)}") from None
+    targets = [out_dir / name for name in files]
+    for target in targets:
+        if target.is_dir():
+            raise ReportError(f"cannot write {target}: it is a folder")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for target, data in zip(targets, files.values()):
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            staged.append((tmp, target))
+            _write_bytes(tmp, data)
+    except OSError as err:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise ReportError(
+            f"cannot write {staged[-1][1]}: {_why(err)}; the files already in {out_dir} were left as they were"
+        ) from None
+    for i, (tmp, target) in enumerate(staged):
+        try:
+            os.replace(tmp, target)
+        except OSError as err:
+            for rest, _ in staged[i:]:
+                rest.unlink(missing_ok=True)
+            raise ReportError(f"cannot replace {target}: {_why(err)}") from None
+    return targets
 
 
 def _csv_text(frame: pd.DataFrame) -> str:
@@ -706,6 +1157,9 @@ def write_report(
 ) -> tuple[str, list[Path]]:
     """Build every output of the report; returns the Markdown summary and the paths written.
 
+    Everything is computed in memory first and then written through :func:`_write_files`: a failure
+    (bad input, a plot, a read-only folder) leaves a previous report in ``out_dir`` untouched.
+
     Args:
         results_dir: the results tree (or one study's folder of it).
         out_dir: where to write; default ``<results_dir>/report``.
@@ -714,25 +1168,38 @@ def write_report(
         metrics: metrics of the tables and study plots (default :data:`MAIN_METRICS`); the CSVs hold all.
         skip_nan: average only the defined categories of a seed.
         plots: write the PNGs.
+
+    Raises:
+        ReportError: any input or output problem; the message names the file or option.
     """
+    out_dir = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
     df = load_results(results_dir)
     if baseline is not None and baseline not in set(df["variant"]):
         variants = ", ".join(sorted(df["variant"].unique()))
         raise ReportError(f"--baseline {baseline!r} is not a variant in {results_dir} (variants: {variants})")
+    if metrics is not None:
+        present = set(df["metric"])
+        unknown = [m for m in metrics if m not in present and m not in METRIC_ORDER]
+        if unknown or not metrics:
+            raise ReportError(
+                f"--metrics: {', '.join(unknown) or 'none given'} not in {results_dir} "
+                f"(metrics: {', '.join(_ordered(present, METRIC_ORDER))})"
+            )
     paper = load_paper_numbers(paper_path) if paper_path is not None else None
-    out_dir = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
+    _check_out_dir(out_dir)
     summary = summarize(df, paper, skip_nan)
     paired = paired_differences(macro_per_seed(df, skip_nan), baseline)
     markdown = render_markdown(summary, paired, metrics)
-    written = [
-        atomic_write_text(out_dir / "summary.csv", _csv_text(summary)),
-        atomic_write_text(out_dir / "paired.csv", _csv_text(paired.reindex(columns=PAIRED_COLUMNS))),
-        atomic_write_text(out_dir / "summary.md", markdown),
-        atomic_write_text(out_dir / "summary.tex", render_latex(summary, metrics)),
-    ]
+    files = {
+        "summary.csv": _csv_text(summary).encode(),
+        "paired.csv": _csv_text(paired.reindex(columns=PAIRED_COLUMNS)).encode(),
+        "summary.md": markdown.encode(),
+        "summary.tex": render_latex(summary, metrics).encode(),
+    }
     if plots:
-        written += plot_paper_bars(summary, out_dir) + plot_studies(summary, out_dir, metrics)
-    return markdown, written
+        files.update(render_paper_bars(summary))
+        files.update(render_studies(summary, metrics))
+    return markdown, _write_files(out_dir, files)
 
 
 def _parse_metrics(text: str | None) -> list[str] | None:
@@ -783,13 +1250,21 @@ def _resolve_paper(args: argparse.Namespace) -> Path | None:
     if args.no_paper:
         return None
     if args.paper is not None:
+        if not args.paper.exists():
+            raise ReportError(f"--paper: paper numbers file {args.paper} does not exist")
         if not args.paper.is_file():
-            raise ReportError(f"paper numbers file {args.paper} does not exist")
+            raise ReportError(f"--paper: {args.paper} is not a file")
         return args.paper
     if not DEFAULT_PAPER.is_file():
         print(f"{PROG}: note: {DEFAULT_PAPER} not found, no paper columns", file=sys.stderr)
         return None
     return DEFAULT_PAPER
+
+
+def _fail(message: str) -> int:
+    """Print ``feclip-report: error: ...`` on one line (newlines folded) and return exit status 2."""
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -806,8 +1281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             plots=not args.no_plots,
         )
     except FEClipError as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except OSError as err:  # anything the checks above did not foresee: still one line, no traceback
+        where = f" {err.filename}" if err.filename else ""
+        return _fail(f"{type(err).__name__}{where}: {_why(err)}")
     print(markdown)
     for path in written:
         print(f"wrote {path}")

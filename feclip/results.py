@@ -4,6 +4,12 @@
 (dataset, category, metric), columns :data:`COLUMNS`. ``category`` is a category name or ``__micro__``
 for the pooled value; metric values are fractions in [0, 1] (``nan`` where undefined). A file appears
 only when complete: it is written under a temporary name and renamed.
+
+The last two columns say what produced the numbers: ``backbone`` is the CLIP that actually ran
+(:func:`feclip.models.provenance.describe`, e.g. ``ViT-L-14-336-quickgelu:openai@sha256=3f2a…`` or
+``feclip-tiny:random(seed=42)``) and ``checkpoint`` the adapters evaluated (``trained`` by this run,
+``untrained``, or ``<file>@sha256=…``). Files written before these columns existed (the first 12
+columns only) are still read, with ``unknown`` in both.
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ from pathlib import Path
 
 COLUMNS = (
     "study", "variant", "seed", "train_dataset", "dataset", "category", "metric", "value",
-    "n_images", "git_sha", "config_hash", "finished_at",
+    "n_images", "git_sha", "config_hash", "finished_at", "backbone", "checkpoint",
 )  # fmt: skip
+LEGACY_COLUMNS = COLUMNS[:12]  # metrics.csv before the provenance columns (read with "unknown")
+UNKNOWN = "unknown"
+PAPER_BACKBONE_PREFIX = "ViT-L-14-336"  # the paper's CLIP; with OpenAI weights it is comparable
 MICRO = "__micro__"
 METRICS_FILE = "metrics.csv"
+PARTIAL_METRICS_FILE = "metrics.partial.csv"  # rows of the targets that were evaluated when another failed
 
 
 @dataclass
@@ -75,11 +85,16 @@ def git_sha() -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
+    import uuid
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -93,8 +108,10 @@ def write_metrics(
     train_dataset: str,
     config_hash: str,
     git_sha: str,
+    backbone: str,
+    checkpoint: str,
 ) -> Path:
-    """Write a complete metrics.csv atomically."""
+    """Write a complete metrics.csv atomically (``backbone``/``checkpoint``: the provenance columns)."""
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lines = []
     for r in rows:
@@ -117,6 +134,8 @@ def write_metrics(
                 git_sha,
                 config_hash,
                 finished,
+                backbone,
+                checkpoint,
             ]
         )
     import io
@@ -129,15 +148,21 @@ def write_metrics(
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of one metrics.csv as dicts (values as float, seed and n_images as int)."""
+    """Rows of one metrics.csv as dicts (values as float, seed and n_images as int).
+
+    A file of the legacy 12-column schema gets ``backbone`` and ``checkpoint`` = ``unknown``.
+    """
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
+        fields = tuple(reader.fieldnames or ())
+        if fields not in (COLUMNS, LEGACY_COLUMNS):
             raise ValueError(
                 f"{path}: columns {reader.fieldnames} are not the metrics.csv schema {list(COLUMNS)}"
             )
         rows = []
         for row in reader:
+            if fields == LEGACY_COLUMNS:
+                row["backbone"] = row["checkpoint"] = UNKNOWN
             row["value"] = float(row["value"])
             row["seed"] = int(row["seed"])
             row["n_images"] = int(row["n_images"])
@@ -151,6 +176,19 @@ def is_complete(path: str | os.PathLike) -> bool:
         return bool(read_metrics(path))
     except (OSError, ValueError):
         return False
+
+
+def is_paper_backbone(backbone: str) -> bool:
+    """Whether a ``backbone`` provenance value is the paper's CLIP (ViT-L/14@336, OpenAI weights).
+
+    Random weights, the tiny fallback, another model or an ``unknown`` (legacy) value are not.
+    """
+    name, _, source = backbone.partition(":")
+    return (
+        name.startswith(PAPER_BACKBONE_PREFIX)
+        and source.startswith(("openai", "file:"))
+        and "random" not in source
+    )
 
 
 def find_metrics(results_dir: str | os.PathLike) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,12 @@ from feclip.metrics import macro_average
 NAN = float("nan")
 HEADER = [
     "study", "variant", "seed", "train_dataset", "dataset", "category", "metric", "value", "n_images",
-    "git_sha", "config_hash", "finished_at",
+    "git_sha", "config_hash", "finished_at", "backbone", "checkpoint",
 ]  # fmt: skip
+LEGACY_HEADER = HEADER[:12]
+PAPER_BB = "ViT-L-14-336-quickgelu:openai@sha256=3f2a9c0b1d2e"
+FILE_BB = "ViT-L-14-336-quickgelu:file:ViT-L-14-336.pt@sha256=77aa88bb99cc"
+TINY_BB = "feclip-tiny:random(seed={seed})"  # a random backbone is initialised from the run's seed
 
 # (variant, seed) -> {(dataset, category, metric): value}; study "taps", train "mvtec" everywhere.
 RUNS = {
@@ -85,19 +90,57 @@ AnomalyCLIP,zero_shot,visa,82.1,85.4,95.5,87.0
 """
 
 
-def write_run(root: Path, study: str, variant: str, seed: int, train: str, values: dict) -> Path:
-    """Write one metrics.csv by hand in the results-tree layout."""
-    path = root / study / variant / f"seed={seed}" / "metrics.csv"
+def write_run(
+    root: Path,
+    study: str,
+    variant: str,
+    seed: int,
+    train: str,
+    values: dict,
+    backbone: str = PAPER_BB,
+    checkpoint: str = "trained",
+    legacy: bool = False,
+    folder: str | None = None,
+) -> Path:
+    """Write one metrics.csv by hand in the results-tree layout (``legacy``: the 12-column schema)."""
+    path = root / (folder or study) / variant / f"seed={seed}" / "metrics.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
+    backbone = backbone.format(seed=seed)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(HEADER)
+        writer.writerow(LEGACY_HEADER if legacy else HEADER)
         for (dataset, category, metric), value in values.items():
             text = "nan" if math.isnan(value) else repr(value)
-            writer.writerow(
-                [study, variant, seed, train, dataset, category, metric, text, 10, "abc", "h", "t"]
-            )
+            row = [study, variant, seed, train, dataset, category, metric, text, 10, "abc", "h", "t"]
+            writer.writerow(row if legacy else row + [backbone, checkpoint])
     return path
+
+
+# Complete macros the paper can be compared with: BTAD's three official categories and BrainMRI's one.
+# (seed) -> values; per-seed macros in the comments.
+COMPLETE = {
+    42: {
+        ("btad", "01", "image_auroc"): 0.90, ("btad", "02", "image_auroc"): 0.88,
+        ("btad", "03", "image_auroc"): 0.92,  # macro 0.90
+        ("btad", "01", "pixel_aupro_zsad"): 0.80, ("btad", "02", "pixel_aupro_zsad"): 0.82,
+        ("btad", "03", "pixel_aupro_zsad"): 0.81,  # macro 0.81
+        ("brainmri", "brain", "image_auroc"): 0.95,
+    },
+    123: {
+        ("btad", "01", "image_auroc"): 0.92, ("btad", "02", "image_auroc"): 0.90,
+        ("btad", "03", "image_auroc"): 0.94,  # macro 0.92
+        ("btad", "01", "pixel_aupro_zsad"): 0.78, ("btad", "02", "pixel_aupro_zsad"): 0.80,
+        ("btad", "03", "pixel_aupro_zsad"): 0.79,  # macro 0.79
+        ("brainmri", "brain", "image_auroc"): 0.93,
+    },
+}  # fmt: skip
+
+
+def write_complete(root: Path, study: str = "bench", variant: str = "default", **kwargs) -> Path:
+    """Two seeds of complete BTAD and BrainMRI macros, trained on MVTec AD (the paper's protocol)."""
+    for seed, values in COMPLETE.items():
+        write_run(root, study, variant, seed, "mvtec", values, **kwargs)
+    return root
 
 
 @pytest.fixture
@@ -264,27 +307,252 @@ def test_paper_numbers_filter_and_map(paper_file):
     assert len(paper[paper["dataset"] == "brainmri"]) == 2  # '-' (not reported) is dropped
 
 
-def test_paper_gap_in_points(tree, paper_file):
-    summary = report.summarize(report.load_results(tree), report.load_paper_numbers(paper_file))
-    c = cell(summary, variant="spread3", dataset="visa", metric="image_auroc", averaging="macro")
-    assert c["paper"] == 84.6 and c["gap"] == pytest.approx(85.333333 - 84.6, abs=1e-5)  # +0.733
-    c = cell(summary, variant="last4", dataset="visa", metric="pixel_aupro_zsad", averaging="macro")
-    # (0.91 + 0.91 + 0.92) / 3 = 0.913333 -> 91.333 - 92.8 = -1.467
-    assert c["gap"] == pytest.approx(91.333333 - 92.8, abs=1e-5)
-    exact = cell(summary, variant="last4", dataset="visa", metric="pixel_aupro", averaging="macro")
-    assert math.isnan(exact["paper"])  # exact AUPRO is not the paper's PRO
+def test_paper_gap_in_points(tmp_path, paper_file):
+    root = write_complete(tmp_path / "results")
+    summary = report.summarize(report.load_results(root), report.load_paper_numbers(paper_file))
+    c = cell(summary, dataset="btad", metric="image_auroc", averaging="macro")
+    # per-seed macros 0.90, 0.92 -> 91.0 points; paper 90.3 -> gap +0.7
+    assert c["categories"] == "3/3" and not c["incomplete"] and c["not_compared"] == ""
+    assert c["paper"] == 90.3 and c["gap"] == pytest.approx(91.0 - 90.3)
+    c = cell(summary, dataset="btad", metric="pixel_aupro_zsad", averaging="macro")
+    assert c["gap"] == pytest.approx(80.0 - 80.4)  # macros 0.81, 0.79 -> 80.0
+    c = cell(summary, dataset="brainmri", metric="image_auroc", averaging="macro")
+    assert c["categories"] == "1/1" and c["gap"] == pytest.approx(94.0 - 94.8)
     markdown = report.render_markdown(summary)
-    assert "| spread3 | mvtec | visa | 85.3 ± 2.5 (3) | 84.6 | +0.7 |" in markdown
+    # the backbone column shows name and source, without the weights' hash
+    assert (
+        "| default | ViT-L-14-336-quickgelu:openai | mvtec | btad | 91.0 ± 1.4 (2) | 90.3 | +0.7 |"
+        in markdown
+    )
+    assert "sha256" not in markdown and "Warning" not in markdown
+
+
+def test_exact_aupro_is_not_the_papers_pro(tmp_path, paper_file):
+    root = tmp_path / "results"
+    values = {("btad", c, "pixel_aupro"): 0.7 for c in ("01", "02", "03")}
+    write_run(root, "s", "v", 42, "mvtec", values)
+    summary = report.summarize(report.load_results(root), report.load_paper_numbers(paper_file))
+    exact = cell(summary, metric="pixel_aupro", averaging="macro")
+    assert math.isnan(exact["paper"]) and exact["not_compared"] == ""  # the paper has no such number
 
 
 def test_paper_number_only_for_the_paper_protocol(tmp_path, paper_file):
     root = tmp_path / "results"
-    values = {("visa", "a", "image_auroc"): 0.8}
-    write_run(root, "s", "trained_on_btad", 42, "btad", values)  # the paper trains on MVTec for VisA
+    values = {("brainmri", "brain", "image_auroc"): 0.8}
+    write_run(root, "s", "trained_on_btad", 42, "btad", values)  # the paper trains on MVTec AD here
     write_run(root, "s", "eval_only", 42, "none", values)
     summary = report.summarize(report.load_results(root), report.load_paper_numbers(paper_file))
-    assert math.isnan(cell(summary, variant="trained_on_btad", averaging="macro")["paper"])
-    assert cell(summary, variant="eval_only", averaging="macro")["paper"] == 84.6
+    other = cell(summary, variant="trained_on_btad", averaging="macro")
+    assert math.isnan(other["paper"]) and math.isnan(other["gap"]) and other["not_compared"] == "protocol"
+    assert cell(summary, variant="eval_only", averaging="macro")["paper"] == 94.8
+    markdown = report.render_markdown(summary)
+    assert (
+        "| trained_on_btad | ViT-L-14-336-quickgelu:openai | btad | brainmri | 80.0 ± – (1) |  |  |"
+        in markdown
+    )
+    assert "rows trained on another auxiliary dataset than the paper's" in markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# backbone provenance
+# --------------------------------------------------------------------------------------------------
+
+
+def test_backbones_never_average_together(tmp_path, paper_file):
+    root = write_complete(tmp_path / "results")
+    # the same study and variant on the tiny random fallback (stored elsewhere, e.g. another machine)
+    tiny = {seed: {k: v - 0.3 for k, v in values.items()} for seed, values in COMPLETE.items()}
+    for seed, values in tiny.items():
+        write_run(root, "bench", "default", seed, "mvtec", values, backbone=TINY_BB, folder="laptop")
+    summary = report.summarize(report.load_results(root), report.load_paper_numbers(paper_file))
+    rows = summary[(summary["dataset"] == "btad") & (summary["metric"] == "image_auroc")]
+    assert sorted(rows["backbone"]) == [
+        "ViT-L-14-336-quickgelu:openai@sha256=3f2a9c0b1d2e",
+        "feclip-tiny:random",
+    ]
+    paper_row = cell(rows, backbone=PAPER_BB)
+    tiny_row = cell(rows, backbone="feclip-tiny:random")  # random(seed=42) and (seed=123): one row
+    assert paper_row["mean"] == pytest.approx(91.0) and paper_row["n_seeds"] == 2
+    assert tiny_row["mean"] == pytest.approx(61.0) and tiny_row["n_seeds"] == 2  # 0.60, 0.62
+    assert paper_row["paper"] == 90.3
+    assert (
+        math.isnan(tiny_row["paper"])
+        and math.isnan(tiny_row["gap"])
+        and tiny_row["not_compared"] == "backbone"
+    )
+    markdown = report.render_markdown(summary)
+    assert (
+        "> **Warning: not the paper's CLIP.** Rows from a random/fallback backbone are not compared"
+        in markdown
+    )
+    assert "| default | feclip-tiny:random | mvtec | btad | 61.0 ± 1.4 (2) |  |  |" in markdown
+    assert (
+        "rows from a random/fallback backbone are not compared with the paper: their backbone (feclip-tiny:random)"
+        in markdown
+    )
+    assert "empty: not compared" in markdown
+    tex = report.render_latex(summary)
+    assert r"\begin{tabular}{llllrrrrrr}" in tex and "feclip-tiny:random" in tex
+    assert "not compared with the paper" in tex
+
+
+@pytest.mark.parametrize(
+    ("backbone", "compared"),
+    [
+        (PAPER_BB, True),
+        (FILE_BB, True),  # the OpenAI weights from a file
+        ("ViT-L-14-336-quickgelu:random(seed=7)", False),  # the paper's architecture, random weights
+        ("ViT-B-16:openai@sha256=0123456789ab", False),  # another CLIP
+        ("feclip-tiny:random(seed=42)", False),
+    ],
+)
+def test_only_the_papers_backbone_is_compared(tmp_path, paper_file, backbone, compared):
+    root = write_complete(tmp_path / "results", backbone=backbone)
+    summary = report.summarize(report.load_results(root), report.load_paper_numbers(paper_file))
+    c = cell(summary, dataset="btad", metric="image_auroc", averaging="macro")
+    assert (c["paper"] == 90.3) if compared else (math.isnan(c["paper"]) and c["not_compared"] == "backbone")
+
+
+def test_legacy_files_are_read_as_unknown_and_not_compared(tmp_path, paper_file):
+    root = write_complete(tmp_path / "results", legacy=True)
+    df = report.load_results(root)
+    assert set(df["backbone"]) == {"unknown"} and set(df["checkpoint"]) == {"unknown"}
+    summary = report.summarize(df, report.load_paper_numbers(paper_file))
+    c = cell(summary, dataset="btad", metric="image_auroc", averaging="macro")
+    assert c["backbone"] == "unknown" and c["mean"] == pytest.approx(91.0)
+    assert math.isnan(c["paper"]) and c["not_compared"] == "backbone"
+    markdown = report.render_markdown(summary)
+    assert "unknown = a metrics.csv written before the backbone column" in markdown
+
+
+def test_float_rounding_past_one_is_not_an_error(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "s", "v", 42, "mvtec", {("btad", "01", "pixel_aupro"): 1.0000000000000002})
+    assert report.load_results(root)["value"].iloc[0] == 1.0000000000000002
+
+
+def test_reading_matches_results_read_metrics(tmp_path):
+    from feclip.results import read_metrics
+
+    root = tmp_path / "results"
+    new = write_run(root, "s", "a", 42, "mvtec", RUNS[("spread3", 456)])
+    old = write_run(root, "s", "b", 42, "mvtec", RUNS[("spread3", 456)], legacy=True)
+    df = report.load_results(root)
+    for path in (new, old):
+        ours = df[df["source"] == str(path)].drop(columns="source").to_dict("records")
+        theirs = read_metrics(path)
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            assert {k: v for k, v in a.items() if k != "value"} == {
+                k: v for k, v in b.items() if k != "value"
+            }
+            assert a["value"] == b["value"] or (math.isnan(a["value"]) and math.isnan(b["value"]))
+
+
+def test_mixed_legacy_and_new_runs_of_one_variant_get_separate_rows(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "s", "v", 42, "mvtec", COMPLETE[42], legacy=True)
+    write_run(root, "s", "v", 123, "mvtec", COMPLETE[123])
+    summary = report.summarize(report.load_results(root))
+    rows = summary[(summary["dataset"] == "btad") & (summary["metric"] == "image_auroc")]
+    assert sorted(zip(rows["backbone"], rows["n_seeds"])) == [(PAPER_BB, 1), ("unknown", 1)]
+
+
+def test_paired_differences_stay_within_a_backbone(tmp_path):
+    root = tmp_path / "results"
+    for seed, values in COMPLETE.items():
+        write_run(root, "s", "a", seed, "mvtec", values)
+        write_run(root, "s", "b", seed, "mvtec", {k: v - 0.01 for k, v in values.items()})
+        write_run(root, "s", "c", seed, "mvtec", values, backbone=TINY_BB)  # only on the tiny backbone
+    paired = report.paired_differences(report.macro_per_seed(report.load_results(root)))
+    assert set(zip(paired["variant_a"], paired["variant_b"], paired["backbone"])) == {("a", "b", PAPER_BB)}
+    p = cell(paired, dataset="btad", metric="image_auroc")
+    assert p["mean_diff"] == pytest.approx(1.0) and p["n_shared"] == 2
+    assert list(paired.columns) == report.PAIRED_COLUMNS
+
+
+def test_backbone_labels_keep_a_hash_prefix_only_when_needed():
+    other = "ViT-L-14-336-quickgelu:openai@sha256=999999999999"
+    labels = report._backbone_labels([PAPER_BB, other, "feclip-tiny:random", "unknown"])
+    assert labels[PAPER_BB] == "ViT-L-14-336-quickgelu:openai@3f2a9c0b"
+    assert labels[other] == "ViT-L-14-336-quickgelu:openai@99999999"
+    assert labels["feclip-tiny:random"] == "feclip-tiny:random" and labels["unknown"] == "unknown"
+    assert report.backbone_label(FILE_BB) == "ViT-L-14-336-quickgelu:file:ViT-L-14-336.pt"
+    assert report.backbone_group("ViT-L-14-336-quickgelu:random(seed=7)") == "ViT-L-14-336-quickgelu:random"
+    assert report.backbone_group(PAPER_BB) == PAPER_BB
+
+
+# --------------------------------------------------------------------------------------------------
+# category coverage
+# --------------------------------------------------------------------------------------------------
+
+
+def test_incomplete_macro_is_flagged_and_never_compared(tree, paper_file):
+    summary = report.summarize(report.load_results(tree), report.load_paper_numbers(paper_file))
+    # VisA has 12 official categories, the tree holds candle and pcb1; BTAD has 3, the tree 01 and 02
+    c = cell(summary, variant="spread3", dataset="visa", metric="image_auroc", averaging="macro")
+    assert c["categories"] == "2/12" and c["incomplete"]
+    assert math.isnan(c["paper"]) and math.isnan(c["gap"]) and c["not_compared"] == "incomplete"
+    c = cell(summary, variant="spread3", dataset="btad", metric="image_auroc", averaging="macro")
+    assert c["categories"] == "2/3" and c["incomplete"] and c["not_compared"] == "incomplete"
+    micro = cell(summary, variant="spread3", dataset="visa", metric="image_auroc", averaging="micro")
+    assert micro["categories"] == "2/12" and micro["incomplete"]  # pools the same two categories
+    assert summary["paper"].isna().all()
+    markdown = report.render_markdown(summary)
+    assert "| spread3 | ViT-L-14-336-quickgelu:openai | mvtec | visa | 85.3 ± 2.5 (3)‡ |  |  |" in markdown
+    assert "(2)†‡" in markdown  # last4/btad: fewer seeds and incomplete
+    assert "‡ incomplete macro: the categories averaged are not the dataset's official list" in markdown
+    assert "(visa 2/12, btad 2/3)" in markdown
+    assert r"$^\ddagger$" in report.render_latex(summary)
+
+
+def test_coverage_of_datasets_without_an_official_list(tmp_path):
+    root = tmp_path / "results"
+    three = {("synthetic", c, "pixel_auroc"): 0.7 for c in ("gravel", "cat", "rocket")}
+    write_run(root, "s", "full", 42, "none", three)
+    write_run(root, "s", "full", 123, "none", three)
+    write_run(root, "s", "ragged", 42, "none", three)
+    write_run(root, "s", "ragged", 123, "none", dict(list(three.items())[:2]))  # a category missing
+    summary = report.summarize(report.load_results(root))
+    full = cell(summary, variant="full", averaging="macro")
+    assert full["categories"] == "3" and not full["incomplete"]
+    ragged = cell(summary, variant="ragged", averaging="macro")
+    assert ragged["categories"] == "2-3" and ragged["incomplete"]  # the seeds average different sets
+    assert "(synthetic 2-3)" in report.render_markdown(summary)
+
+
+def test_categories_outside_the_official_list_make_a_macro_incomplete(tmp_path, paper_file):
+    root = tmp_path / "results"
+    values = {("btad", c, "image_auroc"): 0.9 for c in ("01", "02", "03", "04")}
+    write_run(root, "s", "v", 42, "mvtec", values)
+    summary = report.summarize(report.load_results(root), report.load_paper_numbers(paper_file))
+    c = cell(summary, averaging="macro")
+    assert c["categories"] == "3/3 +1 other" and c["incomplete"] and math.isnan(c["paper"])
+
+
+def test_skipped_nan_categories_do_not_count(tmp_path, paper_file):
+    root = tmp_path / "results"
+    values = {
+        ("btad", "01", "image_auroc"): 0.9,
+        ("btad", "02", "image_auroc"): NAN,
+        ("btad", "03", "image_auroc"): 0.8,
+    }
+    write_run(root, "s", "v", 42, "mvtec", values)
+    df = report.load_results(root)
+    paper = report.load_paper_numbers(paper_file)
+    c = cell(report.summarize(df, paper), averaging="macro")
+    assert c["categories"] == "3/3" and math.isnan(c["mean"]) and c["not_compared"] == ""
+    c = cell(report.summarize(df, paper, skip_nan=True), averaging="macro")
+    # only 01 and 02 are averaged (85.0): two of the three categories, not the paper's macro
+    assert c["categories"] == "2/3" and c["incomplete"] and c["mean"] == pytest.approx(85.0)
+    assert math.isnan(c["paper"]) and c["not_compared"] == "incomplete"
+
+
+def test_official_lists_come_from_the_dataset_registry():
+    assert report.official_categories("mvtec")[:2] == ("bottle", "cable")
+    assert len(report.official_categories("mvtec")) == 15 and len(report.official_categories("visa")) == 12
+    assert report.official_categories("synthetic") is None and report.official_categories("folder") is None
+    assert report.official_categories("no_such_dataset") is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,16 +563,20 @@ def test_paper_number_only_for_the_paper_protocol(tmp_path, paper_file):
 def test_cli_writes_every_output(tree, paper_file, tmp_path, capsys):
     from matplotlib.image import imread
 
+    write_complete(tree)  # a study with complete macros: the paper bars have something to show
     out = tmp_path / "report"
     assert report.main([str(tree), "--out", str(out), "--paper", str(paper_file)]) == 0
     printed = capsys.readouterr().out
-    assert "## Study `taps`" in printed and "### Paired differences" in printed
+    assert (
+        "## Study `taps`" in printed and "## Study `bench`" in printed and "### Paired differences" in printed
+    )
     expected = [
         "summary.csv",
         "summary.md",
         "summary.tex",
         "paired.csv",
         "study_taps.png",
+        "study_bench.png",
         "bars_image_auroc.png",
     ]
     for name in expected + ["bars_pixel_aupro_zsad.png"]:
@@ -313,70 +585,266 @@ def test_cli_writes_every_output(tree, paper_file, tmp_path, capsys):
     for png in out.glob("*.png"):
         image = imread(png)
         assert image.ndim == 3 and np.ptp(image) > 0, f"{png.name} is blank"
-    summary = pd.read_csv(out / "summary.csv")
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False, na_values=["nan"])
     assert list(summary.columns) == report.SUMMARY_COLUMNS
+    c = cell(summary, study="bench", dataset="btad", metric="image_auroc")
+    assert c["backbone"] == PAPER_BB and c["categories"] == "3/3" and c["paper"] == 90.3
+    c = cell(
+        summary, study="taps", variant="spread3", dataset="visa", metric="image_auroc", averaging="macro"
+    )
+    assert c["categories"] == "2/12" and c["incomplete"] and c["not_compared"] == "incomplete"
     assert list(pd.read_csv(out / "paired.csv").columns) == report.PAIRED_COLUMNS
     tex = (out / "summary.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"85.3 $\pm$ 2.5 (3)" in tex and r"pixel\_aupro\_zsad" in tex
+    assert (
+        r"\begin{tabular}" in tex and r"85.3 $\pm$ 2.5 (3)$^\ddagger$" in tex and r"pixel\_aupro\_zsad" in tex
+    )
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
 def test_default_out_dir_and_markdown_dash_for_one_seed(tree):
     assert report.main([str(tree), "--no-paper", "--no-plots"]) == 0
     markdown = (tree / "report" / "summary.md").read_text()
-    assert "84.0 ± – (1)†" in markdown  # last3: one seed, std undefined
-    assert "nan ± – (3)" in markdown  # spread3 pixel_aupro_zsad: a nan category
+    assert "84.0 ± – (1)†‡" in markdown  # last3: one seed, std undefined (and 2 of VisA's 12 categories)
+    assert "nan ± – (3)‡" in markdown  # spread3 pixel_aupro_zsad: a nan category
     assert "**−2.33 [−3.77, −0.90] (3)**" in markdown  # last4 - spread3 on VisA image AUROC
     assert "| paper |" not in markdown  # --no-paper: no paper columns
 
 
-def test_report_does_not_import_torch():
-    code = "import feclip.report, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_cli_malformed_csv_exits_2_naming_the_file(tree):
-    bad = tree / "taps" / "spread3" / "seed=42" / "metrics.csv"
-    bad.write_text(
-        ",".join(HEADER) + "\ntaps,spread3,42,mvtec,visa,candle,image_auroc,not-a-number,10,a,b,c\n"
+def test_report_does_not_import_torch(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "s", "v", 42, "visa", {("mvtec", "bottle", "image_auroc"): 0.9})
+    # the whole report, with the dataset registry's category lists and the plots
+    code = (
+        "import sys; from feclip import report; "
+        f"assert report.main([{str(root)!r}, '--no-paper']) == 0; "
+        "assert report.official_categories('mvtec'); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
     )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# errors: one line "feclip-report: error: ...", exit status 2, no traceback, nothing half-written
+# --------------------------------------------------------------------------------------------------
+
+
+def fails(capsys, *argv) -> str:
+    """Run the CLI in-process; it must return 2 with a single error line on stderr and print nothing else."""
+    assert report.main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("feclip-report: error: "), captured.err
+    assert captured.out == ""
+    return lines[0]
+
+
+def csv_line(**fields) -> str:
+    """One valid metrics.csv data line of the 14-column schema, with some fields replaced."""
+    row = dict(zip(HEADER, ["taps", "last4", "42", "mvtec", "visa", "candle", "image_auroc", "0.5", "10"]))
+    row.update(git_sha="a", config_hash="b", finished_at="c", backbone=PAPER_BB, checkpoint="trained")
+    row.update(fields)
+    return ",".join(row[c] for c in HEADER) + "\n"
+
+
+GOOD = csv_line()
+HEAD = ",".join(HEADER) + "\n"
+
+
+def test_cli_malformed_csv_exits_2_naming_the_file_and_line(tree):
+    bad = tree / "taps" / "spread3" / "seed=42" / "metrics.csv"
+    bad.write_text(HEAD + GOOD + csv_line(value="not-a-number"))
     result = subprocess.run(
         [sys.executable, "-m", "feclip.report", str(tree), "--no-plots"], capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert str(bad) in result.stderr and "malformed" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr == (
+        f"feclip-report: error: malformed metrics file {bad}: line 3: value 'not-a-number' is not a number\n"
+    )
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("content", "expected"),
     [
-        "",  # empty file
-        "a,b,c\n1,2,3\n",  # not the schema
-        ",".join(HEADER) + "\ntaps,spread3,42,mvtec,visa,candle\n",  # short row
+        ("", "empty file, no header line"),
+        ("a,b,c\n1,2,3\n", "line 1: columns a,b,c are neither the metrics.csv schema"),
+        (HEAD + "taps,last4,42,mvtec,visa,candle\n", "line 2 has 6 fields, expected 14"),
+        (HEAD + GOOD.strip() + ",extra\n", "line 2 has 15 fields, expected 14"),
+        (",".join(LEGACY_HEADER) + "\n" + GOOD, "line 2 has 14 fields, expected 12"),
+        (HEAD + GOOD + GOOD + csv_line(value="abc"), "line 4: value 'abc' is not a number"),
+        (HEAD + csv_line(value="85.3"), "line 2: value 85.3 of image_auroc is outside [0, 1]"),
+        (HEAD + csv_line(value="inf"), "line 2: value inf of image_auroc is outside [0, 1]"),
+        (HEAD + csv_line(value="-0.01"), "line 2: value -0.01 of image_auroc is outside [0, 1]"),
+        (HEAD + csv_line(seed="4x2"), "line 2: seed '4x2' is not an integer"),
+        (HEAD + csv_line(n_images=""), "line 2: n_images '' is not an integer"),
+        (HEAD + csv_line(metric=""), "line 2: empty metric"),
+        (HEAD + csv_line(backbone=" "), "line 2: empty backbone"),
+        (HEAD + GOOD + '"taps,last4\n', "line 3: unexpected end of data"),
+        ("\n".join(HEADER) + "\n", "line 1: columns study are neither"),
     ],
 )
-def test_malformed_files_raise_a_report_error(tree, content):
+def test_malformed_metrics_files(tree, capsys, content, expected):
     bad = tree / "taps" / "last4" / "seed=42" / "metrics.csv"
     bad.write_text(content)
+    message = fails(capsys, tree, "--no-plots", "--no-paper")
+    assert f"malformed metrics file {bad}: {expected}" in message
     with pytest.raises(report.ReportError, match="malformed metrics file .*last4"):
         report.load_results(tree)
 
 
-def test_duplicate_runs_and_empty_trees_are_errors(tree, tmp_path, capsys):
+def test_unreadable_metrics_files(tree, capsys):
+    bad = tree / "taps" / "last4" / "seed=42" / "metrics.csv"
+    bad.write_bytes(HEAD.encode() + b"taps,last4,42,mvtec,visa,\xff\xfe,image_auroc,0.5,10,a,b,c,x,y\n")
+    assert f"malformed metrics file {bad}: not UTF-8 text" in fails(capsys, tree, "--no-paper")
+    bad.unlink()
+    bad.mkdir()  # a folder named metrics.csv
+    assert f"cannot read metrics file {bad}: Is a directory" in fails(capsys, tree, "--no-paper")
+
+
+def test_results_folder_errors(tree, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert f"results folder {missing} does not exist" in fails(capsys, missing)
+    a_file = tree / "taps" / "spread3" / "seed=42" / "metrics.csv"
+    assert f"results folder {a_file} is a file, not a folder" in fails(capsys, a_file)
+    (tmp_path / "empty").mkdir()
+    assert f"no metrics.csv under {tmp_path / 'empty'}" in fails(capsys, tmp_path / "empty")
+    write_run(tmp_path / "header_only", "s", "v", 42, "mvtec", {})
+    assert "hold no rows" in fails(capsys, tmp_path / "header_only")
+
+
+def test_duplicate_runs_are_an_error(tree, capsys):
+    original = tree / "taps" / "spread3" / "seed=42" / "metrics.csv"
     copy = tree / "backup" / "spread3" / "seed=42" / "metrics.csv"
     copy.parent.mkdir(parents=True)
-    copy.write_text((tree / "taps" / "spread3" / "seed=42" / "metrics.csv").read_text())
+    copy.write_text(original.read_text())
     with pytest.raises(report.ReportError, match="duplicate results"):
         report.load_results(tree)
-    (tmp_path / "empty").mkdir()
-    assert report.main([str(tmp_path / "empty")]) == 2
-    assert "no metrics.csv" in capsys.readouterr().err
-    write_run(tmp_path / "header_only", "s", "v", 42, "mvtec", {})
-    assert report.main([str(tmp_path / "header_only")]) == 2
-    assert "hold no rows" in capsys.readouterr().err
+    message = fails(capsys, tree, "--no-paper")
+    assert "duplicate results for study=taps variant=spread3 seed=42" in message
+    assert f"in {copy} and {original}" in message and "keep one copy per run" in message
 
 
-def test_unknown_baseline_is_an_error(tree, capsys):
-    assert report.main([str(tree), "--baseline", "nope", "--no-plots", "--no-paper"]) == 2
-    assert "--baseline 'nope'" in capsys.readouterr().err
+def test_the_same_run_on_two_random_inits_is_a_duplicate(tmp_path, capsys):
+    root = tmp_path / "results"
+    write_run(root, "s", "v", 42, "mvtec", COMPLETE[42], backbone="feclip-tiny:random(seed=42)")
+    write_run(root, "s", "v", 42, "mvtec", COMPLETE[42], backbone="feclip-tiny:random(seed=7)", folder="x")
+    assert "duplicate results" in fails(capsys, root, "--no-paper")
+
+
+PAPER_HEAD = "method,setting,dataset,image_auroc,image_ap,pixel_auroc,pixel_aupro\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", "empty file"),
+        ("method,setting,dataset\nFE-CLIP,zero_shot,visa\n", "missing columns"),
+        (
+            PAPER_HEAD + "FE-CLIP,zero_shot,visa,84.6,abc,95.9,92.8\n",
+            "dataset visa, column image_ap: 'abc' is not a number",
+        ),
+        (
+            PAPER_HEAD + "AnomalyCLIP,zero_shot,visa,82.1,85.4,95.5,87.0\n",
+            "no row with method=FE-CLIP and setting=zero_shot",
+        ),
+        (PAPER_HEAD + "FE-CLIP,zero_shot,visa,84.6,86.6,95.9,92.8\n" * 2, "dataset visa appears twice"),
+        (
+            PAPER_HEAD + "FE-CLIP,zero_shot,visa,0.846,0.866,0.959,0.928\n",
+            "the file holds percent, not fractions",
+        ),
+        (
+            PAPER_HEAD + "FE-CLIP,zero_shot,visa,846,86.6,95.9,92.8\n",
+            "column image_auroc: 846.0 is not a percentage",
+        ),
+        (PAPER_HEAD + "FE-CLIP,zero_shot,visa,84.6,86.6,95.9,92.8,1,2\n", "cannot read paper numbers"),
+    ],
+)
+def test_bad_paper_files(tree, tmp_path, capsys, content, expected):
+    paper = tmp_path / "paper.csv"
+    paper.write_text(content)
+    message = fails(capsys, tree, "--paper", paper, "--no-plots")
+    assert str(paper) in message and expected in message
+
+
+def test_paper_file_missing_or_a_folder(tree, tmp_path, capsys):
+    missing = tmp_path / "nope.csv"
+    assert f"--paper: paper numbers file {missing} does not exist" in fails(capsys, tree, "--paper", missing)
+    assert f"--paper: {tmp_path} is not a file" in fails(capsys, tree, "--paper", tmp_path)
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert f"paper numbers {binary}: not UTF-8 text" in fails(capsys, tree, "--paper", binary)
+
+
+def test_unknown_baseline_and_metrics_are_errors(tree, capsys):
+    assert "--baseline 'nope' is not a variant" in fails(capsys, tree, "--baseline", "nope", "--no-paper")
+    message = fails(capsys, tree, "--metrics", "image_auroc,image_aurc", "--no-paper")
+    assert "--metrics: image_aurc not in" in message and "image_auroc" in message
+    assert "--metrics: none given" in fails(capsys, tree, "--metrics", ",", "--no-paper")
+    # a known metric the runs did not compute is fine (shown where present), and so is "all"
+    assert report.main([str(tree), "--metrics", "all", "--no-paper", "--no-plots"]) == 0
+
+
+def test_output_folder_that_is_a_file(tree, tmp_path, capsys):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("keep me")
+    assert f"output folder {a_file}: {a_file} is a file, not a folder" in fails(capsys, tree, "--out", a_file)
+    below = a_file / "report"
+    assert f"output folder {below}: {a_file} is a file, not a folder" in fails(capsys, tree, "--out", below)
+    assert a_file.read_text() == "keep me"
+
+
+def test_output_folder_that_is_not_writable(tree, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    monkeypatch.setattr(report.os, "access", lambda path, mode: False)
+    assert f"output folder {out}: {out} is not writable" in fails(capsys, tree, "--out", out)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_folder_that_is_read_only(tree, tmp_path, capsys):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert "is not writable" in fails(capsys, tree, "--out", out, "--no-paper")
+        assert "is not writable" in fails(capsys, tree, "--out", out / "sub", "--no-paper")
+    finally:
+        out.chmod(0o755)
+
+
+def test_a_failed_write_leaves_the_previous_report_intact(tree, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "report"
+    assert report.main([str(tree), "--out", str(out), "--no-paper", "--no-plots"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"summary.csv", "paired.csv", "summary.md", "summary.tex"}
+
+    # a new run changes every table; the disk fills up while the third file is written
+    write_run(tree, "taps", "spread3", 789, "mvtec", RUNS[("spread3", 42)])
+    real, calls = report._write_bytes, []
+
+    def disk_full(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            real(path, data[: len(data) // 2])  # half the file reaches the disk, then the error
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(report, "_write_bytes", disk_full)
+    message = fails(capsys, tree, "--out", out, "--no-paper", "--no-plots")
+    assert f"cannot write {out / 'summary.md'}: No space left on device" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing changed
+
+    # bad input on the next run: the report is not touched either
+    monkeypatch.setattr(report, "_write_bytes", real)
+    (tree / "taps" / "last4" / "seed=42" / "metrics.csv").write_text(HEAD + csv_line(value="x"))
+    assert "malformed metrics file" in fails(capsys, tree, "--out", out, "--no-paper", "--no-plots")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_folder_in_place_of_an_output_file(tree, tmp_path, capsys):
+    out = tmp_path / "report"
+    (out / "summary.md").mkdir(parents=True)
+    assert f"cannot write {out / 'summary.md'}: it is a folder" in fails(
+        capsys, tree, "--out", out, "--no-paper"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["summary.md"]

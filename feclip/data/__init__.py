@@ -6,7 +6,7 @@
 
 Dataset names: :data:`DATASETS`; default folders under ``DATA_ROOT``: :data:`DEFAULT_DIRS`.
 The command line is ``feclip-data`` (:mod:`feclip.data.cli`); sources and licences are in
-:mod:`feclip.data.download`.
+:mod:`feclip.data.download`; the checks a run makes before training are in :mod:`feclip.data.validate`.
 """
 
 from feclip.data.samples import (
@@ -20,6 +20,7 @@ from feclip.data.samples import (
 )
 from feclip.data.synthetic import make_synthetic
 from feclip.data.transforms import CLIP_MEAN, CLIP_STD
+from feclip.data.validate import check_fewshot, check_target, check_train
 
 
 def __getattr__(name: str):
@@ -40,6 +41,9 @@ __all__ = [
     "DatasetInfo",
     "EmptyDatasetError",
     "Sample",
+    "check_fewshot",
+    "check_target",
+    "check_train",
     "dataset_info",
     "list_samples",
     "make_synthetic",

@@ -60,10 +60,13 @@ class CheckReport:
     Attributes:
         rows: (category, split, images, normal, anomalous, with_mask) per category and split.
         mask_values: per category, Counter of mask value signatures ("{0,255}", "{0,1}", "37 levels 0..255").
-        errors: problems that change the metrics (missing masks, size mismatches, unreadable files,
-            masks without images).
+        errors: problems that change the metrics or stop a run (missing masks, size mismatches,
+            unreadable files, masks without images, and every target rule of
+            :mod:`feclip.data.validate` on the test split: a category without anomalous images, without
+            images at all, mixing masked and unmasked anomalous images, ...).
         warnings: things to look at (empty or very large masks, non-binary masks, missing categories,
-            ignored folders).
+            ignored folders, a category without normal images).
+        notes: for information (a split the dataset does not have).
     """
 
     name: str
@@ -73,6 +76,7 @@ class CheckReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     n_masks_read: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def _value_signature(values: np.ndarray) -> str:
@@ -127,8 +131,14 @@ def check_dataset(
 ) -> CheckReport:
     """The ground-truth sanity check behind ``feclip-data check``; see :class:`CheckReport`.
 
+    The test split is held to the rules a run applies to an evaluation target
+    (:func:`feclip.data.validate.target_problems`), so ``check`` reports as errors exactly what would
+    stop a run, and more (it decodes every mask).
+
     Raises DatasetError/ConfigError for an unknown name, a missing root or a wrong layout.
     """
+    from feclip.data.validate import target_problems
+
     info = dataset_info(name)
     root = Path(root).expanduser()
     report = CheckReport(name, root)
@@ -137,11 +147,21 @@ def check_dataset(
         problems: list[str] = []
         try:
             samples = list_samples(name, root, split, categories, problems=problems, **options)
-        except EmptyDatasetError:
-            report.warnings.append(f"the {split} split has no images")
+        except EmptyDatasetError as err:
+            detail = " ".join(str(err).split())
+            if split == "test":
+                report.warnings.append(
+                    f"the test split has no images, so this dataset cannot be an evaluation target ({detail})"
+                )
+            else:
+                report.notes.append(f"no {split} split ({detail})")
             continue
         report.errors.extend(problems)
         listed.extend((split, s) for s in samples)
+        if split == "test":
+            errors, warnings = target_problems(name, samples)
+            report.errors.extend(errors)
+            report.warnings.extend(warnings)
     if not listed:
         raise EmptyDatasetError(f"{name}: no images at all under {root}; expected layout: {info.layout}")
 
@@ -211,7 +231,7 @@ def _print_report(report: CheckReport, limit: int) -> None:
     for category, signatures in report.mask_values.items():
         values = ", ".join(f"{sig} x{n}" for sig, n in signatures.most_common())
         print(f"  mask values {category}: {values}")
-    for title, items in (("warnings", report.warnings), ("errors", report.errors)):
+    for title, items in (("notes", report.notes), ("warnings", report.warnings), ("errors", report.errors)):
         if not items:
             continue
         print(f"{title} ({len(items)}):")

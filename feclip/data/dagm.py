@@ -25,6 +25,7 @@ from feclip.data.samples import (
     list_images,
     reject_options,
     report,
+    report_empty_categories,
     select_categories,
     subdirs,
 )
@@ -78,7 +79,8 @@ def list_dagm(root: Path, split: str, categories: list[str] | None, problems: li
     folder_name = "Train" if split == "train" else "Test"
     samples: list[Sample] = []
     finder = MaskFinder(("_label",))
-    for category in select_categories(list(found), categories, "dagm", root):
+    selected = select_categories(list(found), categories, "dagm", root)
+    for category in selected:
         split_dir = found[category] / folder_name
         if not split_dir.is_dir():
             raise layout_error("dagm", root, f"{category} has no {folder_name}/ folder ({split_dir})")
@@ -101,6 +103,9 @@ def list_dagm(root: Path, split: str, categories: list[str] | None, problems: li
                     f"dagm: {image} is flagged normal in {label_dir / 'Labels.txt'} but has a mask {mask}",
                 )
             samples.append(Sample(image, mask, label, category, "defect" if label else "good"))
+    report_empty_categories(
+        "dagm", split, selected, samples, problems, lambda c: f"no image in {found[c] / folder_name}"
+    )
     return samples
 
 

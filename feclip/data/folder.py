@@ -10,7 +10,8 @@ Several categories: ``<root>/<category>/`` each holding the above.
 
 Masks are all-or-nothing per category: with a ``ground_truth/`` (or ``masks/``) folder every
 anomalous image needs its mask (an error otherwise); without one the category is image-level only.
-There is a single split, ``test``. Images directly in ``<root>`` are not read.
+There is a single split, ``test``. Images directly in ``<root>`` are not read (``feclip-data check``
+notes them).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from feclip.data.samples import (
     layout_error,
     list_images,
     report,
+    report_empty_categories,
     select_categories,
     subdirs,
 )
 from feclip.errors import DatasetError
 
-__all__ = ["list_folder", "mask_files"]
+__all__ = ["folder_notes", "list_folder", "mask_files"]
 
 _MASK_DIR_NAMES = ("ground_truth", "masks")
 
@@ -74,7 +76,8 @@ def list_folder(
     found = _categories(root, good_dir, category)
     samples: list[Sample] = []
     finder = MaskFinder(("_mask", ""))
-    for name in select_categories(list(found), categories, "folder", root):
+    selected = select_categories(list(found), categories, "folder", root)
+    for name in selected:
         cat_dir = found[name]
         mask_root = _mask_root(cat_dir)
         good = child_dir(cat_dir, good_dir)
@@ -95,7 +98,31 @@ def list_folder(
                             f"masks are all-or-nothing: remove {mask_root} for image-level only",
                         )
                 samples.append(Sample(image, mask, 1, name, defect_dir.name))
+    report_empty_categories(
+        "folder", split, selected, samples, problems, lambda c: f"no image in {found[c]}/<{good_dir}|defect>/"
+    )
     return samples
+
+
+def folder_notes(root: Path, *, good_dir: str = "good", category: str | None = None) -> list[str]:
+    """Image files the reader does not read: those directly in the root (or in a category folder)."""
+    try:
+        found = _categories(root, good_dir, category)
+    except DatasetError:
+        return []
+    notes = []
+    if root not in found.values():  # several categories: a sub-folder without good_dir/ is not one
+        for d in subdirs(root):
+            if d.name not in found:
+                notes.append(f"folder: ignored {d} (no {good_dir}/ folder inside, so it is not a category)")
+    for folder in dict.fromkeys([root, *found.values()]):
+        loose = list_images(folder)
+        if loose:
+            notes.append(
+                f"folder: ignored {len(loose)} image file(s) directly in {folder} (e.g. {loose[0].name}); "
+                f"images go in {good_dir}/ or a defect folder"
+            )
+    return notes
 
 
 def mask_files(root: Path, *, good_dir: str = "good", category: str | None = None) -> list[Path]:

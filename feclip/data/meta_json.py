@@ -6,9 +6,12 @@ Format::
     item = {"img_path": <relative to root>, "mask_path": <relative, or "">, "cls_name": str,
             "specie_name": <defect or "">, "anomaly": 0 | 1}
 
-Keys ``Train``/``Test`` (AnomalyCLIP's DAGM script) are accepted. An anomalous item whose
-``mask_path`` is empty or a folder has no mask (image-level item, as in AnomalyCLIP's loader); a
-``mask_path`` naming a file that does not exist is an error.
+Keys ``Train``/``Test`` (AnomalyCLIP's DAGM script) are accepted; a file may hold only one of them
+(listing the other split raises :class:`~feclip.data.samples.EmptyDatasetError`). An anomalous item
+whose ``mask_path`` is empty or a folder has no mask (image-level item, as in AnomalyCLIP's loader); a
+``mask_path`` naming a file that does not exist is an error. Every item is type-checked: ``anomaly`` must
+be 0 or 1 (``"0"``/``"1"`` and booleans accepted), ``img_path`` a non-empty string, ``mask_path`` a string
+or null; a wrong item is an error naming the file, the key path and the item's index.
 """
 
 from __future__ import annotations
@@ -16,9 +19,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from feclip.data.samples import Sample, layout_error, report, select_categories
+from feclip.data.samples import (
+    EmptyDatasetError,
+    Sample,
+    dataset_info,
+    layout_error,
+    report,
+    report_empty_categories,
+    select_categories,
+)
 
 __all__ = ["list_meta_json"]
+
+
+def _label(value) -> int | None:
+    """0 or 1 from a JSON value (0, 1, true, false, "0", "1", 0.0, 1.0); None for anything else."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, float) and value in (0.0, 1.0):
+        return int(value)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value.strip())
+    return None
 
 
 def list_meta_json(
@@ -42,48 +66,92 @@ def list_meta_json(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise layout_error("meta_json", root, f"{path} is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
-        raise layout_error("meta_json", root, f"{path} does not hold a JSON object")
+        raise layout_error(
+            "meta_json",
+            root,
+            f"{path} holds a JSON {type(meta).__name__}, not an object with 'train'/'test' keys",
+        )
     key = split if split in meta else split.capitalize() if split.capitalize() in meta else None
     if key is None:
-        raise layout_error(
-            "meta_json", root, f"{path} has no {split!r} key (keys: {', '.join(map(str, meta))})"
+        raise EmptyDatasetError(
+            f"meta_json: {path} has no {split!r} key (keys: {', '.join(map(str, meta)) or 'none'}): "
+            f"no {split} split; expected layout: {dataset_info('meta_json').layout}"
         )
     by_class = meta[key]
     if not isinstance(by_class, dict):
-        raise layout_error("meta_json", root, f"{path}: {key!r} is not an object of class -> list of items")
-    wanted = set(select_categories([str(c) for c in by_class], categories, "meta_json", root))
+        raise layout_error(
+            "meta_json",
+            root,
+            f"{path}: {key!r} holds a JSON {type(by_class).__name__}, not an object of class -> list of items",
+        )
+    selected = select_categories([str(c) for c in by_class], categories, "meta_json", root)
+    wanted = set(selected)
     samples: list[Sample] = []
     for cls, items in by_class.items():
         if str(cls) not in wanted:
             continue
         if not isinstance(items, list):
-            raise layout_error("meta_json", root, f"{path}: {key}/{cls} is not a list of items")
+            raise layout_error(
+                "meta_json",
+                root,
+                f"{path}: [{key}][{cls}] holds a JSON {type(items).__name__}, not a list of items",
+            )
         for n, item in enumerate(items):
-            where = f"{path} [{key}][{cls}][{n}]"
-            if not isinstance(item, dict) or "img_path" not in item or "anomaly" not in item:
-                report(problems, f"meta_json: {where}: item lacks 'img_path' or 'anomaly'")
-                continue
-            try:
-                label = int(item["anomaly"])
-            except (TypeError, ValueError):
-                label = -1
-            if label not in (0, 1):
-                report(problems, f"meta_json: {where}: 'anomaly' is {item['anomaly']!r}, not 0 or 1")
-                continue
-            image = root / str(item["img_path"])
-            if not image.is_file():
-                report(problems, f"meta_json: {where}: image {image} not found")
-                continue
-            mask = None
-            mask_rel = str(item.get("mask_path") or "")
-            if label == 1 and mask_rel:
-                candidate = root / mask_rel
-                if candidate.is_file():
-                    mask = candidate
-                elif not candidate.is_dir():
-                    report(
-                        problems, f"meta_json: {where}: mask {candidate} of anomalous image {image} not found"
-                    )
-            defect = str(item.get("specie_name") or ("anomaly" if label else "good"))
-            samples.append(Sample(image, mask, label, str(item.get("cls_name") or cls), defect))
+            sample = _item(root, path, f"[{key}][{cls}][{n}]", item, str(cls), problems)
+            if sample is not None:
+                samples.append(sample)
+    # the category of an item is its cls_name (the class key when absent): count by the key here
+    listed = {str(cls) for cls, items in by_class.items() if isinstance(items, list) and items}
+    report_empty_categories(
+        "meta_json",
+        split,
+        [c for c in selected if c not in listed],
+        [],
+        problems,
+        lambda c: f"[{key}][{c}] is an empty list in {path}",
+    )
     return samples
+
+
+def _item(root: Path, path: Path, index: str, item, cls: str, problems: list[str] | None) -> Sample | None:
+    """The sample of one item, or None after reporting what is wrong with it."""
+    where = f"{path} {index}"
+    if not isinstance(item, dict):
+        report(problems, f"meta_json: {where}: the item is a JSON {type(item).__name__}, not an object")
+        return None
+    missing = [k for k in ("img_path", "anomaly") if k not in item]
+    if missing:
+        report(problems, f"meta_json: {where}: the item lacks {' and '.join(repr(k) for k in missing)}")
+        return None
+    label = _label(item["anomaly"])
+    if label is None:
+        report(problems, f"meta_json: {where}: 'anomaly' is {item['anomaly']!r}, expected 0 or 1")
+        return None
+    img_rel = item["img_path"]
+    if not isinstance(img_rel, str) or not img_rel.strip():
+        report(
+            problems, f"meta_json: {where}: 'img_path' is {img_rel!r}, expected a path (a non-empty string)"
+        )
+        return None
+    image = root / img_rel
+    if not image.is_file():
+        report(problems, f"meta_json: {where}: image {image} not found")
+        return None
+    mask_rel = item.get("mask_path")
+    if mask_rel is not None and not isinstance(mask_rel, str):
+        report(problems, f"meta_json: {where}: 'mask_path' is {mask_rel!r}, expected a path (a string) or ''")
+        return None
+    mask = None
+    if label == 1 and mask_rel and mask_rel.strip():
+        candidate = root / mask_rel
+        if candidate.is_file():
+            mask = candidate
+        elif not candidate.is_dir():
+            report(problems, f"meta_json: {where}: mask {candidate} of anomalous image {image} not found")
+    category = item.get("cls_name")
+    category = str(category) if isinstance(category, (str, int)) and str(category) else cls
+    defect = item.get("specie_name")
+    defect = (
+        str(defect) if isinstance(defect, (str, int)) and str(defect) else ("anomaly" if label else "good")
+    )
+    return Sample(image, mask, label, category, defect)

@@ -23,6 +23,7 @@ from feclip.data.samples import (
     list_images,
     reject_options,
     report,
+    report_empty_categories,
     select_categories,
     subdirs,
 )
@@ -68,7 +69,8 @@ def list_mvtec_like(
         raise layout_error(name, root, "no category folder with a train/ or test/ sub-folder")
     samples: list[Sample] = []
     finder = MaskFinder(("_mask", ""))
-    for category in select_categories(list(found), categories, name, root):
+    selected = select_categories(list(found), categories, name, root)
+    for category in selected:
         cat_dir = found[category]
         split_dir = cat_dir / split
         if not split_dir.is_dir():
@@ -88,6 +90,9 @@ def list_mvtec_like(
                             f"{gt_dir / (image.stem + '_mask.png')} (or {image.stem}.<ext> in {gt_dir})",
                         )
                 samples.append(Sample(image, mask, label, category, defect))
+    report_empty_categories(
+        name, split, selected, samples, problems, lambda c: f"no image in {found[c] / split}/<defect>/"
+    )
     return samples
 
 

@@ -12,6 +12,7 @@ Every listing is sorted: categories in natural order (``Class2`` before ``Class1
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ class DatasetInfo:
             mask file on disk (for the masks-without-images check), or None.
         notes: name of a function ``f(root, **options) -> list[str]`` in ``module`` remarking on ignored
             folders, or None.
+        options: the reader options the reader accepts (each a string); any other option is a
+            :class:`ConfigError` naming it and these.
     """
 
     name: str
@@ -126,6 +129,7 @@ class DatasetInfo:
     layout: str
     mask_files: str | None = None
     notes: str | None = None
+    options: tuple[str, ...] = ()
 
 
 MVTEC_CATEGORIES = (
@@ -203,6 +207,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             "<root>/split_csv/1cls.csv (columns object,split,label,image,mask) and "
             "<root>/<category>/Data/{Images/{Normal,Anomaly}/*.JPG, Masks/Anomaly/*.png}",
             "mask_files",
+            options=("split_file",),
         ),
         DatasetInfo(
             "btad",
@@ -307,6 +312,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             (),
             '<root>/meta.json = {"train"|"test": {<cls>: [{"img_path", "mask_path", "cls_name", '
             '"specie_name", "anomaly"}]}} with paths relative to <root>',
+            options=("meta_file",),
         ),
         DatasetInfo(
             "folder",
@@ -318,6 +324,8 @@ _REGISTRY: dict[str, DatasetInfo] = {
             "<root>/good/*.png and <root>/<defect>/*.png, optional masks in "
             "<root>/{ground_truth,masks}/<defect>/<stem>[_mask].png; or <root>/<category>/ holding that",
             "mask_files",
+            "folder_notes",
+            options=("good_dir", "category"),
         ),
     )
 }
@@ -358,25 +366,31 @@ def list_samples(
         problems: when given, per-image problems (a missing mask, a missing file) are appended to this
             list instead of raised, and the affected images are still listed (mask_path None); layout
             errors are always raised. :mod:`feclip.data.cli` ``check`` uses this.
-        **options: reader options (e.g. ``split_file="2cls_highshot"`` for VisA, ``meta_file`` for
-            ``meta_json``, ``good_dir``/``category`` for ``folder``).
+        **options: reader options, each a string (e.g. ``split_file="2cls_highshot"`` for VisA,
+            ``meta_file`` for ``meta_json``, ``good_dir``/``category`` for ``folder``); the other readers
+            take none.
 
     Returns:
         list[Sample], never empty.
 
     Raises:
-        ConfigError: unknown dataset name or split.
-        DatasetError: missing root, wrong layout, unknown category, missing file or mask, no images.
+        ConfigError: unknown dataset name, split or reader option; an option or ``categories`` of the
+            wrong type.
+        DatasetError: missing root, wrong layout, unknown category, a category without images in the
+            split, missing file or mask, no images.
     """
     info = dataset_info(name)
     if split not in info.splits:
         raise ConfigError(f"{name} has no split {split!r}; it has: {', '.join(info.splits)}")
+    check_reader_options(name, options, info.options)
+    if not isinstance(root, (str, os.PathLike)) or not str(root):
+        raise ConfigError(f"{name}: the dataset root must be a folder path, got {root!r}")
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"{name}: dataset root {root} does not exist; expected layout: {info.layout}")
     if not root.is_dir():
         raise DatasetError(f"{name}: dataset root {root} is not a folder; expected layout: {info.layout}")
-    wanted = _as_category_list(categories)
+    wanted = _as_category_list(categories, name)
     reader = reader_hook(info, info.function)
     samples = reader(root, split, wanted, problems, **options)
     if not samples:
@@ -402,12 +416,21 @@ def sort_samples(samples: Iterable[Sample]) -> list[Sample]:
     return sorted(samples, key=lambda s: (natural_key(s.category), str(s.image_path)))
 
 
-def _as_category_list(categories: str | Iterable[str] | None) -> list[str] | None:
+def _as_category_list(categories: str | Iterable[str] | None, name: str = "") -> list[str] | None:
     if categories is None:
         return None
     if isinstance(categories, str):
         return [categories]
-    out = [str(c) for c in categories]
+    if isinstance(categories, (bytes, dict)) or not isinstance(categories, Iterable):
+        raise ConfigError(
+            f"{name}: categories must be a category name or a list of names, got {categories!r} "
+            f"({type(categories).__name__})"
+        )
+    out = []
+    for c in categories:
+        if isinstance(c, bool) or not isinstance(c, (str, int)):
+            raise ConfigError(f"{name}: categories must be names (strings), got {c!r} ({type(c).__name__})")
+        out.append(str(c))
     return out or None
 
 
@@ -488,10 +511,54 @@ def report(problems: list[str] | None, message: str) -> None:
     problems.append(message)
 
 
+def check_reader_options(name: str, options: dict, accepted: Sequence[str] = ()) -> None:
+    """Raise :class:`ConfigError` for an option of reader ``name`` that is not in ``accepted``, or whose
+    value is not a non-empty string (options come from YAML, where ``good_dir: 0`` is a number)."""
+    unknown = sorted(str(k) for k in options if k not in accepted)
+    if unknown:
+        takes = f"accepts: {', '.join(accepted)}" if accepted else "accepts no options"
+        raise ConfigError(
+            f"{name}: unknown reader option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"the {name} reader {takes}"
+        )
+    for key, value in options.items():
+        if not isinstance(value, str) or not value.strip():
+            quote = (
+                f"; in YAML quote it: {key}: '{value}'"
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+                else ""
+            )
+            raise ConfigError(
+                f"{name}: reader option {key} must be a non-empty string, got {value!r} "
+                f"({type(value).__name__}){quote}"
+            )
+
+
 def reject_options(name: str, options: dict) -> None:
     """Raise :class:`ConfigError` when a reader that takes no options is given some."""
-    if options:
-        raise ConfigError(f"{name}: unknown reader option(s): {', '.join(sorted(options))}")
+    check_reader_options(name, options, ())
+
+
+def report_empty_categories(
+    name: str,
+    split: str,
+    selected: Iterable[str],
+    samples: Sequence[Sample],
+    problems: list[str] | None,
+    where,
+) -> None:
+    """Report (see :func:`report`) each selected category that has no image in ``split``.
+
+    ``where(category)`` names the place that was searched (a folder or a file), for the message.
+    """
+    present = {s.category for s in samples}
+    for category in selected:
+        if category not in present:
+            report(
+                problems,
+                f"{name}: category {category!r} has no {split} images ({where(category)}); "
+                f"add its images or leave it out with categories=...",
+            )
 
 
 def layout_error(name: str, root: Path, what: str) -> DatasetError:

@@ -307,27 +307,53 @@ def make_synthetic(
         "n_test_bad": _check_int("n_test_bad", n_test_bad, 1),
         "image_size": _check_int("image_size", image_size, 32),
     }
+    if not isinstance(root, (str, os.PathLike)) or not str(root):
+        raise ConfigError(f"make_synthetic: root must be a folder path, got {root!r}")
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
-        raise DatasetError(f"synthetic: {root} exists and is not a folder")
-    root.mkdir(parents=True, exist_ok=True)
+        raise DatasetError(
+            f"synthetic: {root} exists and is not a folder; set paths.data_root / paths.cache_dir to a "
+            "writable folder"
+        )
     out: dict[str, Path] = {}
+    todo: list[tuple[int, str, dict, dict]] = []
     for set_index, (set_name, categories) in enumerate(SETS.items()):
         target = root / set_name
         set_params = dict(params, set=set_name, categories=list(categories))
         out[set_name] = target
-        if not force and _complete(target, set_params):
-            continue
-        tmp = Path(tempfile.mkdtemp(prefix=f".{set_name}.tmp-", dir=root))
-        tmp.chmod(0o777 & ~_umask())
+        if force or not _complete(target, set_params):
+            todo.append((set_index, set_name, categories, set_params))
+    if not todo:  # complete already: a read-only copy is fine
+        return out
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(root, err) from None
+    for set_index, set_name, categories, set_params in todo:
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{set_name}.tmp-", dir=root))
+        except OSError as err:
+            raise _unwritable(root, err) from None
+        try:
+            tmp.chmod(0o777 & ~_umask())
             n_files = _write_set(tmp, set_index, categories, set_params)
             (tmp / MARKER).write_text(json.dumps({"params": set_params, "n_files": n_files}, indent=1))
-            _swap_in(tmp, target, set_params)
+            _swap_in(tmp, root / set_name, set_params)
+        except OSError as err:
+            raise _unwritable(root, err) from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _unwritable(root: Path, err: OSError) -> DatasetError:
+    reason = err.strerror or str(err) or type(err).__name__
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return DatasetError(
+        f"synthetic: cannot write the synthetic datasets under {root}: {reason}{where}; set "
+        "paths.data_root / paths.cache_dir (or the ROOT of `feclip-data synth`) to a writable folder"
+    )
 
 
 def _umask() -> int:
@@ -337,7 +363,7 @@ def _umask() -> int:
 
 
 def _swap_in(tmp: Path, target: Path, params: dict) -> None:
-    """Rename ``tmp`` to ``target``, replacing an old or incomplete ``target``."""
+    """Rename ``tmp`` to ``target``, replacing an old or incomplete ``target`` (put back if that fails)."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -345,7 +371,12 @@ def _swap_in(tmp: Path, target: Path, params: dict) -> None:
     try:
         tmp.rename(target)
     except OSError:
-        if not _complete(target, params):  # another process won the race with other parameters
+        if _complete(target, params):  # another process won the race with the same parameters
+            pass
+        else:
+            if old is not None and not target.exists():
+                old.rename(target)  # leave things as they were
+                old = None
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,7 @@ Every decoding failure (missing, unreadable or truncated file) is raised as
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "load_mask_values",
     "load_rgb",
     "normalize",
+    "probe_image",
     "resize_mask",
     "resize_rgb",
 ]
@@ -43,6 +45,28 @@ __all__ = [
 #: OpenAI CLIP normalisation constants (RGB).
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _describe_failure(path: Path, what: str, err: BaseException) -> DatasetError:
+    """The one-line DatasetError for a file PIL could not read."""
+    if isinstance(err, FileNotFoundError):
+        return DatasetError(f"{what} {path} not found")
+    if isinstance(err, IsADirectoryError) or path.is_dir():
+        return DatasetError(f"{what} {path} is a folder, not an image file")
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = False
+    if empty:
+        return DatasetError(f"{what} {path} is an empty file (0 bytes)")
+    if isinstance(err, Image.DecompressionBombError):
+        return DatasetError(f"{what} {path} is too large to decode safely: {err}")
+    if isinstance(err, UnidentifiedImageError):
+        return DatasetError(
+            f"{what} {path} is not a readable image (not an image file, or a corrupt or truncated one)"
+        )
+    detail = " ".join(str(err).split()) or type(err).__name__
+    return DatasetError(f"{what} {path} cannot be decoded (truncated or corrupt file?): {detail}")
 
 
 def _open(path: Path, what: str) -> Image.Image:
@@ -53,12 +77,19 @@ def _open(path: Path, what: str) -> Image.Image:
             img = Image.open(path)
             img.load()
         return img
-    except FileNotFoundError:
-        raise DatasetError(f"{what} {path} not found") from None
-    except UnidentifiedImageError:
-        raise DatasetError(f"{what} {path} is not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"{what} {path} cannot be decoded (truncated or corrupt file?): {err}") from None
+    # PIL raises assorted types for bad files: OSError, SyntaxError, ValueError, struct.error, ...
+    except Exception as err:
+        raise _describe_failure(path, what, err) from None
+
+
+def _convert(img: Image.Image, mode: str, path: Path, what: str) -> Image.Image:
+    try:
+        return img.convert(mode)
+    except Exception as err:  # e.g. a colour space PIL cannot convert
+        raise DatasetError(f"{what} {path}: cannot convert its {img.mode} pixels to {mode} ({err})") from None
+
+
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -83,23 +114,25 @@ def load_rgb(path: str | Path) -> np.ndarray:
     Returns:
         uint8 array, shape (H, W, 3).
     """
-    img = _open(Path(path), "image")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    path = Path(path)
+    img = _open(path, "image")
+    if img.mode in _WIDE_MODES:
         gray = _to_uint8(np.asarray(img))
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode != "RGB":
-        img = img.convert("RGB")
+        img = _convert(img, "RGB", path, "image")
     return np.asarray(img, dtype=np.uint8).copy()
 
 
 def load_mask_values(path: str | Path) -> np.ndarray:
     """Decode a mask file to its raw gray values, (H, W): uint8 (colour masks converted to luminance,
     1-bit masks as 0/255) or the raw 16/32-bit values."""
-    img = _open(Path(path), "mask")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    path = Path(path)
+    img = _open(path, "mask")
+    if img.mode in _WIDE_MODES:
         return np.asarray(img).copy()
     if img.mode != "L":
-        img = img.convert("L")
+        img = _convert(img, "L", path, "mask")
     return np.asarray(img, dtype=np.uint8).copy()
 
 
@@ -113,33 +146,78 @@ def load_mask(path: str | Path, threshold: int = 0) -> np.ndarray:
 
 
 def check_image(path: str | Path, decode: bool = False) -> tuple[int, int]:
-    """(H, W) of an image file after checking it: its structure (``PIL.Image.verify``), or with
+    """(H, W) of an image file after checking it: :func:`probe_image` and its structure
+    (``PIL.Image.verify``: chunk checksums of a PNG), or with
     ``decode=True`` a full decode (slower; also catches truncated JPEG data). Raises DatasetError."""
     if decode:
         img = _open(Path(path), "image")
         return img.size[1], img.size[0]
-    size = image_size(path)
+    size = probe_image(path, "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.verify()
     except Exception as err:  # verify() raises assorted exception types for corrupt files
-        raise DatasetError(f"image {path} is corrupt or truncated: {err}") from None
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise DatasetError(f"image {path} is corrupt or truncated: {detail}") from None
     return size
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file, from its header (no decoding)."""
+    path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
-    except FileNotFoundError:
-        raise DatasetError(f"file {path} not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"file {path} is not a readable image: {err}") from None
+    except Exception as err:
+        raise _describe_failure(path, "file", err) from None
+    return height, width
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_JPEG_END = b"\xff\xd9"
+
+
+def _tail_looks_complete(path: Path, fmt: str | None) -> bool:
+    """False when a PNG does not end with its IEND chunk or a JPEG has no end-of-image marker near its
+    end: the signs of a cut-off file (a download or copy that stopped)."""
+    if fmt not in ("PNG", "JPEG"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64))
+            tail = handle.read()
+    except OSError:
+        return False
+    if fmt == "PNG":
+        return tail.endswith(_PNG_END)
+    return _JPEG_END in tail
+
+
+def probe_image(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """(H, W) of an image file from its header, after checking that it can be used: it exists, is not
+    empty, PIL recognises its format and header, and it is not cut off (a PNG without its final chunk or
+    a JPEG without its end marker is fully decoded to decide). No full decode otherwise: fast.
+
+    Raises:
+        DatasetError: one line naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                fmt = img.format
+    except Exception as err:
+        raise _describe_failure(path, what, err) from None
+    if not _tail_looks_complete(path, fmt):
+        _open(path, what).close()  # raises for a truncated file; some writers omit the end marker
     return height, width
 
 

@@ -15,7 +15,15 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from feclip.data.samples import Sample, image_files_under, layout_error, report, select_categories, subdirs
+from feclip.data.samples import (
+    Sample,
+    image_files_under,
+    layout_error,
+    report,
+    report_empty_categories,
+    select_categories,
+    subdirs,
+)
 
 __all__ = ["list_visa", "mask_files"]
 
@@ -46,17 +54,23 @@ def list_visa(
         if any((d / "test").is_dir() for d in subdirs(root)):
             hint = " (this root has <category>/test/ folders: for a VisA copy converted to MVTec layout use --dataset mvtec)"
         raise layout_error("visa", root, f"split file {csv_path} not found{hint}")
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in _COLUMNS if c not in header]
-        if missing:
-            raise layout_error(
-                "visa", root, f"{csv_path} lacks column(s) {', '.join(missing)}; found {', '.join(header)}"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip() for h in (reader.fieldnames or []) if h is not None]
+            missing = [c for c in _COLUMNS if c not in header]
+            if missing:
+                raise layout_error(
+                    "visa",
+                    root,
+                    f"{csv_path} lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'no header'}",
+                )
+            rows = [_clean(row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise layout_error("visa", root, f"{csv_path} is not a readable csv file ({err})") from None
     found = sorted({row["object"] for row in rows if row["object"]})
-    wanted = set(select_categories(found, categories, "visa", root))
+    selected = select_categories(found, categories, "visa", root)
+    wanted = set(selected)
     samples: list[Sample] = []
     for line_no, row in enumerate(rows, start=2):
         if row["split"] != split or row["object"] not in wanted:
@@ -81,7 +95,18 @@ def list_visa(
                 )
                 mask = None
         samples.append(Sample(image, mask, label, row["object"], "anomaly" if label else "good"))
+    report_empty_categories(
+        "visa", split, selected, samples, problems, lambda c: f"no row with split {split!r} in {csv_path}"
+    )
     return samples
+
+
+def _clean(row: dict) -> dict[str, str]:
+    """A csv row with stripped keys and values; missing cells are empty strings."""
+    out = {k.strip(): (v if isinstance(v, str) else "").strip() for k, v in row.items() if k is not None}
+    for column in _COLUMNS:
+        out.setdefault(column, "")
+    return out
 
 
 def mask_files(root: Path, **options) -> list[Path]:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from feclip.data.dataset import collate
+from feclip.errors import DatasetError
 from feclip.metrics import aupro, compute_category_metrics
 from feclip.metrics.aggregate import AUPRO_METRIC_NAMES
 from feclip.results import MICRO, MetricRow
@@ -159,10 +160,14 @@ def save_figures(out_dir, dataset_name: str, dataset, preds: Predictions) -> Non
         )
 
 
-def _stack(arrays: list[np.ndarray], what: str, category: str) -> np.ndarray:
+def _stack(arrays: list[np.ndarray], what: str, category: str) -> np.ndarray | list[np.ndarray]:
+    """One array (N, H, W); the list itself for the pooled rows of categories of different sizes
+    (original-resolution evaluation), which the metrics take as they are."""
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(
+        if category == MICRO:
+            return arrays
+        raise DatasetError(
             f"category {category!r}: {what} of different sizes {sorted(shapes)[:3]}; original-resolution "
             "evaluation needs one image size per category (use eval.resolution=input)"
         )
@@ -191,7 +196,8 @@ def metric_rows(
             aupro_methods=tuple(cfg.aupro.methods),
             fpr_limit=cfg.aupro.fpr_limit,
         )
-        if with_masks and (not cfg.aupro.include_normal or cfg.aupro.per_image_norm):
+        variant = not cfg.aupro.include_normal or cfg.aupro.per_image_norm
+        if with_masks and variant and not isinstance(maps, list):  # (pooled maps of several sizes: none)
             values.update(_aupro_variant(masks, maps, preds.labels[idx], cfg.aupro))
         rows.extend(MetricRow(dataset_name, category, k, float(v), len(idx)) for k, v in values.items())
     return rows

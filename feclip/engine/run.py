@@ -24,10 +24,13 @@ import torch
 
 from feclip.config import BackboneConfig, DatasetRef, PathsConfig, RunConfig
 from feclip.engine import distributed as dist
-from feclip.errors import DatasetError, WeightsNotFoundError
+from feclip.engine.identity import RunLock, check_folder, data_fingerprint, make_identity, write_identity
+from feclip.errors import DatasetError, FEClipError, WeightsNotFoundError
 from feclip.loggers import NullLogger, make_logger
+from feclip.models.provenance import RANDOM, SHA_CHARS, WeightsSource, align_with_checkpoint, file_sha256
 from feclip.results import (
     METRICS_FILE,
+    PARTIAL_METRICS_FILE,
     MetricRow,
     atomic_write_text,
     config_hash,
@@ -41,7 +44,8 @@ log = logging.getLogger("feclip")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    """``auto`` -> the first CUDA device when there is one, else the CPU (the name is checked by
+    :meth:`RunConfig.validate`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -53,26 +57,87 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_clip(cfg: BackboneConfig, device: torch.device):
-    """Load the backbone; with ``fallback_tiny`` a missing checkpoint falls back to ``feclip-tiny``, loudly."""
-    from feclip.models import TINY_MODEL, load_clip
+def plan_backbone(cfg: BackboneConfig, seed: int) -> WeightsSource:
+    """The backbone this run will build, found without building it: the weights file and its SHA-256,
+    or random weights drawn with ``seed``. With ``fallback_tiny`` missing weights give ``feclip-tiny``
+    (random, ``seed``), said loudly and recorded as a fallback."""
+    from feclip.models import TINY_MODEL
+    from feclip.models.clip import locate_weights
 
     try:
-        return load_clip(
-            cfg.name, cfg.pretrained, device=device, precision=cfg.precision, image_size=cfg.image_size
-        )
+        path, source, _ = locate_weights(cfg.name, cfg.pretrained)
     except WeightsNotFoundError as e:
         if not cfg.fallback_tiny:
             raise
         banner = "!" * 100
         log.warning(
-            "\n%s\n%s\nFALLING BACK TO THE TINY RANDOM CLIP (%s): the numbers of this run say nothing about CLIP.\n%s",
+            "\n%s\n%s\nFALLING BACK TO THE TINY RANDOM CLIP (%s): the numbers of this run say nothing about "
+            "CLIP; its folder and every output name it (fallback=%s).\n%s",
             banner,
             e,
             TINY_MODEL,
+            TINY_MODEL,
             banner,
         )
-        return load_clip(TINY_MODEL, None, device=device)
+        return WeightsSource(TINY_MODEL, RANDOM, seed=seed, fallback=True)
+    if path is None:
+        return WeightsSource(cfg.name, RANDOM, seed=seed)
+    return WeightsSource(cfg.name, source, sha256=file_sha256(path), path=str(path))
+
+
+def build_clip(cfg: BackboneConfig, weights: WeightsSource, device: torch.device):
+    """Build the backbone ``weights`` describes (:func:`plan_backbone`), with ``cfg``'s precision/size."""
+    from feclip.models import load_clip
+
+    if weights.fallback:
+        return load_clip(weights.name, None, device=device, seed=weights.seed)
+    return load_clip(
+        weights.name,
+        weights.path if not weights.is_random else None,
+        device=device,
+        precision=cfg.precision,
+        image_size=cfg.image_size,
+        seed=weights.seed,
+    )
+
+
+def inspect_checkpoint(cfg: RunConfig) -> tuple[dict | None, str]:
+    """The adapter file's metadata and its identity (``<path>@sha256=…``), checked against the run's
+    model options before anything is built; ``(None, "trained"/"untrained")`` without one."""
+    from feclip.models.checkpoint import check_fits, read_metadata
+
+    if not cfg.checkpoint:
+        return None, "untrained"
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise FEClipError(
+            f"checkpoint={cfg.checkpoint}: no such file (expected an adapters.safetensors written by feclip-train)"
+        )
+    meta = read_metadata(path)
+    check_fits(meta, asdict(cfg.model), path)
+    return meta, f"{path}@sha256={file_sha256(path)[:SHA_CHARS]}"
+
+
+def check_taps_fit(model_cfg, backbone_name: str) -> None:
+    """``model.taps`` within the backbone's depth, read from open_clip's model config (nothing built)."""
+    from feclip.models.clip import _open_clip
+
+    vision = (_open_clip().get_model_config(backbone_name) or {}).get("vision_cfg", {})
+    depth = vision.get("layers")
+    if isinstance(depth, int):
+        model_cfg.validate(depth=depth)
+
+
+def run_variant(variant: str, weights: WeightsSource, checkpoint_id: str) -> str:
+    """The variant name of the run folder: the configured one, plus ``ckpt=<hash>`` for an evaluated
+    adapter file and ``fallback=<model>`` when the tiny CLIP replaced missing weights, so that runs
+    that differ in these never share a folder."""
+    parts = [] if variant == "default" else [variant]
+    if "@sha256=" in checkpoint_id:
+        parts.append(f"ckpt={checkpoint_id.rsplit('@sha256=', 1)[1][:8]}")
+    if weights.fallback:
+        parts.append(f"fallback={weights.name}")
+    return ",".join(parts) or "default"
 
 
 def dataset_root(ref: DatasetRef, paths: PathsConfig) -> Path:
@@ -98,9 +163,14 @@ def dataset_root(ref: DatasetRef, paths: PathsConfig) -> Path:
 
 def list_dataset(ref: DatasetRef, paths: PathsConfig) -> list:
     """The samples of one dataset reference (raises at once when the folder or its layout is wrong)."""
+    return list_samples_of(ref, paths, ref.split, ref.categories)
+
+
+def list_samples_of(ref: DatasetRef, paths: PathsConfig, split: str, categories) -> list:
+    """The samples of ``split`` of a dataset reference's folder, with its reader options."""
     from feclip.data import list_samples
 
-    return list_samples(ref.name, dataset_root(ref, paths), split=ref.split, categories=ref.categories)
+    return list_samples(ref.name, dataset_root(ref, paths), split=split, categories=categories, **ref.options)
 
 
 def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], out_dir: Path) -> dict:
@@ -108,10 +178,9 @@ def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], o
 
     The chosen images are recorded in ``fewshot_references.csv`` beside metrics.csv.
     """
-    from feclip.data import list_samples
     from feclip.models.fewshot import MemoryBank, pick_reference_samples
 
-    pool = list_samples(ref.name, dataset_root(ref, cfg.paths), split="train", categories=categories)
+    pool = list_samples_of(ref, cfg.paths, "train", categories)
     banks, lines = {}, ["dataset,category,k,seed,image_path"]
     for category in categories:
         chosen = pick_reference_samples(pool, cfg.eval.fewshot_k, cfg.seed, category)
@@ -130,8 +199,8 @@ def _plain(obj):
     return json.loads(json.dumps(asdict(obj), default=str))
 
 
-def training_fingerprint(cfg: RunConfig) -> str:
-    """What a resumable checkpoint must agree on."""
+def training_fingerprint(cfg: RunConfig, weights: WeightsSource | None = None) -> str:
+    """What a resumable checkpoint must agree on (``weights``: the backbone built, when known)."""
     train = _plain(cfg.train)
     for key in ("resume", "progress", "max_steps"):
         train.pop(key)
@@ -139,6 +208,7 @@ def training_fingerprint(cfg: RunConfig) -> str:
         {
             "seed": cfg.seed,
             "backbone": _plain(cfg.backbone),
+            "weights": weights.describe() if weights is not None else None,
             "model": _plain(cfg.model),
             "data": _plain(cfg.data.train),
             "train": train,
@@ -146,10 +216,13 @@ def training_fingerprint(cfg: RunConfig) -> str:
     )
 
 
-def environment_text(device: torch.device) -> str:
+def environment_text(device: torch.device, weights: WeightsSource | None = None) -> str:
     import open_clip
 
     lines = [
+        f"backbone {weights.describe() if weights else 'unknown'}"
+        + (" (FALLBACK: the configured weights were missing)" if weights and weights.fallback else "")
+        + (f" from {weights.path}" if weights and weights.path else ""),
         f"python {sys.version.split()[0]} on {platform.platform()}",
         f"torch {torch.__version__}, open_clip {open_clip.__version__}, numpy {np.__version__}",
         f"feclip git {git_sha()}",
@@ -193,104 +266,205 @@ def format_table(rows: list[MetricRow]) -> str:
 
 
 def run(cfg: RunConfig, do_train: bool = True) -> Path:
-    """Train (when ``do_train``), evaluate every target, and write the run directory. Returns it."""
+    """Train (when ``do_train``), evaluate every target, and write the run directory. Returns it.
+
+    Everything that can be checked is checked before the run folder is touched and before training:
+    the config, the adapter file, the backbone's weights, every dataset (listed and validated). A
+    folder holding another identity (:mod:`feclip.engine.identity`) is refused, a complete run of the
+    same identity is skipped, a killed one resumed; a second process on the same folder is refused.
+    """
+    cfg.expand_paths()
+    cfg.validate()
+    device = dist.init(resolve_device(cfg.device))  # joins torchrun's process group, if any
+    dist.check_batch_size(cfg.train.batch_size)
+    main = dist.is_main()  # rank 0 (or the only process) writes the run directory and evaluates
+
+    # -- what will run: adapter file, backbone, data; nothing is built or written yet ------------
+    checkpoint_meta, checkpoint_id = inspect_checkpoint(cfg)
+    weights = plan_backbone(cfg.backbone, cfg.seed)
+    if checkpoint_meta is not None:
+        weights = align_with_checkpoint(weights, checkpoint_meta, cfg.checkpoint)
+    check_taps_fit(cfg.model, weights.name)
+    train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
+    if train_name != "none":
+        checkpoint_id = "trained" if checkpoint_meta is None else f"{checkpoint_id}+trained"
+    with dist.main_first():  # rank 0 first: it may generate the synthetic sets
+        train_samples = list_dataset(cfg.data.train, cfg.paths) if train_name != "none" else None
+        target_samples = [list_dataset(ref, cfg.paths) for ref in cfg.data.targets]
+    fingerprints = check_data(cfg, train_samples, target_samples)
+    identity = make_identity(cfg, weights.describe(), checkpoint_id, fingerprints)
+    cfg.variant = run_variant(cfg.variant, weights, checkpoint_id)
+    out_dir = run_dir(cfg.paths.results_dir, cfg.study, cfg.variant, cfg.seed)
+    metrics_path = out_dir / METRICS_FILE
+    if not cfg.force and out_dir.is_dir() and check_folder(out_dir, identity) and is_complete(metrics_path):
+        log.info("skipping %s: metrics.csv is complete (force=true re-runs)", out_dir)
+        return out_dir
+    if not main and train_samples is None:
+        return out_dir  # nothing to train: rank 0 evaluates alone
+
+    lock = RunLock(out_dir).acquire() if main else None
+    handler = None
+    try:
+        if main:
+            if cfg.force and out_dir.exists():
+                shutil.rmtree(out_dir)
+            _make_run_dir(out_dir)
+            handler = _attach_file_log(out_dir / ("train.log" if do_train else "eval.log"))
+            write_identity(out_dir, identity)
+            provenance = {
+                "backbone": weights.describe(),
+                "checkpoint": checkpoint_id,
+                "identity": identity["hash"],
+            }
+            atomic_write_text(out_dir / "config.yaml", _to_yaml({**_plain(cfg), "provenance": provenance}))
+            atomic_write_text(out_dir / "env.txt", environment_text(device, weights))
+        dist.barrier()  # force=true has cleared the folder before any rank looks for a checkpoint
+        try:
+            return _train_and_evaluate(
+                cfg, do_train, device, weights, checkpoint_id, train_samples, target_samples, out_dir
+            )
+        except BaseException as e:
+            if handler is not None:  # the run's own log says why it stopped
+                what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+                log.error(
+                    "run failed: %s", what, exc_info=not isinstance(e, (FEClipError, KeyboardInterrupt))
+                )
+            raise
+    finally:
+        if handler is not None:
+            logging.getLogger("feclip").removeHandler(handler)
+            handler.close()
+        if lock is not None:
+            lock.release()
+
+
+def _make_run_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp"):  # temporary files of a killed process
+            stale.unlink()
+    except OSError as e:
+        raise FEClipError(
+            f"cannot write the run folder {out_dir} ({e.strerror or e}); set paths.results_dir to a writable folder"
+        ) from None
+
+
+def check_data(cfg: RunConfig, train_samples, target_samples) -> dict[str, str]:
+    """Validate every listed dataset before any training (one line naming the dataset, category or file
+    on a problem) and return their fingerprints (label -> :func:`data_fingerprint`)."""
+    from feclip.data.validate import check_fewshot, check_target, check_train
+
+    fingerprints = {}
+    if train_samples is not None:
+        for warning in check_train(cfg.data.train.name, train_samples):
+            log.warning("data.train: %s", warning)
+        root = dataset_root(cfg.data.train, cfg.paths)
+        fingerprints[f"train:{cfg.data.train.name}"] = data_fingerprint(root, train_samples)
+    for i, (ref, samples) in enumerate(zip(cfg.data.targets, target_samples)):
+        one_size = cfg.eval.resolution == "original"  # maps of one category are stacked at their own size
+        for warning in check_target(ref.name, samples, one_size_per_category=one_size):
+            log.warning("data.targets[%d] (%s): %s", i, ref.name, warning)
+        root = dataset_root(ref, cfg.paths)
+        fingerprints[f"target{i}:{ref.name}"] = data_fingerprint(root, samples)
+        if cfg.eval.fewshot_k:
+            pool = list_samples_of(ref, cfg.paths, "train", sorted({s.category for s in samples}))
+            check_fewshot(ref.name, pool, sorted({s.category for s in samples}), cfg.eval.fewshot_k)
+            fingerprints[f"fewshot{i}:{ref.name}"] = data_fingerprint(root, pool)
+    return fingerprints
+
+
+def _train_and_evaluate(
+    cfg: RunConfig,
+    do_train,
+    device,
+    weights: WeightsSource,
+    checkpoint_id,
+    train_samples,
+    target_samples,
+    out_dir,
+) -> Path:
     from feclip.data import AnomalyDataset
     from feclip.engine.evaluate import evaluate
     from feclip.engine.train import train
     from feclip.models import FEClip, load_adapters
 
-    cfg.validate()
-    device = dist.init(resolve_device(cfg.device))  # joins torchrun's process group, if any
-    dist.check_batch_size(cfg.train.batch_size)
-    main = dist.is_main()  # rank 0 (or the only process) writes the run directory and evaluates
-    out_dir = run_dir(cfg.paths.results_dir, cfg.study, cfg.variant, cfg.seed)
-    metrics_path = out_dir / METRICS_FILE
-    if is_complete(metrics_path) and not cfg.force:
-        log.info("skipping %s: metrics.csv is complete (force=true re-runs)", out_dir)
+    main = dist.is_main()
+    # -- model ----------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    clip = build_clip(cfg.backbone, weights, device)
+    model = FEClip(clip, cfg.model)
+    if cfg.checkpoint:
+        load_adapters(model, cfg.checkpoint)
+        log.info("adapters loaded from %s", cfg.checkpoint)
+    use_amp = cfg.train.amp == "bf16" and device.type == "cuda"
+    name = f"{cfg.study}/{cfg.variant}/seed={cfg.seed}"
+    provenance = {"backbone": weights.describe(), "checkpoint": checkpoint_id}
+    tracker = (
+        make_logger(cfg.logger, out_dir, name, {**_plain(cfg), "provenance": provenance})
+        if main
+        else NullLogger()
+    )
+
+    # -- train ----------------------------------------------------------------------------------
+    if train_samples is not None:
+        train_set = AnomalyDataset(train_samples, image_size=model.image_size, cache=cfg.data.cache_images)
+        log.info("training on %s: %r", cfg.data.train.name, train_set)
+        result = train(
+            model,
+            train_set,
+            cfg.train,
+            out_dir,
+            cfg.seed,
+            device,
+            training_fingerprint(cfg, weights),
+            on_epoch=tracker.log_epoch,
+        )
+        log.info(
+            "trained %d epochs (%d steps) in %.1f s, last loss %.4f",
+            result.epochs_run,
+            result.steps,
+            result.seconds,
+            result.last_loss,
+        )
+
+    # -- evaluate (rank 0 only); a failing target does not lose the others' rows ----------------
+    if not main:
         return out_dir
-    if main:
-        if cfg.force and out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_file_log(out_dir / ("train.log" if do_train else "eval.log")) if main else None
-    try:
-        if main:
-            atomic_write_text(out_dir / "config.yaml", _to_yaml(_plain(cfg)))
-            atomic_write_text(out_dir / "env.txt", environment_text(device))
-
-        # -- data: every listing first, so a missing target fails before any training ------------
-        train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
-        # rank 0 first: it may generate the synthetic sets, and it has cleared the run directory (force)
-        # before the other ranks look for a checkpoint to resume from
-        with dist.main_first():
-            train_samples = list_dataset(cfg.data.train, cfg.paths) if train_name != "none" else None
-            target_samples = [list_dataset(ref, cfg.paths) for ref in cfg.data.targets]
-        if not main and train_samples is None:
-            return out_dir  # nothing to train: rank 0 evaluates alone
-
-        # -- model ----------------------------------------------------------------------------------
-        seed_everything(cfg.seed)
-        clip = build_clip(cfg.backbone, device)
-        model = FEClip(clip, cfg.model)
-        if cfg.checkpoint:
-            load_adapters(model, cfg.checkpoint)
-            log.info("adapters loaded from %s", cfg.checkpoint)
-        use_amp = cfg.train.amp == "bf16" and device.type == "cuda"
-        name = f"{cfg.study}/{cfg.variant}/seed={cfg.seed}"
-        tracker = make_logger(cfg.logger, out_dir, name, _plain(cfg)) if main else NullLogger()
-
-        # -- train ----------------------------------------------------------------------------------
-        if train_samples is not None:
-            train_set = AnomalyDataset(
-                train_samples, image_size=model.image_size, cache=cfg.data.cache_images
-            )
-            log.info("training on %s: %r", cfg.data.train.name, train_set)
-            result = train(
-                model,
-                train_set,
-                cfg.train,
-                out_dir,
-                cfg.seed,
-                device,
-                training_fingerprint(cfg),
-                on_epoch=tracker.log_epoch,
-            )
-            log.info(
-                "trained %d epochs (%d steps) in %.1f s, last loss %.4f",
-                result.epochs_run,
-                result.steps,
-                result.seconds,
-                result.last_loss,
-            )
-
-        # -- evaluate (rank 0 only) -----------------------------------------------------------------
-        if not main:
-            return out_dir
-        rows: list[MetricRow] = []
-        for ref, samples in zip(cfg.data.targets, target_samples):
+    rows: list[MetricRow] = []
+    failed: list[str] = []
+    for ref, samples in zip(cfg.data.targets, target_samples):
+        try:
             target = AnomalyDataset(samples, image_size=model.image_size, cache=cfg.data.cache_images)
             log.info("evaluating on %s: %r", ref.name, target)
             banks = build_banks(model, ref, cfg, target.categories, out_dir) if cfg.eval.fewshot_k else None
             rows += evaluate(model, ref.name, target, cfg.eval, device, use_amp, banks, out_dir)
-        write_metrics(
-            metrics_path,
-            rows,
-            study=cfg.study,
-            variant=cfg.variant,
-            seed=cfg.seed,
-            train_dataset=train_name,
-            config_hash=config_hash(_plain(cfg)),
-            git_sha=git_sha(),
+        except FEClipError as e:
+            log.error("evaluation on %s failed: %s", ref.name, e)
+            failed.append(f"{ref.name}: {e}")
+    columns = {
+        "study": cfg.study,
+        "variant": cfg.variant,
+        "seed": cfg.seed,
+        "train_dataset": cfg.data.train.name if train_samples is not None else "none",
+        "config_hash": config_hash(_plain(cfg)),
+        "git_sha": git_sha(),
+        "backbone": weights.describe(),
+        "checkpoint": checkpoint_id,
+    }
+    if failed:
+        partial = out_dir / PARTIAL_METRICS_FILE
+        write_metrics(partial, rows, **columns)
+        raise FEClipError(
+            f"evaluation failed on {len(failed)} of {len(cfg.data.targets)} target(s) ({'; '.join(failed)}); "
+            f"the rows of the others are in {partial}"
         )
-        tracker.log_results(rows)
-        tracker.finish()
-        log.info("\n%s", format_table(rows))
-        log.info("wrote %s", metrics_path)
-        return out_dir
-    finally:
-        if handler is not None:
-            logging.getLogger("feclip").removeHandler(handler)
-            handler.close()
+    write_metrics(out_dir / METRICS_FILE, rows, **columns)
+    (out_dir / PARTIAL_METRICS_FILE).unlink(missing_ok=True)
+    tracker.log_results(rows)
+    tracker.finish()
+    log.info("\n%s", format_table(rows))
+    log.info("wrote %s", out_dir / METRICS_FILE)
+    return out_dir
 
 
 def _to_yaml(data: dict) -> str:

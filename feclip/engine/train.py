@@ -30,7 +30,7 @@ from feclip.engine import distributed as dist
 from feclip.engine.cache import PrefixCache, prefix_bytes
 from feclip.errors import ConfigError, FEClipError
 from feclip.losses import feclip_loss, mask_loss_images
-from feclip.models.checkpoint import load_adapters, save_adapters
+from feclip.models.checkpoint import read_metadata, save_adapters, unique_tmp
 
 log = logging.getLogger("feclip.train")
 
@@ -81,45 +81,94 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` under a unique temporary name, then a rename: ``path`` is old or new, never half.
+
+    A failure (disk full, ...) removes the temporary file and raises :class:`FEClipError`.
+    """
+    tmp = unique_tmp(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FEClipError(
+            f"could not write {path} ({e.strerror or e}); the previous checkpoint is kept, "
+            "free space and run the same command again to resume"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, step: int, fingerprint: str) -> None:
-    """Adapters (safetensors) first, then the optimizer state that marks the epoch as done."""
-    save_adapters(model, run_dir / ADAPTERS_FILE, {"epoch": str(epoch), "step": str(step)})
+    """One file marks an epoch as done: ``train_state.pt`` holds the adapters *and* the optimizer state,
+    written atomically, so the two can never disagree. ``adapters.safetensors`` (what users and
+    ``feclip-eval`` read) is exported from it afterwards; :func:`try_resume` re-exports it when an
+    interrupted save left it behind."""
     state = {
         "epoch": epoch,
         "step": step,
+        "adapters": {k: v.detach().to("cpu").clone() for k, v in model.trainable_state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "fingerprint": fingerprint,
         "fc_patch_frozen": not model.fc_patch.weight.requires_grad,
     }
     _atomic_torch_save(state, run_dir / STATE_FILE)
+    _export_adapters(model, run_dir, epoch, step)
+
+
+def _export_adapters(model, run_dir: Path, epoch: int, step: int) -> None:
+    try:
+        save_adapters(model, run_dir / ADAPTERS_FILE, {"epoch": str(epoch), "step": str(step)})
+    except OSError as e:
+        raise FEClipError(
+            f"could not write {run_dir / ADAPTERS_FILE} ({e.strerror or e}); the checkpoint of epoch "
+            f"{epoch + 1} is safe in {STATE_FILE}: free space and run the same command again"
+        ) from None
+
+
+def _read_state(state_path: Path) -> dict:
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same remedy
+        raise FEClipError(
+            f"{state_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); delete it to "
+            "train this run from the start, or pass force=true"
+        ) from None
+    if not isinstance(state, dict) or not {"epoch", "step", "optimizer", "adapters"} <= set(state):
+        raise FEClipError(
+            f"{state_path} is not a training state of this feclip version; delete it to train this run "
+            "from the start, or pass force=true"
+        )
+    return state
 
 
 def try_resume(model, optimizer, run_dir: Path, fingerprint: str) -> tuple[int, int]:
     """Load the last epoch checkpoint if there is one; returns (first epoch to run, steps done)."""
     state_path = run_dir / STATE_FILE
-    if not state_path.is_file() or not (run_dir / ADAPTERS_FILE).is_file():
+    if not state_path.is_file():
         return 0, 0
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = _read_state(state_path)
     if state.get("fingerprint") != fingerprint:
         raise FEClipError(
             f"{run_dir} holds a checkpoint of a different configuration; use force=true to start over "
             "or another results directory"
         )
-    meta = load_adapters(model, run_dir / ADAPTERS_FILE)
-    if int(meta.get("epoch", -1)) != state["epoch"]:
-        raise FEClipError(
-            f"{run_dir}: {ADAPTERS_FILE} (epoch {meta.get('epoch')}) and {STATE_FILE} (epoch {state['epoch']}) disagree"
-        )
+    model.load_state_dict(state["adapters"], strict=False)
     if state["fc_patch_frozen"]:
         model.fc_patch.requires_grad_(False)
     optimizer.load_state_dict(state["optimizer"])
+    if dist.is_main() and _exported_epoch(run_dir / ADAPTERS_FILE) != state["epoch"]:
+        log.info("re-exporting %s from %s (an earlier save was interrupted)", ADAPTERS_FILE, STATE_FILE)
+        _export_adapters(model, run_dir, state["epoch"], state["step"])
     log.info("resumed from %s after epoch %d (%d steps)", run_dir, state["epoch"], state["step"])
     return state["epoch"] + 1, state["step"]
+
+
+def _exported_epoch(path: Path) -> int | None:
+    """The epoch recorded in an exported adapter file (None when missing or unreadable)."""
+    try:
+        return int(read_metadata(path).get("epoch", -1))
+    except (FEClipError, ValueError):
+        return None
 
 
 def make_prefix_cache(model, dataset, cfg, device: torch.device) -> PrefixCache | None:
@@ -290,8 +339,38 @@ def _collate_share(items: list[dict]) -> dict:
 
 
 def _progress(loader, enabled: bool, desc: str, total: int):
+    """A tqdm bar on a terminal; elsewhere (a redirected stderr, a SLURM ``.err`` file) one log line
+    about every tenth of the epoch, so that the log stays readable."""
     if not enabled:
         return loader
+    import sys
+
+    if not sys.stderr.isatty():
+        return _LineProgress(loader, desc, total)
     from tqdm.auto import tqdm
 
     return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class _LineProgress:
+    """Iterates ``loader``, logging ``desc: i/total batches (postfix)`` every ``total / 10`` batches."""
+
+    def __init__(self, loader, desc: str, total: int) -> None:
+        self.loader, self.desc, self.total = loader, desc, total
+        self.every = max(1, math.ceil(total / 10))
+        self.postfix = ""
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def __iter__(self):
+        for i, item in enumerate(self.loader, 1):
+            yield item
+            if i % self.every == 0 or i == self.total:
+                log.info(
+                    "%s: %d/%d batches%s",
+                    self.desc,
+                    i,
+                    self.total,
+                    f" ({self.postfix})" if self.postfix else "",
+                )

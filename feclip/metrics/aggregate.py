@@ -96,7 +96,8 @@ def compute_category_metrics(
         labels: (N,) image labels, anomalous where ``> 0``.
         scores: (N,) image anomaly scores.
         masks: (N, H, W) ground-truth masks (zeros for normal images), or ``None`` for image-only
-            datasets: then no pixel metric is computed.
+            datasets: then no pixel metric is computed. A list of (H_i, W_i) masks of different sizes
+            (with a list of maps of the same sizes) is accepted: pixels pool, regions stay per image.
         maps: (N, H, W) anomaly maps; given exactly when ``masks`` is.
         aupro_methods: which AUPRO variants to add: ``"exact"`` -> ``pixel_aupro``, ``"zsad"`` ->
             ``pixel_aupro_zsad``; ``()`` for none.
@@ -115,7 +116,7 @@ def compute_category_metrics(
     out = {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
     if masks is None:
         return out
-    if not methods:
+    if not methods and not isinstance(masks, (list, tuple)):
         out.update(pixel_metrics(masks, maps))
         return out
     rp = region_pixels(masks, maps)

@@ -24,10 +24,62 @@ def save_adapters(model, path: str | os.PathLike, metadata: dict[str, str] | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     meta = {**model.checkpoint_metadata(), **(metadata or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tmp = unique_tmp(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses (hidden, ``.tmp``)."""
+    import uuid
+
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of an adapter file, without reading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FEClipError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise FEClipError(f"{path}: not a safetensors adapter file ({type(e).__name__}: {e})") from e
+
+
+def check_fits(meta: dict[str, str], model_config: dict, path: str | os.PathLike) -> None:
+    """Refuse, before any model is built, an adapter file trained with another model configuration.
+
+    ``model_config`` is the run's :class:`~feclip.models.FEClipConfig` as a plain dict; every field
+    the file records must have the same value (lists and tuples compare alike).
+
+    Raises:
+        CheckpointMismatchError: naming the fields that differ, both values.
+    """
+    try:
+        saved = json.loads(meta.get("config", "") or "{}")
+    except json.JSONDecodeError:
+        raise CheckpointMismatchError(f"{path}: unreadable model config in the file's metadata") from None
+    if not isinstance(saved, dict):
+        raise CheckpointMismatchError(f"{path}: the model config in the file's metadata is not an object")
+    plain = json.loads(json.dumps(model_config, default=str))
+    diffs = [
+        f"model.{k}={saved[k]!r} (this run: {plain[k]!r})"
+        for k in sorted(saved)
+        if k in plain and saved[k] != plain[k]
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{path}: trained with {', '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}; "
+            "evaluate it with the model options it was trained with"
+        )
 
 
 def read_adapters(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -68,6 +120,12 @@ def load_adapters(model, path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointMismatchError(
             f"{path}: does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"shape mismatch {bad_shape[:3]}); file config: adapters={cfg.get('adapters')}, taps={cfg.get('taps')}"
+        )
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FEClipError(
+            f"{path}: holds non-finite (NaN or inf) weights in {', '.join(bad[:3])}; it cannot be evaluated "
+            "(was the training diverging when it was saved?)"
         )
     model.load_state_dict(tensors, strict=False)
     return meta

@@ -188,6 +188,53 @@ def _load_into(model: nn.Module, path: Path) -> None:
         raise FEClipError(f"{path}: does not match the model architecture: {str(e).splitlines()[0]}") from e
 
 
+def locate_weights(
+    name: str, pretrained: str | os.PathLike | None, cache_dir: str | None = None
+) -> tuple[Path | None, str, bool]:
+    """Where ``pretrained`` weights for ``name`` are, without building anything.
+
+    Returns ``(file or None for random weights, source, quick_gelu)``: ``source`` is the open_clip tag,
+    ``file:<name>`` for a file, or ``random``; ``quick_gelu`` says whether the weights were trained with
+    QuickGELU (OpenAI's). A tag's weights are looked up in the local caches and downloaded only when
+    online (never with ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        ConfigError: an unknown model name, or ``pretrained`` neither a tag nor an existing file.
+        WeightsNotFoundError: a tag whose weights are not on this machine and cannot be downloaded.
+    """
+    from feclip.models.provenance import RANDOM
+
+    oc = _open_clip()
+    hub_name = name.startswith(("hf-hub:", "local-dir:"))
+    if not hub_name and oc.get_model_config(name) is None:
+        raise ConfigError(f"unknown CLIP model {name!r}; known names: {', '.join(list_models())}")
+    if pretrained is None:
+        return None, RANDOM, False
+    pretrained = str(pretrained)
+    tag_cfg = oc.get_pretrained_cfg(name, pretrained) if not hub_name else {}
+    if tag_cfg:
+        checkpoint = find_cached_weights(name, pretrained, cache_dir)
+        if checkpoint is None:
+            if is_offline():
+                raise WeightsNotFoundError(
+                    _missing_weights_message(name, pretrained, "HF_HUB_OFFLINE is set")
+                )
+            if not hub_reachable():
+                raise WeightsNotFoundError(_missing_weights_message(name, pretrained, "no network"))
+            from open_clip.pretrained import download_pretrained
+
+            log.info("downloading %s / %s", name, pretrained)
+            checkpoint = Path(download_pretrained(tag_cfg, cache_dir=cache_dir))
+        return checkpoint, pretrained, bool(tag_cfg.get("quick_gelu", False))
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path, f"file:{path.name}", _is_torchscript(path)  # OpenAI's own release files
+    tags = oc.list_pretrained_tags_by_model(name)
+    raise ConfigError(
+        f"pretrained={pretrained!r} is neither a tag of {name!r} (tags: {tags or 'none'}) nor an existing file"
+    )
+
+
 def load_clip(
     name: str = DEFAULT_MODEL,
     pretrained: str | os.PathLike | None = None,
@@ -196,6 +243,7 @@ def load_clip(
     image_size: int | None = None,
     quick_gelu: bool | None = None,
     cache_dir: str | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Create a frozen open_clip CLIP model in eval mode.
 
@@ -209,70 +257,51 @@ def load_clip(
         quick_gelu: force QuickGELU; ``None`` decides by itself: OpenAI weights (the tag's config says so,
             or an OpenAI TorchScript file) get the QuickGELU they were trained with.
         cache_dir: cache directory for downloads (default: the Hugging Face cache).
+        seed: random weights are drawn from this seed (the caller's random state is left alone);
+            ``None`` draws from the global random state (recorded as ``random(seed=None)``).
 
     Returns the open_clip model with ``requires_grad=False`` everywhere; the attribute
-    ``feclip_model_name`` records ``name``.
+    ``feclip_model_name`` records ``name`` and ``feclip_weights`` the
+    :class:`~feclip.models.provenance.WeightsSource` (with the weights file's SHA-256).
     """
+    from feclip.models.provenance import WeightsSource, file_sha256
+
     oc = _open_clip()
-    if name.startswith(("hf-hub:", "local-dir:")):
-        known = True
-    else:
-        known = oc.get_model_config(name) is not None
-    if not known:
-        raise ConfigError(f"unknown CLIP model {name!r}; known names: {', '.join(list_models())}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-    checkpoint: Path | None = None
-    tag_quick_gelu = False
-    if pretrained is not None:
-        pretrained = str(pretrained)
-        tag_cfg = (
-            oc.get_pretrained_cfg(name, pretrained) if not name.startswith(("hf-hub:", "local-dir:")) else {}
-        )
-        if tag_cfg:
-            tag_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-            checkpoint = find_cached_weights(name, pretrained, cache_dir)
-            if checkpoint is None:
-                if is_offline():
-                    raise WeightsNotFoundError(
-                        _missing_weights_message(name, pretrained, "HF_HUB_OFFLINE is set")
-                    )
-                if not hub_reachable():
-                    raise WeightsNotFoundError(_missing_weights_message(name, pretrained, "no network"))
-                from open_clip.pretrained import download_pretrained
-
-                log.info("downloading %s / %s", name, pretrained)
-                checkpoint = Path(download_pretrained(tag_cfg, cache_dir=cache_dir))
-        elif Path(pretrained).is_file():
-            checkpoint = Path(pretrained)
-            tag_quick_gelu = _is_torchscript(checkpoint)  # OpenAI's own release files
-        else:
-            tags = oc.list_pretrained_tags_by_model(name)
-            raise ConfigError(
-                f"pretrained={pretrained!r} is neither a tag of {name!r} (tags: {tags or 'none'}) nor an existing file"
-            )
+    checkpoint, source, tag_quick_gelu = locate_weights(name, pretrained, cache_dir)
     # an explicit choice overrides the model config; None follows the weights (OpenAI -> QuickGELU)
     gelu_kwargs = {"force_quick_gelu": tag_quick_gelu} if quick_gelu is None else {"quick_gelu": quick_gelu}
 
-    with warnings.catch_warnings(), _quiet_open_clip("No pretrained weights loaded"):
-        # weights are loaded below (or deliberately random); open_clip's tag/GELU checks do not apply
-        warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
-        model = oc.create_model(
-            name,
-            pretrained=None,
-            precision="fp32",
-            device="cpu",
-            force_image_size=image_size,
-            **gelu_kwargs,
-        )
+    def create():
+        with warnings.catch_warnings(), _quiet_open_clip("No pretrained weights loaded"):
+            # weights are loaded below (or deliberately random); open_clip's tag/GELU checks do not apply
+            warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+            return oc.create_model(
+                name,
+                pretrained=None,
+                precision="fp32",
+                device="cpu",
+                force_image_size=image_size,
+                **gelu_kwargs,
+            )
+
+    if checkpoint is None and seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create()
+    else:
+        model = create()
     if checkpoint is None:
-        log.info("%s: random weights", name)
-    if checkpoint is not None:
+        log.info("%s: random weights (seed %s)", name, seed)
+        weights = WeightsSource(name, source, seed=seed)
+    else:
         _load_into(model, checkpoint)
+        weights = WeightsSource(name, source, sha256=file_sha256(checkpoint), path=str(checkpoint))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
     model.feclip_model_name = name
+    model.feclip_weights = weights
     return model

@@ -194,10 +194,18 @@ class FEClip(nn.Module):
         """The adapter and fc_patch weights (what a checkpoint holds)."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("adapters.", "fc_patch."))}
 
+    @property
+    def backbone_weights(self):
+        """The :class:`~feclip.models.provenance.WeightsSource` of the CLIP (None if not from load_clip)."""
+        return getattr(self.clip, "feclip_weights", None)
+
     def checkpoint_metadata(self) -> dict[str, str]:
-        """String metadata written beside the weights, used to refuse a mismatched checkpoint."""
+        """String metadata written beside the weights, used to refuse a mismatched checkpoint and to
+        rebuild the backbone the adapters were trained on (``backbone_weights``)."""
+        weights = self.backbone_weights
         return {
             "backbone": str(self.backbone_name),
+            "backbone_weights": weights.describe() if weights is not None else "",
             "width": str(self.fc_patch.in_features),
             "depth": str(self.depth),
             "taps": json.dumps(list(self.config.taps)),

@@ -1,0 +1,211 @@
+"""A run's identity: everything that changes its numbers, recorded in its folder and checked on reuse.
+
+The identity of a run is
+
+- every config value that changes a number (:func:`number_config`: the whole :class:`RunConfig` less
+  :data:`NOT_IDENTITY`: names, paths, logging, progress, figures, the device);
+- the backbone that is actually built (:class:`~feclip.models.provenance.WeightsSource`, with the
+  weights file's SHA-256 or the seed of a random draw);
+- the adapter file evaluated (its SHA-256), for ``feclip-eval checkpoint=...``;
+- the data (:func:`data_fingerprint`: every listed image and mask by path relative to its dataset
+  root, size and label).
+
+``identity.json`` in the run folder holds it. A folder is reused (a complete run skipped, a killed
+run resumed) only when its identity is the same; another identity is refused before anything in the
+folder is touched. :class:`RunLock` keeps two processes out of one run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+from feclip.errors import FEClipError
+from feclip.results import atomic_write_text
+
+IDENTITY_FILE = "identity.json"
+# config keys that do not change a number (dotted; a key names its whole sub-tree)
+NOT_IDENTITY = (
+    "study",
+    "variant",
+    "force",
+    "device",
+    "checkpoint",  # replaced by the file's hash
+    "paths",
+    "logger",
+    "train.progress",
+    "train.resume",
+    "eval.save_figures",
+)
+# the files whose presence means a folder already holds (part of) a run
+RUN_FILES = ("metrics.csv", "adapters.safetensors", "train_state.pt", "metrics.partial.csv")
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.get(key, {})
+    tree.pop(leaf, None)
+
+
+def number_config(cfg) -> dict:
+    """The config values that change a number, as plain JSON data (a :class:`RunConfig` in)."""
+    plain = json.loads(json.dumps(asdict(cfg), default=str))
+    for key in NOT_IDENTITY:
+        _drop(plain, key)
+    return plain
+
+
+def _stat_size(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def data_fingerprint(root: Path, samples) -> str:
+    """SHA-256 (12 hex) of a listed dataset: per sample the image and mask paths relative to ``root``,
+    their sizes in bytes, the label and the category. Moving the dataset does not change it; adding,
+    removing, relabelling or replacing a file by one of another size does."""
+
+    def rel(path: Path | None) -> str | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            return Path(path).as_posix()
+
+    rows = [
+        [s.category, rel(s.image_path), _stat_size(Path(s.image_path)), s.label]
+        + [rel(s.mask_path), _stat_size(Path(s.mask_path) if s.mask_path else None)]
+        for s in samples
+    ]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
+
+
+def make_identity(cfg, backbone: str, checkpoint: str, data: dict[str, str]) -> dict:
+    """The identity record: ``{"hash", "backbone", "checkpoint", "data", "config"}``.
+
+    ``backbone``: :meth:`WeightsSource.describe`; ``checkpoint``: ``trained``/``untrained`` or
+    ``<file>@sha256=…``; ``data``: dataset label -> :func:`data_fingerprint`.
+    """
+    checkpoint_id = checkpoint.rsplit("@", 1)[-1] if "@sha256=" in checkpoint else checkpoint
+    body = {"backbone": backbone, "checkpoint": checkpoint_id, "data": data, "config": number_config(cfg)}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return {"hash": digest, "backbone": backbone, "checkpoint": checkpoint, "data": data, "config": body["config"]}
+
+
+def read_identity(out_dir: Path) -> dict | None:
+    """The identity stored in a run folder (None when there is none or it is unreadable)."""
+    try:
+        data = json.loads((out_dir / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "hash" in data else None
+
+
+def write_identity(out_dir: Path, identity: dict) -> None:
+    atomic_write_text(out_dir / IDENTITY_FILE, json.dumps(identity, indent=1, sort_keys=True) + "\n")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def differences(old: dict, new: dict, limit: int = 4) -> str:
+    """What differs between two identities, as ``key: old -> new`` items (at most ``limit``)."""
+    a = _flatten({k: old.get(k) for k in ("backbone", "checkpoint", "data", "config")})
+    b = _flatten({k: new.get(k) for k in ("backbone", "checkpoint", "data", "config")})
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    items = [f"{k.removeprefix('config.')}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
+    return "; ".join(items) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_folder(out_dir: Path, identity: dict) -> bool:
+    """Whether ``out_dir`` may be used for a run of ``identity``: True when it holds the same run
+    (to skip or resume), False when it holds no run yet.
+
+    Raises:
+        FEClipError: the folder holds a run of another identity, or a run from before identities were
+            recorded (nothing in the folder is changed).
+    """
+    stored = read_identity(out_dir)
+    if stored is not None:
+        if stored["hash"] == identity["hash"]:
+            return True
+        raise FEClipError(
+            f"{out_dir} holds a run of another configuration ({differences(stored, identity)}); "
+            "pass force=true to replace it, or use another study/variant/paths.results_dir"
+        )
+    present = [f for f in RUN_FILES if (out_dir / f).exists()]
+    if present:
+        raise FEClipError(
+            f"{out_dir} holds {', '.join(present)} of a run whose identity was not recorded (made by an "
+            "older feclip), so it cannot be trusted to match this configuration; pass force=true to replace it"
+        )
+    return False
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held for the life of the run (released if the process dies).
+
+    The lock file sits beside the folder (``.<folder>.lock``), so ``force=true`` can remove the folder
+    while holding it. A second process asking for the lock gets :class:`FEClipError` naming the holder.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir.parent / f".{out_dir.name}.lock"
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the lock
+        except OSError as e:
+            raise FEClipError(
+                f"cannot write in {self.path.parent} ({e.strerror or e}); set paths.results_dir to a "
+                "writable folder"
+            ) from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise FEClipError(
+                f"{self.path.parent / self.path.name[1:-5]} is in use by {holder}; wait for it to finish "
+                "(or stop it) before running the same run again"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
