@@ -103,15 +103,39 @@ def _save_figure(fig, path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
+_CHUNK_PIXELS = 1 << 18  # pixels blended at a time: the float64 temporaries stay a few MB at any size
+
+
+def _finite_range(amap: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) of the finite values of ``amap``, read in chunks; None when there is none."""
+    flat = np.asarray(amap).reshape(-1)
+    lo, hi = np.inf, -np.inf
+    for start in range(0, flat.size, _CHUNK_PIXELS):
+        part = flat[start : start + _CHUNK_PIXELS]
+        part = part[np.isfinite(part)]
+        if part.size:
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    return (lo, hi) if lo <= hi else None
+
+
+def _colour_range(amap: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """``vmin`` and ``vmax``, each defaulting to the map's finite minimum / maximum (0 / 1 if none)."""
+    if vmin is None or vmax is None:
+        found = _finite_range(amap)
+        if vmin is None:
+            vmin = found[0] if found else 0.0
+        if vmax is None:
+            vmax = found[1] if found else 1.0
+    return float(vmin), float(vmax)
+
+
 def _normalise(amap: np.ndarray, vmin: float | None, vmax: float | None) -> np.ndarray:
     """Scale to [0, 1] between ``vmin`` and ``vmax`` (default: the map's range); NaN -> 0."""
-    a = np.asarray(amap, dtype=np.float64)
-    finite = a[np.isfinite(a)]
-    if vmin is None:
-        vmin = float(finite.min()) if finite.size else 0.0
-    if vmax is None:
-        vmax = float(finite.max()) if finite.size else 1.0
-    lo, hi = float(vmin), float(vmax)
+    lo, hi = _colour_range(amap, vmin, vmax)
+    return _scale(np.asarray(amap, dtype=np.float64), lo, hi)
+
+
+def _scale(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:
         return np.zeros_like(a)
     return np.nan_to_num(np.clip((a - lo) / (hi - lo), 0.0, 1.0))
@@ -124,7 +148,8 @@ def overlay(
 
     ``out = (1 - alpha) * image + alpha * jet((amap - vmin) / (vmax - vmin))``, the map clipped to
     [vmin, vmax] (defaults: the map's own min and max). Shape: image ``(H, W, 3)`` uint8, amap
-    ``(H, W)`` -> ``(H, W, 3)`` uint8.
+    ``(H, W)`` -> ``(H, W, 3)`` uint8. Computed in float64 a band of rows at a time, so the memory
+    beyond the output stays a few MB whatever the image size.
     """
     from matplotlib import colormaps
 
@@ -134,9 +159,15 @@ def overlay(
         raise ValueError(f"map shape {amap.shape} differs from the image's {image.shape[:2]}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    colour = colormaps["jet"](_normalise(amap, vmin, vmax))[:, :, :3] * 255.0
-    blend = (1.0 - alpha) * image.astype(np.float64) + alpha * colour
-    return np.clip(np.round(blend), 0, 255).astype(np.uint8)
+    lo, hi = _colour_range(amap, vmin, vmax)
+    jet = colormaps["jet"]
+    out = np.empty_like(image)
+    rows = max(1, _CHUNK_PIXELS // max(1, image.shape[1]))
+    for r in range(0, image.shape[0], rows):
+        colour = jet(_scale(np.asarray(amap[r : r + rows], dtype=np.float64), lo, hi))[:, :, :3] * 255.0
+        blend = (1.0 - alpha) * image[r : r + rows].astype(np.float64) + alpha * colour
+        out[r : r + rows] = np.clip(np.round(blend), 0, 255).astype(np.uint8)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

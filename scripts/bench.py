@@ -40,6 +40,31 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Median of ``values`` and a distribution-free confidence interval for it (order statistics:
+    the interval between the k-th smallest and the k-th largest value, k the largest rank whose
+    binomial(n, 1/2) tail stays within (1 - confidence) / 2). ``nan`` bounds when n is too small
+    (n >= 6 gives a 95 % interval)."""
+    from scipy.stats import binom
+
+    xs = sorted(values)
+    n = len(xs)
+    k = 0  # 1-based rank of the lower bound; 0: no interval at this confidence
+    while k + 1 <= n // 2 and binom.cdf(k, n, 0.5) <= (1 - confidence) / 2:
+        k += 1
+    lo, hi = (xs[k - 1], xs[n - k]) if k else (float("nan"), float("nan"))
+    return statistics.median(xs), lo, hi
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """Median and 95 % CI of the per-round ratios ``num / den`` of interleaved timings."""
+    return median_ci([a / b for a, b in zip(times[num], times[den])])
+
+
+def _ci_text(ratio: tuple[float, float, float]) -> str:
+    return f"{ratio[0]:.3f} (95% CI {ratio[1]:.3f}-{ratio[2]:.3f})"
+
+
 def bench_model(model_name: str, repeats: int) -> dict:
     from feclip.models import FEClip, FEClipConfig, load_clip
 
@@ -54,15 +79,18 @@ def bench_model(model_name: str, repeats: int) -> dict:
             {"feclip": lambda: model(x), "encode_image": lambda: clip.encode_image(x)}, repeats
         )
     med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = paired_ratio(times, "feclip", "encode_image")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     print(
         f"[model] {model_name}, batch 1, {repeats} interleaved rounds, median seconds: "
-        f"FE-CLIP {med['feclip']:.3f}, encode_image {med['encode_image']:.3f}"
+        f"FE-CLIP {med['feclip']:.3f}, encode_image {med['encode_image']:.3f}; "
+        f"median paired ratio {_ci_text(ratio)}"
     )
     print(f"[model] parameters: trainable {trainable:,}, frozen {frozen:,}")
     return {
-        "forward_overhead": med["feclip"] / med["encode_image"],
+        "forward_overhead": ratio[0],
+        "forward_overhead_ci95": [ratio[1], ratio[2]],
         "feclip_forward_seconds": med["feclip"],
         "encode_image_seconds": med["encode_image"],
         "trainable_params": trainable,
@@ -98,7 +126,9 @@ def _train_step_times(clip, taps: tuple[int, ...], repeats: int, batch: int) -> 
 
     step(True), step(False)  # warm-up
     times = _interleaved({"cached": lambda: step(True), "full": lambda: step(False)}, repeats)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()} | {
+        "ratio": paired_ratio(times, "full", "cached")
+    }
 
 
 def bench_train(model_name: str, repeats: int, batch: int) -> dict:
@@ -110,12 +140,13 @@ def bench_train(model_name: str, repeats: int, batch: int) -> dict:
     figures = {}
     for name, taps in TAP_SETS.items():
         med = _train_step_times(clip, taps, repeats, batch)
-        figures[f"prefix_cache_speedup_{name}"] = med["full"] / med["cached"]
+        figures[f"prefix_cache_speedup_{name}"] = med["ratio"][0]
+        figures[f"prefix_cache_speedup_{name}_ci95"] = list(med["ratio"][1:])
         figures[f"train_step_seconds_{name}"] = med["full"]
         figures[f"train_step_cached_seconds_{name}"] = med["cached"]
         print(
             f"[train] {name} {list(taps)}: batch {batch}, step {med['full']:.2f} s without the cache, "
-            f"{med['cached']:.2f} s with it: x{med['full'] / med['cached']:.2f}"
+            f"{med['cached']:.2f} s with it: median paired speed-up {_ci_text(med['ratio'])}"
         )
     return figures
 
@@ -202,7 +233,10 @@ def main(argv=None) -> dict:
         help="comma-separated sections: model, train, eval, metrics, host",
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="interleaved rounds for the model and train sections"
+        "--repeats",
+        type=int,
+        default=15,
+        help="interleaved rounds for the model and train sections (>= 6 for a 95%% CI of the median)",
     )
     parser.add_argument("--train-batch", type=int, default=2, help="batch size of the train section")
     parser.add_argument("--eval-images", type=int, default=8, help="images of the eval section's category")

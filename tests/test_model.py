@@ -300,3 +300,22 @@ def test_training_and_inference_paths_agree(clip, images):
         inference = model(images).tap_maps
     training = model(images).tap_maps  # adapters require grad: the plain-block path after the first tap
     assert torch.allclose(inference, training, atol=1e-5)
+
+
+def test_the_head_runs_in_fp32_under_bf16_autocast(clip, images):
+    """The logits the metrics rank are never rounded to bf16, whatever the blocks before ran in."""
+    model = make(clip, taps=TINY_TAPS)
+    randomize_adapters(model)
+    g = torch.Generator().manual_seed(5)
+    n, b, (h, w), d = len(TINY_TAPS), 4, model.grid, clip.visual.conv1.out_channels
+    cls = torch.randn(n, b, d, generator=g).bfloat16()  # tap features as bf16 blocks leave them
+    patches = torch.randn(n, b, h, w, d, generator=g).bfloat16()
+    with torch.no_grad():
+        plain = model.head(cls, patches)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_amp = model.head(cls, patches)
+            whole = model(images)
+    for name in ("tap_cls_logits", "tap_patch_logits", "tap_scores", "tap_maps"):
+        assert getattr(under_amp, name).dtype == torch.float32, name
+        assert torch.equal(getattr(under_amp, name), getattr(plain, name)), name
+    assert whole.tap_patch_logits.dtype == torch.float32 and whole.tap_cls_logits.dtype == torch.float32

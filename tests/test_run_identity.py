@@ -344,15 +344,16 @@ def test_home_in_paths_is_expanded_once_for_every_reader(data_root, tmp_path, mo
     assert (out / "metrics.csv").is_file() and not (tmp_path / "~").exists()
 
 
-def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp_path, caplog):  # noqa: F811
+def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp_path, caplog, monkeypatch):  # noqa: F811
     caplog.set_level("INFO", logger="feclip.train")
+    monkeypatch.setattr(train_module._LineProgress, "every_s", 0.0)  # a line after every batch
     run(
         compose_run(
             smoke_overrides(data_root, tmp_path, "train.progress=true", "variant=pg", "train.epochs=1")
         )
     )
     lines = [r.getMessage() for r in caplog.records if "batches" in r.getMessage()]
-    assert lines and lines[-1].startswith("epoch 1/1: 5/5 batches")
+    assert [line.split(" (")[0] for line in lines] == [f"epoch 1/1: {i}/5 batches" for i in range(1, 5)]
 
 
 @pytest.mark.slow
@@ -390,3 +391,93 @@ def test_hydra_outputs_move_aside_when_the_results_folder_cannot_be_written(tmp_
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("feclip-train: error: cannot write in")
+
+
+# -- fail before spending compute -----------------------------------------------------------------
+
+
+def _no_training(monkeypatch):
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained before the check"))
+
+
+def test_an_undecodable_target_image_fails_before_training(data_root, tmp_path, monkeypatch):  # noqa: F811
+    import shutil
+
+    from feclip.errors import DatasetError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data_root / "synthetic" / "set_b", copy)
+    victim = sorted((copy / "cat" / "test").rglob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    _no_training(monkeypatch)
+    cfg = compose_run(
+        smoke_overrides(tmp_path, tmp_path / "r", "data.targets=[{name: synthetic, dir: copy}]")
+    )
+    with pytest.raises(DatasetError, match=victim.name):
+        run(cfg)
+    assert not (tmp_path / "r" / "default").exists()
+
+
+def test_fewshot_k_over_the_normal_images_fails_before_training(data_root, tmp_path, monkeypatch):  # noqa: F811
+    from feclip.errors import DatasetError
+
+    _no_training(monkeypatch)
+    with pytest.raises(DatasetError, match="fewer than 50|50"):
+        run(compose_run(smoke_overrides(data_root, tmp_path, "eval.fewshot_k=50")))
+
+
+def test_reader_options_come_from_the_command_line(tmp_path):
+    from feclip.engine.run import list_dataset
+    from feclip.errors import ConfigError as CfgError
+
+    root = tmp_path / "mine"
+    from PIL import Image
+
+    for folder, n in (("ok", 2), ("scratch", 2)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(root / folder / f"{i}.png")
+    cfg = compose_run(
+        [f"paths.data_root={tmp_path}", "data.targets=[{name: folder, dir: mine, options: {good_dir: ok}}]"]
+    )
+    samples = list_dataset(cfg.data.targets[0], cfg.paths)
+    assert sorted((s.image_path.parent.name, s.label) for s in samples) == [
+        ("ok", 0),
+        ("ok", 0),
+        ("scratch", 1),
+        ("scratch", 1),
+    ]
+    bad = compose_run(
+        [f"paths.data_root={tmp_path}", "data.targets=[{name: folder, dir: mine, options: {good: ok}}]"]
+    )
+    with pytest.raises(CfgError, match="good"):
+        list_dataset(bad.data.targets[0], bad.paths)
+
+
+def test_checkpoints_that_cannot_be_rebuilt_exactly_are_refused(tmp_path):
+    from feclip.models import FEClip, FEClipConfig, load_adapters, load_clip, save_adapters
+    from feclip.models.provenance import align_with_checkpoint
+
+    planned = WeightsSource("feclip-tiny", "random", seed=42)
+    with pytest.raises(CheckpointMismatchError, match="drawn without a seed"):
+        align_with_checkpoint(planned, {"backbone_weights": "feclip-tiny:random(seed=None)"}, "f")
+    assert align_with_checkpoint(planned, {"backbone_weights": "feclip-tiny:random(seed=3)"}, "f").seed == 3
+    loaded = WeightsSource("ViT-L-14-336-quickgelu", "openai", sha256="ab" * 32)
+    with pytest.raises(CheckpointMismatchError, match="another weights file"):
+        align_with_checkpoint(
+            loaded, {"backbone_weights": "ViT-L-14-336-quickgelu:openai@sha256=cdcdcdcdcdcd"}, "f"
+        )
+    # the input size is recorded and checked (a model trained at 518 is not rebuilt at 336)
+    model = FEClip(load_clip("feclip-tiny", seed=0), FEClipConfig(taps=(20, 23)))
+    path = save_adapters(model, tmp_path / "a.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert (
+        meta["image_size"] == str(model.image_size)
+        and meta["backbone_weights"] == "feclip-tiny:random(seed=0)"
+    )
+    save_file(load_file(path), tmp_path / "b.safetensors", metadata={**meta, "image_size": "518"})
+    with pytest.raises(CheckpointMismatchError, match="input size 518"):
+        load_adapters(model, tmp_path / "b.safetensors")

@@ -99,7 +99,13 @@ def make_identity(cfg, backbone: str, checkpoint: str, data: dict[str, str]) -> 
     checkpoint_id = checkpoint.rsplit("@", 1)[-1] if "@sha256=" in checkpoint else checkpoint
     body = {"backbone": backbone, "checkpoint": checkpoint_id, "data": data, "config": number_config(cfg)}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-    return {"hash": digest, "backbone": backbone, "checkpoint": checkpoint, "data": data, "config": body["config"]}
+    return {
+        "hash": digest,
+        "backbone": backbone,
+        "checkpoint": checkpoint,
+        "data": data,
+        "config": body["config"],
+    }
 
 
 def read_identity(out_dir: Path) -> dict | None:

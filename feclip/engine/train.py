@@ -339,8 +339,8 @@ def _collate_share(items: list[dict]) -> dict:
 
 
 def _progress(loader, enabled: bool, desc: str, total: int):
-    """A tqdm bar on a terminal; elsewhere (a redirected stderr, a SLURM ``.err`` file) one log line
-    about every tenth of the epoch, so that the log stays readable."""
+    """A tqdm bar on a terminal; elsewhere (a redirected stderr, a SLURM ``.err`` file) a log line at
+    most every :attr:`_LineProgress.every_s` seconds, so that the log stays readable."""
     if not enabled:
         return loader
     import sys
@@ -353,20 +353,24 @@ def _progress(loader, enabled: bool, desc: str, total: int):
 
 
 class _LineProgress:
-    """Iterates ``loader``, logging ``desc: i/total batches (postfix)`` every ``total / 10`` batches."""
+    """Iterates ``loader``, logging ``desc: i/total batches (postfix)`` every ``every_s`` seconds
+    (the epoch's own summary line follows each epoch)."""
+
+    every_s = 60.0
 
     def __init__(self, loader, desc: str, total: int) -> None:
         self.loader, self.desc, self.total = loader, desc, total
-        self.every = max(1, math.ceil(total / 10))
         self.postfix = ""
 
     def set_postfix(self, **values) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
     def __iter__(self):
+        last = time.perf_counter()
         for i, item in enumerate(self.loader, 1):
             yield item
-            if i % self.every == 0 or i == self.total:
+            if time.perf_counter() - last >= self.every_s and i < self.total:
+                last = time.perf_counter()
                 log.info(
                     "%s: %d/%d batches%s",
                     self.desc,

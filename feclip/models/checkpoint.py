@@ -106,10 +106,15 @@ def load_adapters(model, path: str | os.PathLike) -> dict[str, str]:
     """
     tensors, meta = read_adapters(path)
     mine = model.checkpoint_metadata()
-    checks = [("backbone", "backbone"), ("width", "backbone width"), ("taps", "tap set")]
+    checks = [
+        ("backbone", "backbone"),
+        ("width", "backbone width"),
+        ("taps", "tap set"),
+        ("image_size", "input size"),
+    ]
     for key, what in checks:
         theirs = meta.get(key)
-        if theirs is not None and theirs != "None" and mine[key] != "None" and theirs != mine[key]:
+        if theirs not in (None, "", "None") and mine[key] != "None" and theirs != mine[key]:
             raise CheckpointMismatchError(f"{path}: made for {what} {theirs}, but the model has {mine[key]}")
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -29,6 +29,15 @@ from feclip.models.prompts import PAPER_PROMPTS, PROMPT_MODES, encode_states, pr
 FC_PATCH_INITS = ("random", "clip_proj")
 
 
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``ln`` applied in fp32 (its weights cast), for fp32 ``x`` of any backbone precision."""
+    return F.layer_norm(x, ln.normalized_shape, _float(ln.weight), _float(ln.bias), ln.eps)
+
+
 def is_plain_block(blk: nn.Module) -> bool:
     """open_clip's standard pre-norm block: ln_1 -> self-attention (packed qkv) -> ls_1, ln_2 -> mlp -> ls_2."""
     attn = getattr(blk, "attn", None)
@@ -208,6 +217,7 @@ class FEClip(nn.Module):
             "backbone_weights": weights.describe() if weights is not None else "",
             "width": str(self.fc_patch.in_features),
             "depth": str(self.depth),
+            "image_size": str(self.image_size),
             "taps": json.dumps(list(self.config.taps)),
             "config": json.dumps(asdict(self.config)),
         }
@@ -285,15 +295,26 @@ class FEClip(nn.Module):
         return self.head(torch.stack(cls_feats), torch.stack(patch_feats), return_tokens)
 
     def head(self, cls: torch.Tensor, patches: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
-        """Scores and maps from tap features: cls ``(N, B, D)``, patches ``(N, B, h, w, D)``."""
+        """Scores and maps from tap features: cls ``(N, B, D)``, patches ``(N, B, h, w, D)``.
+
+        Always in fp32, whatever autocast or the backbone's precision say: the logits are what the
+        metrics rank, and bf16 would round the normal/abnormal margin (a few hundred distinct image
+        scores out of thousands). The blocks before it may run in bf16.
+        """
         v = self.clip.visual
-        text = self.text_embeddings.to(cls.dtype)
-        scale = self.logit_scale
-        cls_emb = F.normalize(v.ln_post(cls) @ v.proj.to(cls.dtype), dim=-1)  # (N, B, D_text)
-        tokens = v.ln_post(patches) if self.config.ln_post else patches
-        patch_emb = F.normalize(self.fc_patch(tokens), dim=-1)  # (N, B, h, w, D_text)
-        cls_logits = scale * cls_emb @ text.T  # (N, B, 2)
-        patch_logits = scale * patch_emb @ text.T  # (N, B, h, w, 2)
+        with torch.autocast(cls.device.type, enabled=False):
+            x_cls, x_patches = cls.float(), patches.float()
+            text = self.text_embeddings.float()
+            scale = self.logit_scale
+            cls_emb = F.normalize(
+                _layer_norm_fp32(v.ln_post, x_cls) @ v.proj.float(), dim=-1
+            )  # (N, B, D_text)
+            tokens = _layer_norm_fp32(v.ln_post, x_patches) if self.config.ln_post else x_patches
+            patch_emb = F.normalize(
+                F.linear(tokens, self.fc_patch.weight.float(), _float(self.fc_patch.bias)), dim=-1
+            )
+            cls_logits = scale * cls_emb @ text.T  # (N, B, 2)
+            patch_logits = scale * patch_emb @ text.T  # (N, B, h, w, 2)
         tap_scores = cls_logits.float().softmax(-1)[..., 1]
         tap_maps = patch_logits.float().softmax(-1)[..., 1]
         mean_map = tap_maps.mean(0)[:, None]  # (B, 1, h, w)

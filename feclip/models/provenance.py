@@ -122,6 +122,11 @@ def align_with_checkpoint(
             f"{path}: trained on backbone {saved.describe()}, but this run builds {planned.describe()}"
         )
     if saved.is_random:
+        if saved.seed is None:
+            raise CheckpointMismatchError(
+                f"{path}: trained on {saved.describe()}, a random backbone drawn without a seed, which "
+                "cannot be drawn again; re-train it"
+            )
         return replace(planned, seed=saved.seed)
     if saved.sha256 and planned.sha256 and not planned.sha256.startswith(saved.sha256):
         raise CheckpointMismatchError(
