@@ -37,7 +37,7 @@ reproduce-study:  ## the earlier study's spread3-vs-last4 benchmark (MVTec AD, V
 	@test -n "$(DATA_ROOT)" || { echo "make reproduce-study: set DATA_ROOT=/path/to/datasets (see docs/datasets.md)"; exit 2; }
 	$(PYTHON) scripts/check_datasets.py --data-root "$(DATA_ROOT)" visa_to_mvtec study3
 	DATA_ROOT="$(DATA_ROOT)" feclip-train -m +experiment=benchmark_taps $(ARGS)
-	feclip-report results/benchmark_taps --out results/tables/benchmark_taps
+	feclip-report results/benchmark_taps --out results/tables/benchmark_taps --study-numbers results/paper/study_numbers.csv
 	cp results/tables/benchmark_taps/summary.md results/tables/study_vs_ours.md
 	@echo "wrote results/tables/study_vs_ours.md"
 

@@ -6,11 +6,13 @@ Reads every ``<results_dir>/<study>/<variant>/seed=<seed>/metrics.csv`` (the sch
 
 - ``summary.csv``: tidy, one row per (study, variant, backbone, train_dataset, dataset, averaging,
   metric) with the mean and sample std over seeds, the number of seeds, the categories the macro covers,
-  the paper's number and the gap. All numbers in this file and in the tables are in percent (points),
-  as papers print them.
+  the paper's number and the gap, and (``--study-numbers``) a reproduction study's number, its std and
+  the gap to it. All numbers in this file and in the tables are in percent (points), as papers print
+  them.
 - ``summary.md`` / ``summary.tex``: one table per study (rows variant x backbone x dataset, cells
-  ``91.2 ± 0.3 (5)``), a micro (pooled) table when ``__micro__`` rows exist, and, in the Markdown, the
-  paired differences between variants.
+  ``91.2 ± 0.3 (5)``, with paper/gap and study/study gap columns where there are such numbers), a micro
+  (pooled) table when ``__micro__`` rows exist, and, in the Markdown, the paired differences between
+  variants.
 - ``paired.csv``: paired differences between the variants of a study (same backbone) over their shared
   seeds, with a 95% Student-t confidence interval.
 - ``bars_<metric>.png`` (ours vs the paper, per dataset) and ``study_<study>.png`` (mean ± std per
@@ -27,7 +29,9 @@ backbones never average together; a random init's seed is dropped from it (:func
 the seeds of a random-backbone study still form one row. Only rows of the paper's CLIP
 (:func:`feclip.results.is_paper_backbone`; ``unknown``, the value of legacy files, is not) whose macro
 covers exactly the dataset's official categories (:func:`category_coverage`) are compared with the
-paper.
+paper, and the same two rules hold for a reproduction study's numbers (:func:`load_study_numbers`),
+which a macro row matches by the taps set its variant name names (:func:`variant_taps`), its training
+and evaluated dataset and the metric.
 
 This module never imports torch (only numpy, pandas, the torch-free dataset registry of
 :mod:`feclip.data`, and lazily scipy and matplotlib), so the report runs on a laptop without the
@@ -71,6 +75,8 @@ __all__ = [
     "micro_per_seed",
     "aggregate_seeds",
     "load_paper_numbers",
+    "load_study_numbers",
+    "variant_taps",
     "summarize",
     "paired_differences",
     "render_markdown",
@@ -111,6 +117,13 @@ PAPER_AUX_DEFAULT = "mvtec"
 #: ``train_dataset`` of an evaluation-only run (no training recorded): compared with the paper too.
 NO_TRAINING = "none"
 DEFAULT_PAPER = Path(__file__).resolve().parent.parent / "results" / "paper" / "paper_numbers.csv"
+#: A reproduction study's numbers (``--study-numbers``; the report reads it only when asked).
+STUDY_NUMBERS = DEFAULT_PAPER.parent / "study_numbers.csv"
+#: Key columns of a study numbers file: the taps set (from the variant name, :func:`variant_taps`), the
+#: auxiliary training set (``train_dataset``) and the evaluated dataset.
+STUDY_KEY = ("taps", "train", "dataset")
+#: ``<metric>_std``: the study's std over its seeds.
+STUDY_STD_SUFFIX = "_std"
 FLAG = "†"
 FLAG_NOTE = "fewer seeds than the other cells"
 #: Marks a macro cell whose categories are not the dataset's official list (or differ between seeds).
@@ -122,7 +135,8 @@ WHY_INCOMPLETE = "incomplete"  # the macro does not cover the official categorie
 WHY_PROTOCOL = "protocol"  # trained on another auxiliary dataset than the paper's
 SUMMARY_COLUMNS = [
     "study", "variant", "backbone", "train_dataset", "dataset", "averaging", "metric", "mean", "std",
-    "n_seeds", "categories", "incomplete", "paper", "gap", "not_compared", "flagged",
+    "n_seeds", "categories", "incomplete", "paper", "gap", "not_compared", "study_mean", "study_std",
+    "gap_study", "not_compared_study", "flagged",
 ]  # fmt: skip
 PAIRED_COLUMNS = [
     "study", "backbone", "train_dataset", "dataset", "metric", "variant_a", "variant_b", "n_shared",
@@ -299,36 +313,50 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def _read_paper_table(path: Path) -> pd.DataFrame:
-    """The rows of a paper numbers CSV as text (``#`` starts a comment; every line as wide as the header)."""
+def _read_reference_table(path: Path, what: str = "paper numbers") -> pd.DataFrame:
+    """The rows of a reference numbers CSV as text (``#`` starts a comment; every line as wide as the header).
+
+    ``what`` names the file in errors (``paper numbers``, ``study numbers``). The frame's index is the
+    line number of each row in the file, and ``attrs["comments"]`` holds the text of its whole-line
+    comments, in order (a file's description of its numbers: source, settings).
+    """
     try:
         with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError:
-        raise ReportError(f"paper numbers {path}: not UTF-8 text") from None
+        raise ReportError(f"{what} {path}: not UTF-8 text") from None
     except OSError as err:
-        raise ReportError(f"cannot read paper numbers {path}: {err.strerror or err}") from None
-    header, rows = None, []
+        raise ReportError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    header, rows, lines, comments = None, [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith("#"):
+            comments.append(line.lstrip()[1:].strip())
         line = line.split("#", 1)[0]
         if not line.strip():
             continue
         try:
             fields = [field.strip() for field in next(csv.reader([line], strict=True))]
         except csv.Error as err:
-            raise ReportError(f"cannot read paper numbers {path}: line {number}: {err}") from None
+            raise ReportError(f"cannot read {what} {path}: line {number}: {err}") from None
         if header is None:
             header = fields
+            twice = [name for name in dict.fromkeys(fields) if fields.count(name) > 1]
+            if twice:
+                raise ReportError(
+                    f"{what} {path}: line {number}: column {twice[0]!r} appears twice in the header"
+                )
         elif len(fields) != len(header):
             raise ReportError(
-                f"cannot read paper numbers {path}: line {number} has {len(fields)} fields, "
-                f"the header {len(header)}"
+                f"cannot read {what} {path}: line {number} has {len(fields)} fields, the header {len(header)}"
             )
         else:
             rows.append(fields)
+            lines.append(number)
     if header is None:
-        raise ReportError(f"paper numbers {path}: empty file")
-    return pd.DataFrame(rows, columns=header, dtype=object)
+        raise ReportError(f"{what} {path}: empty file")
+    table = pd.DataFrame(rows, columns=header, index=pd.Index(lines, name="line"), dtype=object)
+    table.attrs["comments"] = comments
+    return table
 
 
 def load_paper_numbers(
@@ -343,7 +371,7 @@ def load_paper_numbers(
         ReportError: the file cannot be read or parsed, lacks a column, has no row for ``method`` and
             ``setting``, lists a dataset twice, or holds a value that is not a percentage.
     """
-    table = _read_paper_table(Path(path))
+    table = _read_reference_table(Path(path))
     needed = {"method", "setting", "dataset", *PAPER_TO_OURS}
     missing = sorted(needed - set(table.columns))
     if missing:
@@ -380,6 +408,134 @@ def load_paper_numbers(
         )
     long["metric"] = long["column"].map(PAPER_TO_OURS)
     return long.dropna(subset=["paper"])[["dataset", "metric", "paper"]].reset_index(drop=True)
+
+
+def _study_percent(text: str, line: int, column: str, fail) -> float:
+    """One entry of a study numbers file: a percentage in [0, 100], ``nan`` when not reported (``-``, empty)."""
+    if text in ("", "-"):
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        raise fail(f"line {line}, column {column}: {text!r} is not a number") from None
+    if math.isnan(value):
+        raise fail(f"line {line}, column {column}: {text!r} is not a number")
+    if not 0.0 <= value <= 100.0:
+        kind = "standard deviation" if column.endswith(STUDY_STD_SUFFIX) else "percentage"
+        raise fail(f"line {line}, column {column}: {text} is not a {kind} in [0, 100]")
+    return value
+
+
+def load_study_numbers(path: str | os.PathLike) -> pd.DataFrame:
+    """A reproduction study's numbers, long format: ``taps, train_dataset, dataset, metric, study_mean,
+    study_std`` (percent; ``study_std`` is ``nan`` where the file gives none).
+
+    Reads ``study_numbers.csv``: ``#`` lines are comments (kept in ``attrs["comments"]``, the file's own
+    description of its settings; ``attrs["source"]`` is ``path``), the key columns ``taps, train,
+    dataset`` (the taps set, the auxiliary training set, the evaluated dataset), one column per metric
+    named as ours (``image_auroc``, ...) and optional ``<metric>_std`` columns, the std over the study's
+    seeds. ``-`` or an empty field = not reported (dropped).
+
+    Raises:
+        ReportError: the file cannot be read or parsed, lacks a key column, has a column that is neither
+            one of our metrics nor the std of one, no rows, an empty key, a value that is not a number or
+            not in [0, 100], only values <= 1 (fractions), or one (taps, train, dataset) twice; the
+            message names the file, and the line and column.
+    """
+    path = Path(path)
+
+    def fail(detail: str) -> ReportError:
+        return ReportError(f"study numbers {path}: {detail}")
+
+    table = _read_reference_table(path, "study numbers")
+    missing = [c for c in STUDY_KEY if c not in table.columns]
+    if missing:
+        raise fail(f"missing columns {missing} (the key is {', '.join(STUDY_KEY)})")
+    values = [c for c in table.columns if c not in STUDY_KEY]
+    metrics = [c for c in values if not c.endswith(STUDY_STD_SUFFIX)]
+    for column in metrics:
+        if column not in METRIC_ORDER:
+            raise fail(
+                f"column {column!r} is not one of our metrics ({', '.join(METRIC_ORDER)}) "
+                f"nor a <metric>{STUDY_STD_SUFFIX} column"
+            )
+    for column in values:
+        if column.endswith(STUDY_STD_SUFFIX) and column[: -len(STUDY_STD_SUFFIX)] not in metrics:
+            raise fail(
+                f"column {column!r} is the std of {column[: -len(STUDY_STD_SUFFIX)]!r}, a column the file lacks"
+            )
+    if not metrics:
+        raise fail(f"no metric column (one or more of {', '.join(METRIC_ORDER)})")
+    if table.empty:
+        raise fail("no rows below the header")
+    rows, seen = [], {}
+    for line, fields in table.iterrows():
+        for column in STUDY_KEY:
+            if not fields[column]:
+                raise fail(f"line {line}: empty {column}")
+        key = tuple(fields[c] for c in STUDY_KEY)
+        if key in seen:
+            named = " ".join(f"{c}={v}" for c, v in zip(STUDY_KEY, key))
+            raise fail(f"lines {seen[key]} and {line} both give {named}; keep one")
+        seen[key] = line
+        for metric in metrics:
+            mean = _study_percent(fields[metric], line, metric, fail)
+            std_column = metric + STUDY_STD_SUFFIX
+            std = (
+                _study_percent(fields[std_column], line, std_column, fail)
+                if std_column in values
+                else math.nan
+            )
+            if math.isnan(mean) and not math.isnan(std):
+                raise fail(f"line {line}: {std_column} {fields[std_column]} without a {metric} value")
+            if not math.isnan(mean):
+                rows.append([*key, metric, mean, std])
+    columns = ["taps", "train_dataset", "dataset", "metric", "study_mean", "study_std"]
+    frame = pd.DataFrame(rows, columns=columns)
+    if frame.empty:
+        raise fail("no value: every entry is '-' or empty")
+    if (frame["study_mean"] <= 1.0).all():
+        raise fail("every value is <= 1; the file holds percent, not fractions")
+    frame["study_std"] = frame["study_std"].astype(float)
+    frame.attrs["source"] = str(path)
+    frame.attrs["comments"] = list(table.attrs.get("comments", []))
+    return frame
+
+
+def _split_overrides(variant: str) -> list[str]:
+    """The items of a variant name (Hydra's override string), split on the commas outside brackets."""
+    items, depth, current = [], 0, []
+    for ch in variant:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return items
+
+
+def variant_taps(variant: str) -> str | None:
+    """The taps set a variant name asks for: ``<name>`` of its ``taps=<name>`` item, else ``None``.
+
+    A variant name is Hydra's override string (``protocol=visa_to_mvtec,taps=spread3``; any order, an
+    ``eval,`` or ``ckpt=`` part allowed). No ``taps=`` item (``protocol=study3``, ``default``: the taps
+    default ran, but the name does not say which) gives ``None``, and so does a ``model.taps=[...]``
+    item, which replaces the set's layers (the set's name then no longer says what ran).
+    """
+    found = None
+    for item in _split_overrides(str(variant)):
+        item = item.strip().lstrip("+")
+        if item.startswith("model.taps"):
+            return None
+        name, sep, value = item.partition("=")
+        if sep and name == "taps" and value:
+            found = value
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -495,6 +651,39 @@ def paper_train_dataset(dataset: str) -> str:
     return PAPER_AUX_FOR_MVTEC if dataset == "mvtec" else PAPER_AUX_DEFAULT
 
 
+def _common_reasons(summary: pd.DataFrame) -> dict[str, pd.Series]:
+    """Why a row cannot be compared with any reference (paper or study): per reason, the rows it blocks.
+
+    ``backbone``: not the paper's CLIP (:func:`feclip.results.is_paper_backbone`; ``unknown`` is not).
+    ``incomplete``: the macro does not cover the dataset's official categories (every seed).
+    """
+    return {
+        WHY_BACKBONE: ~summary["backbone"].map(is_paper_backbone).astype(bool),
+        WHY_INCOMPLETE: summary["incomplete"].astype(bool),
+    }
+
+
+def _compare(
+    summary: pd.DataFrame, reported: pd.Series, reasons: dict[str, pd.Series]
+) -> tuple[pd.Series, pd.Series]:
+    """The reference numbers a summary shows, and why it withholds the others.
+
+    ``reported`` is the reference's number for each row (``nan``: it has none). Only a macro row that no
+    reason blocks shows it. Returns the shown numbers (``nan`` elsewhere) and ``not_compared``: for a macro
+    row with a reference number that is withheld, the blocking reasons joined by ``+`` (in the order of
+    ``reasons``), else empty.
+    """
+    macro = summary["averaging"] == "macro"
+    blocked = pd.concat(reasons, axis=1)
+    comparable = macro & ~blocked.any(axis=1)
+    shown = reported.where(comparable).astype(float)
+    why = pd.Series("", index=summary.index, dtype=object)
+    withheld = macro & reported.notna() & ~comparable
+    if withheld.any():
+        why[withheld] = ["+".join(n for n in reasons if row[n]) for _, row in blocked[withheld].iterrows()]
+    return shown, why
+
+
 def _attach_paper(summary: pd.DataFrame, paper: pd.DataFrame | None) -> pd.DataFrame:
     """Add ``paper``, ``gap`` (ours - paper, points) and ``not_compared`` to the summary.
 
@@ -514,23 +703,45 @@ def _attach_paper(summary: pd.DataFrame, paper: pd.DataFrame | None) -> pd.DataF
             index=summary.index,
             dtype=float,
         )
-        macro = summary["averaging"] == "macro"
-        reasons = {
-            WHY_BACKBONE: ~summary["backbone"].map(is_paper_backbone).astype(bool),
-            WHY_INCOMPLETE: summary["incomplete"].astype(bool),
-            WHY_PROTOCOL: ~(
-                (summary["train_dataset"] == NO_TRAINING)
-                | (summary["train_dataset"] == summary["dataset"].map(paper_train_dataset))
-            ),
-        }
-        blocked = pd.concat(reasons, axis=1)
-        comparable = macro & ~blocked.any(axis=1)
-        summary.loc[comparable, "paper"] = reported[comparable]
-        withheld = macro & reported.notna() & ~comparable
-        summary.loc[withheld, "not_compared"] = [
-            "+".join(name for name in reasons if row[name]) for _, row in blocked[withheld].iterrows()
-        ]
+        reasons = _common_reasons(summary)
+        reasons[WHY_PROTOCOL] = ~(
+            (summary["train_dataset"] == NO_TRAINING)
+            | (summary["train_dataset"] == summary["dataset"].map(paper_train_dataset))
+        )
+        summary["paper"], summary["not_compared"] = _compare(summary, reported, reasons)
     summary["gap"] = summary["mean"] - summary["paper"]
+    return summary
+
+
+def _attach_study(summary: pd.DataFrame, study: pd.DataFrame | None) -> pd.DataFrame:
+    """Add ``study_mean``, ``study_std``, ``gap_study`` (ours - study, points) and ``not_compared_study``.
+
+    A row matches a study number by (taps set, train dataset, evaluated dataset, metric); its taps set is
+    the ``taps=<name>`` item of its variant name (:func:`variant_taps`), so a variant that names none is
+    not matched. A matched row shows the number under the paper's comparability rules less the protocol
+    one (the training set is part of the key): macro rows of the paper's backbone with a complete macro.
+    Where the study has a number but the row is not comparable, ``not_compared_study`` says why
+    (``backbone``, ``incomplete``).
+    """
+    summary = summary.copy()
+    summary["study_mean"] = np.nan
+    summary["study_std"] = np.nan
+    summary["not_compared_study"] = ""
+    if study is not None and not study.empty and not summary.empty:
+        columns = ["taps", "train_dataset", "dataset", "metric", "study_mean", "study_std"]
+        lookup = {tuple(k): (mean, std) for *k, mean, std in study[columns].itertuples(index=False)}
+        taps = summary["variant"].map(variant_taps)
+        keys = zip(taps, summary["train_dataset"], summary["dataset"], summary["metric"])
+        found = [
+            lookup.get(key, (np.nan, np.nan)) if key[0] is not None else (np.nan, np.nan) for key in keys
+        ]
+        reported = pd.Series([mean for mean, _ in found], index=summary.index, dtype=float)
+        std = pd.Series([s for _, s in found], index=summary.index, dtype=float)
+        summary["study_mean"], summary["not_compared_study"] = _compare(
+            summary, reported, _common_reasons(summary)
+        )
+        summary["study_std"] = std.where(summary["study_mean"].notna())
+    summary["gap_study"] = summary["mean"] - summary["study_mean"]
     return summary
 
 
@@ -557,13 +768,19 @@ def _sort_key(column: pd.Series) -> pd.Series:
     return column.map(str)
 
 
-def summarize(df: pd.DataFrame, paper: pd.DataFrame | None = None, skip_nan: bool = False) -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame,
+    paper: pd.DataFrame | None = None,
+    skip_nan: bool = False,
+    study: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """The tidy summary (columns :data:`SUMMARY_COLUMNS`, numbers in percent).
 
     Args:
         df: rows of :func:`load_results`.
         paper: :func:`load_paper_numbers` output (percent), or ``None``.
         skip_nan: average only the defined categories of a seed.
+        study: :func:`load_study_numbers` output (percent), or ``None`` (the study columns stay empty).
     """
     parts = []
     for averaging, per_seed in (("macro", macro_per_seed(df, skip_nan)), ("micro", micro_per_seed(df))):
@@ -578,7 +795,7 @@ def summarize(df: pd.DataFrame, paper: pd.DataFrame | None = None, skip_nan: boo
     summary = summary.merge(category_coverage(df, skip_nan), on=KEYS, how="left")
     summary["categories"] = summary["categories"].fillna("")
     summary["incomplete"] = summary["incomplete"].eq(True)
-    summary = _flag_fewer_seeds(_attach_paper(summary, paper))
+    summary = _flag_fewer_seeds(_attach_study(_attach_paper(summary, paper), study))
     order = ["study", "averaging", "variant", "backbone", "train_dataset", "dataset", "metric"]
     return summary.sort_values(order, key=_sort_key).reset_index(drop=True)[SUMMARY_COLUMNS]
 
@@ -674,6 +891,8 @@ DASH = "–"
 #: Label columns of the summary and paired tables (left-aligned; the rest are numbers).
 _SUMMARY_LABELS = ["variant", "backbone", "train", "dataset"]
 _PAIRED_LABELS = ["A − B", "backbone", "train", "dataset"]
+#: The two columns a metric gets in a table when the study's numbers are attached.
+STUDY_HEADER = ["study", "study gap"]
 
 
 def _num(value: float, digits: int = 1) -> str:
@@ -710,21 +929,36 @@ def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     return sorted(set(values), key=lambda v: (rank.get(v, len(rank)), v))
 
 
+def _study_cell(mean: float, std: float) -> str:
+    """The study's number: ``90.7 ± 0.3`` with its std, ``95.6`` without, ``–`` when it has none."""
+    if mean is None or math.isnan(mean):
+        return DASH
+    return _num(mean) if std is None or math.isnan(std) else f"{_num(mean)} ± {_num(std)}"
+
+
 def _summary_table(
     cells: pd.DataFrame, metrics: Sequence[str], labels: dict[str, str]
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one study table: rows variant x backbone x dataset, a cell per metric (+ paper,
-    gap; both empty where the row is not compared with the paper)."""
+    gap; + study, study gap; both pairs empty where the row is not compared with that reference)."""
     metrics = [m for m in metrics if m in set(cells["metric"])]
-    with_paper = [
-        m
-        for m in metrics
-        if cells.loc[cells["metric"] == m, "paper"].notna().any()
-        or (cells.loc[cells["metric"] == m, "not_compared"] != "").any()
-    ]
+
+    def shown(value_column: str, why_column: str) -> list[str]:
+        if value_column not in cells:
+            return []
+        return [
+            m
+            for m in metrics
+            if cells.loc[cells["metric"] == m, value_column].notna().any()
+            or (cells.loc[cells["metric"] == m, why_column] != "").any()
+        ]
+
+    with_paper = shown("paper", "not_compared")
+    with_study = shown("study_mean", "not_compared_study")
     header = list(_SUMMARY_LABELS)
     for m in metrics:
         header += [m] + (["paper", "gap"] if m in with_paper else [])
+        header += STUDY_HEADER if m in with_study else []
     rows = []
     row_keys = ["variant", "backbone", "train_dataset", "dataset"]
     index = cells.set_index(row_keys + ["metric"])
@@ -745,6 +979,11 @@ def _summary_table(
                     row += ["", ""]
                 else:
                     row += [_num(cell["paper"]), _signed(cell["gap"])]
+            if m in with_study:
+                if cell is None or cell["not_compared_study"]:
+                    row += ["", ""]
+                else:
+                    row += [_study_cell(cell["study_mean"], cell["study_std"]), _signed(cell["gap_study"])]
         rows.append(row)
     return header, rows
 
@@ -804,9 +1043,19 @@ def _backbone_note(backbones: Sequence[str], labels: dict[str, str]) -> str:
     return text + "."
 
 
-def _table_notes(cells: pd.DataFrame, paper_label: str | None, labels: dict[str, str]) -> list[str]:
-    """Footnotes under a summary table: the seed flag, incomplete macros, backbones, the paper legend."""
+def _table_notes(
+    cells: pd.DataFrame, paper_label: str | None, labels: dict[str, str], study_label: str | None = None
+) -> list[str]:
+    """Footnotes under a summary table: the seed flag, incomplete macros, backbones, the paper and study
+    legends."""
     notes = []
+    withheld_study = (
+        cells.loc[cells["not_compared_study"] != "", "not_compared_study"]
+        if "not_compared_study" in cells
+        else pd.Series(dtype=object)
+    )
+    with_study = ("study_mean" in cells and cells["study_mean"].notna().any()) or not withheld_study.empty
+    references = "the paper or the study" if with_study else "the paper"
     if cells["flagged"].any():
         notes.append(f"{FLAG} {FLAG_NOTE} (most cells have {_typical_seeds(cells)}).")
     incomplete = cells[cells["incomplete"]]
@@ -816,7 +1065,7 @@ def _table_notes(cells: pd.DataFrame, paper_label: str | None, labels: dict[str,
         )
         notes.append(
             f"{INCOMPLETE_FLAG} incomplete macro: the categories averaged are not the dataset's official "
-            f"list, or differ between seeds ({covered}); never compared with the paper."
+            f"list, or differ between seeds ({covered}); never compared with {references}."
         )
     foreign = _foreign_backbones(cells)
     if foreign:
@@ -830,7 +1079,26 @@ def _table_notes(cells: pd.DataFrame, paper_label: str | None, labels: dict[str,
     if (cells["paper"].notna().any() or not withheld.empty) and paper_label:
         legend = f"paper: {paper_label}; gap = ours − paper, in points"
         notes.append(legend + ("; empty: not compared (see above)." if not withheld.empty else "."))
+    if with_study:
+        legend = (
+            f"study: the numbers of {study_label or 'a reproduction study'}. A row's study number is the "
+            "study's mean (± its std over its seeds, where it gives one) for the row's taps set (named by "
+            "the taps= item of its variant), training and evaluated dataset; study gap = ours − study, in "
+            f"points; {DASH}: the study has no number for the row (or its variant names no taps set)"
+        )
+        if not withheld_study.empty:
+            legend += "; empty: not compared (another backbone or an incomplete macro, as for the paper)"
+        notes.append(legend + ".")
     return notes
+
+
+def _study_label(study: pd.DataFrame | None) -> str | None:
+    """How the notes name a study numbers file: its path and its own comment lines (its settings)."""
+    if study is None:
+        return None
+    source = study.attrs.get("source", "the reproduction study's numbers")
+    comments = " ".join(c for c in study.attrs.get("comments", []) if c)
+    return f'{source}, whose comments read: "{comments.rstrip(".")}"' if comments else source
 
 
 def _study_metrics(cells: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
@@ -848,8 +1116,13 @@ def render_markdown(
     metrics: Sequence[str] | None = None,
     title: str = "FE-CLIP results",
     paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
+    study_label: str | None = None,
 ) -> str:
-    """The Markdown report: per study a macro table, a micro table when present and the paired table."""
+    """The Markdown report: per study a macro table, a micro table when present and the paired table.
+
+    ``study_label`` names the study numbers in the notes (:func:`_study_label`: the file and its
+    settings) where the summary carries them.
+    """
     labels = _backbone_labels(summary["backbone"])
     out = [
         f"# {title}",
@@ -869,7 +1142,7 @@ def render_markdown(
                 continue
             header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
             out += ["", f"### {label.capitalize()}", "", _markdown_table(header, rows, len(_SUMMARY_LABELS))]
-            notes = _table_notes(cells, paper_label, labels)
+            notes = _table_notes(cells, paper_label, labels, study_label)
             out += [""] + notes if notes else []
         pairs = paired[paired["study"] == study] if paired is not None and not paired.empty else None
         if pairs is not None and not pairs.empty:
@@ -927,6 +1200,7 @@ def render_latex(
     summary: pd.DataFrame,
     metrics: Sequence[str] | None = None,
     paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
+    study_label: str | None = None,
 ) -> str:
     """The summary tables as LaTeX tabulars (booktabs), one per study and averaging."""
     labels = _backbone_labels(summary["backbone"])
@@ -939,7 +1213,7 @@ def render_latex(
             if cells.empty:
                 continue
             header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
-            notes = _table_notes(cells, paper_label, labels)
+            notes = _table_notes(cells, paper_label, labels, study_label)
             blocks.append(
                 _latex_table(header, rows, f"study {study}, {averaging}", notes, len(_SUMMARY_LABELS))
             )
@@ -1154,6 +1428,7 @@ def write_report(
     metrics: Sequence[str] | None = None,
     skip_nan: bool = False,
     plots: bool = True,
+    study_path: str | os.PathLike | None = None,
 ) -> tuple[str, list[Path]]:
     """Build every output of the report; returns the Markdown summary and the paths written.
 
@@ -1168,6 +1443,8 @@ def write_report(
         metrics: metrics of the tables and study plots (default :data:`MAIN_METRICS`); the CSVs hold all.
         skip_nan: average only the defined categories of a seed.
         plots: write the PNGs.
+        study_path: a reproduction study's ``study_numbers.csv`` (:func:`load_study_numbers`), or ``None``
+            (default) for no study columns.
 
     Raises:
         ReportError: any input or output problem; the message names the file or option.
@@ -1186,15 +1463,17 @@ def write_report(
                 f"(metrics: {', '.join(_ordered(present, METRIC_ORDER))})"
             )
     paper = load_paper_numbers(paper_path) if paper_path is not None else None
+    study = load_study_numbers(study_path) if study_path is not None else None
     _check_out_dir(out_dir)
-    summary = summarize(df, paper, skip_nan)
+    summary = summarize(df, paper, skip_nan, study)
     paired = paired_differences(macro_per_seed(df, skip_nan), baseline)
-    markdown = render_markdown(summary, paired, metrics)
+    label = _study_label(study)
+    markdown = render_markdown(summary, paired, metrics, study_label=label)
     files = {
         "summary.csv": _csv_text(summary).encode(),
         "paired.csv": _csv_text(paired.reindex(columns=PAIRED_COLUMNS)).encode(),
         "summary.md": markdown.encode(),
-        "summary.tex": render_latex(summary, metrics).encode(),
+        "summary.tex": render_latex(summary, metrics, study_label=label).encode(),
     }
     if plots:
         files.update(render_paper_bars(summary))
@@ -1231,6 +1510,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-paper", action="store_true", help="no paper columns")
     parser.add_argument(
+        "--study-numbers",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also compare with a reproduction study's numbers, matched by the variant's taps=<name>, "
+        "train and dataset (e.g. results/paper/study_numbers.csv; default: off)",
+    )
+    parser.add_argument(
         "--baseline", default=None, help="paired differences against this variant only (default: every pair)"
     )
     parser.add_argument(
@@ -1261,6 +1548,18 @@ def _resolve_paper(args: argparse.Namespace) -> Path | None:
     return DEFAULT_PAPER
 
 
+def _resolve_study(args: argparse.Namespace) -> Path | None:
+    """The study numbers file to use: none unless asked for (then it must exist and be a file)."""
+    path = args.study_numbers
+    if path is None:
+        return None
+    if not path.exists():
+        raise ReportError(f"--study-numbers: study numbers file {path} does not exist")
+    if not path.is_file():
+        raise ReportError(f"--study-numbers: {path} is not a file")
+    return path
+
+
 def _fail(message: str) -> int:
     """Print ``feclip-report: error: ...`` on one line (newlines folded) and return exit status 2."""
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
@@ -1279,6 +1578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics=_parse_metrics(args.metrics),
             skip_nan=args.skip_nan_categories,
             plots=not args.no_plots,
+            study_path=_resolve_study(args),
         )
     except FEClipError as err:
         return _fail(str(err))

@@ -556,6 +556,255 @@ def test_official_lists_come_from_the_dataset_registry():
 
 
 # --------------------------------------------------------------------------------------------------
+# the reproduction study's numbers (--study-numbers)
+# --------------------------------------------------------------------------------------------------
+
+STUDY_CSV = """\
+# test copy of a study table: percent, macro, 5 seeds.
+# 336x336 centre crop, no map smoothing, fc_patch lr = adapter lr / 100.
+taps,train,dataset,image_auroc,image_auroc_std,image_ap,pixel_auroc,pixel_auroc_std
+last4,visa,mvtec,91.0,0.4,95.9,90.9,0.1
+last4,mvtec,visa,87.8,0.3,90.0,92.6,0.2
+last4,mvtec,btad,87.4,1.1,94.2,85.9,0.4
+spread3,visa,mvtec,90.7,0.3,95.6,91.1,0.1
+spread3,mvtec,visa,88.2,0.4,90.3,93.7,0.1
+spread3,mvtec,btad,89.8,0.4,93.3,87.5,-
+"""
+BENCH = "benchmark_taps"
+SPREAD3_MVTEC = "protocol=visa_to_mvtec,taps=spread3"  # Hydra's override string: the variant name
+LAST4_STUDY3 = "taps=last4,protocol=study3"  # the items in another order
+NO_TAPS = "protocol=study3"  # the taps default ran, but the name does not say which
+
+
+def full(dataset: str, bases: dict[str, float]) -> dict:
+    """Every official category of ``dataset`` (``feclip.data.dataset_info``), each metric at its base
+    value except the first two categories at base + 0.02 and base - 0.02: the macro is the base."""
+    from feclip.data import dataset_info
+
+    values = {}
+    for metric, base in bases.items():
+        for i, category in enumerate(dataset_info(dataset).categories):
+            values[(dataset, category, metric)] = base + {0: 0.02, 1: -0.02}.get(i, 0.0)
+    return values
+
+
+# (variant, train) -> seed -> values; per-seed macros are the bases, the means over seeds in the comments.
+BENCH_RUNS = {
+    (SPREAD3_MVTEC, "visa"): {
+        42: full("mvtec", {"image_auroc": 0.905, "image_ap": 0.950, "pixel_auroc": 0.912})
+        | {("mvtec", "__micro__", "image_auroc"): 0.90},
+        123: full("mvtec", {"image_auroc": 0.915, "image_ap": 0.960, "pixel_auroc": 0.914})
+        | {("mvtec", "__micro__", "image_auroc"): 0.92},
+    },  # 91.0, 95.5, 91.3
+    (LAST4_STUDY3, "mvtec"): {
+        42: full("visa", {"image_auroc": 0.880, "pixel_auroc": 0.930})
+        | full("btad", {"image_auroc": 0.870, "pixel_auroc": 0.860}),
+        123: full("visa", {"image_auroc": 0.884, "pixel_auroc": 0.932})
+        | full("btad", {"image_auroc": 0.880, "pixel_auroc": 0.862}),
+    },  # visa 88.2, 93.1; btad 87.5, 86.1
+    (NO_TAPS, "mvtec"): {
+        42: full("visa", {"image_auroc": 0.880}),
+        123: full("visa", {"image_auroc": 0.884}),
+    },  # 88.2
+    ("protocol=study3,taps=spread3", "mvtec"): {  # two of BTAD's three categories: incomplete
+        seed: {("btad", "01", "image_auroc"): 0.9, ("btad", "02", "image_auroc"): 0.9} for seed in (42, 123)
+    },
+}
+
+
+@pytest.fixture
+def bench_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    for (variant, train), seeds in BENCH_RUNS.items():
+        for seed, values in seeds.items():
+            write_run(root, BENCH, variant, seed, train, values)
+            if variant == SPREAD3_MVTEC:  # the same runs on the tiny random fallback, 0.3 lower
+                lower = {k: v - 0.3 for k, v in values.items()}
+                write_run(root, BENCH, variant, seed, train, lower, backbone=TINY_BB, folder="laptop")
+    return root
+
+
+@pytest.fixture
+def study_file(tmp_path: Path) -> Path:
+    path = tmp_path / "study_numbers.csv"
+    path.write_text(STUDY_CSV)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("variant", "taps"),
+    [
+        ("protocol=visa_to_mvtec,taps=spread3", "spread3"),
+        ("taps=last4,protocol=study3", "last4"),
+        ("taps=last4", "last4"),
+        ("+taps=last4", "last4"),
+        ("eval,protocol=study3,taps=last4,ckpt=1a2b3c4d", "last4"),  # feclip-eval, an adapter file
+        ("data.targets=[candle,taps=x],taps=spread3", "spread3"),  # commas inside brackets stay in the item
+        ("protocol=study3", None),
+        ("default", None),
+        ("mytaps=spread3,model.n_taps=4", None),
+        ("taps=", None),
+        ("model.taps=[15,18,21,23],protocol=study3", None),
+        (
+            "model.taps=[15,18,21,23],taps=spread3",
+            None,
+        ),  # the set's layers replaced: its name no longer holds
+    ],
+)
+def test_variant_taps(variant, taps):
+    assert report.variant_taps(variant) == taps
+
+
+def test_study_numbers_load_long_with_stds(study_file):
+    study = report.load_study_numbers(study_file)
+    assert list(study.columns) == ["taps", "train_dataset", "dataset", "metric", "study_mean", "study_std"]
+    assert len(study) == 6 * 3  # 6 rows x 3 metrics
+    c = cell(study, taps="spread3", train_dataset="visa", dataset="mvtec", metric="image_auroc")
+    assert c["study_mean"] == 90.7 and c["study_std"] == 0.3
+    c = cell(study, taps="spread3", train_dataset="visa", dataset="mvtec", metric="image_ap")
+    assert c["study_mean"] == 95.6 and math.isnan(c["study_std"])  # no image_ap_std column
+    c = cell(study, taps="spread3", train_dataset="mvtec", dataset="btad", metric="pixel_auroc")
+    assert c["study_mean"] == 87.5 and math.isnan(c["study_std"])  # '-': not reported
+    assert study.attrs["source"] == str(study_file)
+    assert study.attrs["comments"][1].startswith("336x336 centre crop, no map smoothing")
+
+
+def test_the_repositorys_study_numbers_load():
+    path = report.STUDY_NUMBERS
+    assert path == report.DEFAULT_PAPER.parent / "study_numbers.csv"
+    study = report.load_study_numbers(path)
+    assert set(study["taps"]) == {"spread3", "last4"} and len(study) == 18
+    assert set(zip(study["train_dataset"], study["dataset"])) == {
+        ("visa", "mvtec"),
+        ("mvtec", "visa"),
+        ("mvtec", "btad"),
+    }
+    assert cell(study, taps="last4", train_dataset="mvtec", dataset="btad", metric="image_auroc")[
+        "study_std"
+    ] == pytest.approx(1.1)
+    assert "no map smoothing" in " ".join(study.attrs["comments"])
+
+
+def test_study_gap_in_points(bench_tree, study_file):
+    summary = report.summarize(report.load_results(bench_tree), study=report.load_study_numbers(study_file))
+
+    def row(variant, dataset, metric, backbone=PAPER_BB, averaging="macro"):
+        return cell(
+            summary, variant=variant, dataset=dataset, metric=metric, backbone=backbone, averaging=averaging
+        )
+
+    # spread3, trained on VisA, on MVTec AD: ours 91.0, 95.5, 91.3; the study 90.7 ± 0.3, 95.6, 91.1 ± 0.1
+    for metric, ours, study, std in [
+        ("image_auroc", 91.0, 90.7, 0.3),
+        ("image_ap", 95.5, 95.6, NAN),
+        ("pixel_auroc", 91.3, 91.1, 0.1),
+    ]:
+        c = row(SPREAD3_MVTEC, "mvtec", metric)
+        assert c["categories"] == "15/15" and c["mean"] == pytest.approx(ours)
+        assert c["study_mean"] == study and c["gap_study"] == pytest.approx(ours - study)
+        assert c["study_std"] == std if not math.isnan(std) else math.isnan(c["study_std"])
+        assert c["not_compared_study"] == ""
+    # last4 trained on MVTec AD ("taps=last4,protocol=study3": the order of the items does not matter)
+    for dataset, metric, ours, study in [
+        ("visa", "image_auroc", 88.2, 87.8),  # +0.4
+        ("visa", "pixel_auroc", 93.1, 92.6),  # +0.5
+        ("btad", "image_auroc", 87.5, 87.4),  # +0.1
+        ("btad", "pixel_auroc", 86.1, 85.9),  # +0.2
+    ]:
+        c = row(LAST4_STUDY3, dataset, metric)
+        assert c["categories"] == ("12/12" if dataset == "visa" else "3/3")
+        assert c["mean"] == pytest.approx(ours) and c["study_mean"] == study
+        assert c["gap_study"] == pytest.approx(ours - study)
+    # the paper columns are independent: no paper file given, none shown
+    assert summary["paper"].isna().all() and (summary["not_compared"] == "").all()
+
+
+def test_rows_the_study_is_not_compared_with(bench_tree, study_file):
+    summary = report.summarize(report.load_results(bench_tree), study=report.load_study_numbers(study_file))
+    # a variant that names no taps set: not matched (nothing to compare with, no reason to give)
+    c = cell(summary, variant=NO_TAPS, metric="image_auroc", averaging="macro")
+    assert c["mean"] == pytest.approx(88.2) and math.isnan(c["study_mean"]) and math.isnan(c["gap_study"])
+    assert c["not_compared_study"] == ""
+    # the tiny random fallback: the study has a number, the row is not comparable
+    c = cell(
+        summary, variant=SPREAD3_MVTEC, backbone="feclip-tiny:random", metric="image_auroc", averaging="macro"
+    )
+    assert c["mean"] == pytest.approx(61.0) and c["not_compared_study"] == "backbone"
+    assert math.isnan(c["study_mean"]) and math.isnan(c["study_std"]) and math.isnan(c["gap_study"])
+    # an incomplete macro (2 of BTAD's 3 categories)
+    c = cell(summary, variant="protocol=study3,taps=spread3", metric="image_auroc", averaging="macro")
+    assert (
+        c["categories"] == "2/3" and c["not_compared_study"] == "incomplete" and math.isnan(c["study_mean"])
+    )
+    # micro rows are never compared
+    c = cell(summary, variant=SPREAD3_MVTEC, backbone=PAPER_BB, metric="image_auroc", averaging="micro")
+    assert c["mean"] == pytest.approx(91.0) and math.isnan(c["study_mean"]) and c["not_compared_study"] == ""
+    # a metric the study does not report
+    assert summary.loc[summary["metric"] == "pixel_aupro_zsad", "study_mean"].isna().all()
+
+
+def test_study_columns_in_the_tables(bench_tree, study_file):
+    summary = report.summarize(report.load_results(bench_tree), study=report.load_study_numbers(study_file))
+    markdown = report.render_markdown(summary, study_label="study_numbers.csv (its settings)")
+    assert (
+        "| variant | backbone | train | dataset | image_auroc | study | study gap | image_ap | study | study gap "
+        "| pixel_auroc | study | study gap |" in markdown
+    )
+    assert (
+        "| protocol=visa_to_mvtec,taps=spread3 | ViT-L-14-336-quickgelu:openai | visa | mvtec | 91.0 ± 0.7 (2) "
+        "| 90.7 ± 0.3 | +0.3 | 95.5 ± 0.7 (2) | 95.6 | −0.1 | 91.3 ± 0.1 (2) | 91.1 ± 0.1 | +0.2 |"
+        in markdown
+    )
+    assert (
+        "| protocol=visa_to_mvtec,taps=spread3 | feclip-tiny:random | visa | mvtec | 61.0 ± 0.7 (2) |  |  "
+        "| 65.5 ± 0.7 (2) |  |  | 61.3 ± 0.1 (2) |  |  |" in markdown
+    )
+    assert (
+        "| protocol=study3 | ViT-L-14-336-quickgelu:openai | mvtec | visa | 88.2 ± 0.3 (2) | – | – "
+        "|  |  |  |  |  |  |" in markdown
+    )
+    assert "study: the numbers of study_numbers.csv (its settings)" in markdown
+    assert "study gap = ours − study, in points" in markdown and "empty: not compared" in markdown
+    assert "never compared with the paper or the study" in markdown  # the incomplete BTAD macro
+    tex = report.render_latex(summary, study_label="study_numbers.csv")
+    assert r"90.7 $\pm$ 0.3 & +0.3" in tex and "study gap" in tex and "study: the numbers of" in tex
+
+
+def test_cli_study_numbers(bench_tree, study_file, paper_file, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = [str(bench_tree), "--out", str(out), "--paper", str(paper_file), "--no-plots"]
+    assert report.main(argv + ["--study-numbers", str(study_file)]) == 0
+    capsys.readouterr()
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False, na_values=["nan"])
+    assert list(summary.columns) == report.SUMMARY_COLUMNS
+    c = cell(summary, variant=LAST4_STUDY3, backbone=PAPER_BB, dataset="visa", metric="image_auroc")
+    # both references on one row: the paper's VisA 84.6 (trained on MVTec AD) and the study's last4 87.8
+    assert c["paper"] == 84.6 and c["gap"] == pytest.approx(88.2 - 84.6)
+    assert c["study_mean"] == 87.8 and c["study_std"] == 0.3 and c["gap_study"] == pytest.approx(88.2 - 87.8)
+    markdown = (out / "summary.md").read_text()
+    # the note names the file and quotes its settings
+    assert f"study: the numbers of {study_file}, whose comments read:" in markdown
+    assert "336x336 centre crop, no map smoothing, fc_patch lr = adapter lr / 100\". A row's" in markdown
+    assert "| 88.2 ± 0.3 (2) | 84.6 | +3.6 | 87.8 ± 0.3 | +0.4 |" in markdown
+    assert "study gap" in (out / "summary.tex").read_text()
+    # off by default: the columns exist, empty, and the tables have no study columns
+    assert report.main(argv) == 0
+    capsys.readouterr()
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False, na_values=["nan"])
+    assert list(summary.columns) == report.SUMMARY_COLUMNS
+    assert summary["study_mean"].isna().all() and summary["gap_study"].isna().all()
+    assert (summary["not_compared_study"] == "").all()
+    assert "study gap" not in (out / "summary.md").read_text()
+
+
+def test_reproduce_study_compares_with_the_study():
+    makefile = Path(__file__).resolve().parent.parent / "Makefile"
+    recipe = makefile.read_text().split("\nreproduce-study:", 1)[1].split("\n\n", 1)[0]
+    report_lines = [line for line in recipe.splitlines() if "feclip-report" in line]
+    assert len(report_lines) == 1 and "--study-numbers results/paper/study_numbers.csv" in report_lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
 # outputs and CLI
 # --------------------------------------------------------------------------------------------------
 
@@ -848,3 +1097,81 @@ def test_a_folder_in_place_of_an_output_file(tree, tmp_path, capsys):
         capsys, tree, "--out", out, "--no-paper"
     )
     assert sorted(p.name for p in out.iterdir()) == ["summary.md"]
+
+
+STUDY_HEAD = "# comment line\ntaps,train,dataset,image_auroc,image_auroc_std,image_ap\n"
+STUDY_GOOD = "last4,visa,mvtec,91.0,0.4,95.9\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", "empty file"),
+        ("# only a comment\n", "empty file"),
+        (STUDY_HEAD, "no rows below the header"),
+        ("taps,dataset,image_auroc\nlast4,mvtec,91.0\n", "missing columns ['train']"),
+        ("taps,train,dataset\nlast4,visa,mvtec\n", "no metric column"),
+        (
+            "taps,train,dataset,image_aurc\nlast4,visa,mvtec,91.0\n",
+            "column 'image_aurc' is not one of our metrics",
+        ),
+        (
+            "taps,train,dataset,image_auroc,pixel_auroc_std\nlast4,visa,mvtec,91.0,0.1\n",
+            "column 'pixel_auroc_std' is the std of 'pixel_auroc', a column the file lacks",
+        ),
+        ("taps,train,dataset,image_auroc,image_auroc\n", "line 1: column 'image_auroc' appears twice"),
+        (
+            STUDY_HEAD + STUDY_GOOD + "spread3,visa,mvtec,abc,0.3,95.6\n",
+            "line 4, column image_auroc: 'abc' is not a number",
+        ),
+        (
+            STUDY_HEAD + "spread3,visa,mvtec,90.7,x,95.6\n",
+            "line 3, column image_auroc_std: 'x' is not a number",
+        ),
+        (
+            STUDY_HEAD + "spread3,visa,mvtec,nan,0.3,95.6\n",
+            "line 3, column image_auroc: 'nan' is not a number",
+        ),
+        (
+            STUDY_HEAD + "spread3,visa,mvtec,907,0.3,95.6\n",
+            "line 3, column image_auroc: 907 is not a percentage in [0, 100]",
+        ),
+        (
+            STUDY_HEAD + "spread3,visa,mvtec,90.7,-0.3,95.6\n",
+            "line 3, column image_auroc_std: -0.3 is not a standard deviation in [0, 100]",
+        ),
+        (
+            STUDY_HEAD + "spread3,visa,mvtec,-,0.3,95.6\n",
+            "line 3: image_auroc_std 0.3 without a image_auroc value",
+        ),
+        (STUDY_HEAD + "spread3,visa,mvtec,0.907,0.003,0.956\n", "the file holds percent, not fractions"),
+        (STUDY_HEAD + "spread3,visa,mvtec,-,-,-\n", "no value"),
+        (
+            STUDY_HEAD + STUDY_GOOD + "spread3,visa,mvtec,90.7,0.3,95.6,1\n",
+            "line 4 has 7 fields, the header 6",
+        ),
+        (STUDY_HEAD + ",visa,mvtec,90.7,0.3,95.6\n", "line 3: empty taps"),
+        (
+            STUDY_HEAD + STUDY_GOOD + "spread3,visa,mvtec,90.7,0.3,95.6\n" + STUDY_GOOD,
+            "lines 3 and 5 both give taps=last4 train=visa dataset=mvtec; keep one",
+        ),
+        (STUDY_HEAD + 'last4,"visa,mvtec,91.0\n', "line 3:"),
+    ],
+)
+def test_bad_study_numbers(tree, tmp_path, capsys, content, expected):
+    bad = tmp_path / "study.csv"
+    bad.write_text(content)
+    message = fails(capsys, tree, "--study-numbers", bad, "--no-paper", "--no-plots")
+    assert str(bad) in message and "study numbers" in message and expected in message
+    with pytest.raises(report.ReportError):
+        report.load_study_numbers(bad)
+
+
+def test_study_numbers_file_missing_or_a_folder_or_binary(tree, tmp_path, capsys):
+    missing = tmp_path / "nope.csv"
+    message = fails(capsys, tree, "--study-numbers", missing, "--no-paper")
+    assert f"--study-numbers: study numbers file {missing} does not exist" in message
+    assert f"--study-numbers: {tmp_path} is not a file" in fails(capsys, tree, "--study-numbers", tmp_path)
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert f"study numbers {binary}: not UTF-8 text" in fails(capsys, tree, "--study-numbers", binary)
