@@ -48,7 +48,8 @@ class DatasetRef:
     dir: str | None = None  # folder under data_root; null = the reader's default folder name
     split: str = "test"
     categories: list[str] | None = None  # null = all
-    # reader options, e.g. {good_dir: ok} for `folder`, {split_file: 2cls_highshot} for `visa`
+    # reader options, e.g. {good_dir: ok} for `folder`, {split_file: 2cls_highshot} for `visa`,
+    # {protocol: adaclip} for `dagm`, {mask_threshold: 127} for `kvasir` (docs/datasets.md)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,6 +59,13 @@ class DataConfig:
     targets: list[DatasetRef] = field(default_factory=list)
     cache_images: bool = True  # decode each image once, reuse across epochs
     num_workers: int = 0
+    # how training and evaluation masks are resized to the input size: bilinear (AnomalyCLIP's
+    # pipeline: antialiased bilinear on the 0/255 mask, then > 0.5) | nearest; original-resolution
+    # evaluation masks are never resized
+    mask_resize: str = "bilinear"
+    # how images (and masks) become the square input: square (resize both sides; the peers') |
+    # center_crop (shorter side to the input size, then the central square; the earlier study's)
+    resize: str = "square"
 
 
 @dataclass
@@ -240,6 +248,20 @@ class RunConfig:
             raise ConfigError(f"eval.aupro.methods must be chosen from ('exact', 'zsad'), got {bad}")
         self.eval.scoring()
         self.model.validate()
+
+        # -- data options ------------------------------------------------------------------------
+        from feclip.data.transforms import MASK_RESIZE_METHODS, RESIZE_MODES
+
+        if self.data.mask_resize not in MASK_RESIZE_METHODS:
+            raise ConfigError(
+                f"data.mask_resize must be one of {MASK_RESIZE_METHODS}, got {self.data.mask_resize!r}"
+            )
+        if self.data.resize not in RESIZE_MODES:
+            raise ConfigError(f"data.resize must be one of {RESIZE_MODES}, got {self.data.resize!r}")
+        if self.data.resize == "center_crop" and self.eval.resolution != "input":
+            raise ConfigError(
+                "data.resize=center_crop needs eval.resolution=input (the maps cover the central crop only)"
+            )
 
     def expand_paths(self) -> None:
         """Expand ``~`` and environment variables in every path, once, before anything reads them."""

@@ -78,7 +78,7 @@ def test_items_shapes_and_normalisation(files, tmp_path):
     assert torch.allclose(custom[0]["image"][:, 0, 0], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-6)
 
 
-def test_visa_mask_binarised_and_nearest_resized(files):
+def test_visa_mask_binarised_then_resized(files):
     full = load_mask(files["visa_mask"])
     assert full.dtype == bool and full.sum() == 4 * 6 + 2 * 4  # the 1-valued pixels count too
     ds = AnomalyDataset([sample(files["rgb"], files["visa_mask"])], image_size=S)

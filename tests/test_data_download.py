@@ -222,3 +222,108 @@ def test_source_table():
     for name in ("dagm", "brainmri", "br35h"):
         assert SOURCES[name].url is None and "kaggle datasets download" in SOURCES[name].manual
     assert SOURCES["kvasir"].sha256 is None  # not known: size only, never guessed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The MVTec AD mirror, failed downloads, and the command a run's "not found" error gives
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_mvtec_url_is_anomalibs_current_mirror():
+    src = SOURCES["mvtec"]
+    assert src.url == (
+        "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/"
+        "420938113-1629960298/mvtec_anomaly_detection.tar.xz"
+    )
+    assert src.sha256 == "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"  # unchanged
+    assert "38536" not in src.url and "404" in src.manual
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: the connection is refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/mvtec_anomaly_detection.tar.xz"
+
+
+def _source(url: str, **kw) -> Source:
+    return Source(
+        name="mvtec",
+        title="t",
+        homepage="-",
+        licence="-",
+        layout="-",
+        manual="the manual steps",
+        url=url,
+        filename="data.tar",
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("data_root_exists", [False, True])
+def test_failed_download_leaves_nothing_behind(server, tmp_path, data_root_exists, monkeypatch):
+    data_root = tmp_path / "data"
+    if data_root_exists:
+        data_root.mkdir()
+    with pytest.raises(DownloadError, match=r"(?s)cannot connect.*the manual steps"):
+        fetch(_source(_closed_port_url()), data_root, log=lambda _: None)
+    assert not (data_root / "mvtec").exists()  # offline: no empty DATA_ROOT/mvtec/
+    assert data_root.exists() == data_root_exists  # nor a DATA_ROOT that was not there before
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(_source(server.url.replace("data.tar", "gone")), data_root, log=lambda _: None)
+    assert not (data_root / "mvtec").exists() and data_root.exists() == data_root_exists
+    # an interrupted transfer keeps its partial file (and so its folder) for a resume
+    server.cut_next = True
+    with pytest.raises(DownloadError, match="resume"):
+        fetch(_source(server.url, size=len(server.payload)), data_root, log=lambda _: None)
+    assert (data_root / "mvtec" / "data.tar.part").stat().st_size > 0
+    # a folder that was already there is never removed
+    other = tmp_path / "kept"
+    (other / "mvtec").mkdir(parents=True)
+    with pytest.raises(DownloadError):
+        fetch(_source(_closed_port_url()), other, log=lambda _: None)
+    assert (other / "mvtec").is_dir()
+
+
+def test_download_hint_gives_a_command_producing_the_layout_the_run_reads(
+    server, tmp_path, monkeypatch, capsys
+):
+    from feclip.config import DatasetRef, PathsConfig
+    from feclip.data import cli
+    from feclip.data.download import download_hint
+    from feclip.engine.run import dataset_root, list_dataset
+    from feclip.errors import DatasetError
+
+    data_root = tmp_path / "data"
+    paths = PathsConfig(data_root=str(data_root))
+    for ref, command in (
+        (DatasetRef(name="mvtec"), f"feclip-data download mvtec --root {data_root}`"),
+        (
+            DatasetRef(name="mvtec", dir="mvtec_copy"),
+            f"feclip-data download mvtec --root {data_root} --dir mvtec_copy`",
+        ),
+    ):
+        with pytest.raises(DatasetError) as err:
+            dataset_root(ref, paths)
+        message = str(err.value)
+        assert command in message and f"--root {data_root}/mvtec" not in message
+        # running that command (against a local copy of the archive) gives the folder the run looks in
+        local = Source(**{**SOURCES["mvtec"].__dict__, "url": server.url, "sha256": _sha(server.payload)})
+        monkeypatch.setitem(SOURCES, "mvtec", local)
+        argv = command.rstrip("`").split()[1:]
+        assert cli.main(argv) == 0
+        assert "ready at" in capsys.readouterr().out
+        assert dataset_root(ref, paths) == data_root / (ref.dir or "mvtec")
+        assert len(list_dataset(ref, paths)) == 4
+    assert "feclip-data download mvtec --root data`" in download_hint("mvtec", "data") + "`"
+    assert "--dir" not in download_hint("visa", "data", "visa")
+    assert "prints the manual" in download_hint("dagm", "data") and "data/dagm" in download_hint(
+        "dagm", "data"
+    )
+    assert (
+        download_hint("synthetic", "data", "synthetic/set_b")
+        == "Generate it with `feclip-data synth data/synthetic`"
+    )
+    assert "your own data" in download_hint("folder", "data", "mine")

@@ -228,9 +228,12 @@ def test_brainmri_real_counts_and_nesting(tmp_path):
     samples = list_samples("brainmri", root)
     assert _summary(samples) == (253, 155, 1)
     assert all(s.mask_path is None and s.category == "brain" for s in samples)
-    # The Kaggle archive also has a duplicate top-level yes/no: the root's own folders win, no double count.
+    # The Kaggle archive also has a duplicate top-level yes/no: brain_tumor_dataset/ (AnomalyCLIP's
+    # choice) is read, nothing is counted twice.
     build_tree(root, [f"yes/Y{i}.jpg" for i in range(155)] + [f"no/N{i}.jpg" for i in range(98)])
-    assert _summary(list_samples("brainmri", root)) == (253, 155, 1)
+    samples = list_samples("brainmri", root)
+    assert _summary(samples) == (253, 155, 1)
+    assert all(s.image_path.parent.parent.name == "brain_tumor_dataset" for s in samples)
 
 
 def test_br35h_real_counts_ignores_pred(tmp_path):

@@ -4,7 +4,7 @@ Usage::
 
     feclip-data synth ROOT [--seed 0] [--n-train-good 10] [--n-test-good 12] [--n-test-bad 24] [--image-size 256]
     feclip-data check ROOT --dataset NAME [--categories a,b] [--decode] [--option key=value]
-    feclip-data download NAME --root DATA_ROOT [--remove-archive]
+    feclip-data download NAME --root DATA_ROOT [--dir FOLDER] [--remove-archive]
     feclip-data info [NAME]
 
 Exit status: 0 success; 1 ``check`` found errors, or a download failed; 2 a usage error (unknown
@@ -30,6 +30,7 @@ from feclip.data.samples import (
     Sample,
     dataset_info,
     list_samples,
+    listing_options,
     natural_key,
     reader_hook,
 )
@@ -60,19 +61,26 @@ class CheckReport:
     Attributes:
         rows: (category, split, images, normal, anomalous, with_mask) per category and split.
         mask_values: per category, Counter of mask value signatures ("{0,255}", "{0,1}", "37 levels 0..255").
+        mask_kinds: per category, Counter of mask kinds: ``binary`` (one non-zero value), ``labels``
+            (several non-zero values, all below 128: label ids such as VisA's), ``soft`` (several, up to
+            128 or more: JPEG noise, anti-aliased edges).
         errors: problems that change the metrics or stop a run (missing masks, size mismatches,
             unreadable files, masks without images, and every target rule of
             :mod:`feclip.data.validate` on the test split: a category without anomalous images, without
             images at all, mixing masked and unmasked anomalous images, ...).
         warnings: things to look at (empty or very large masks, non-binary masks, missing categories,
-            ignored folders, a category without normal images).
-        notes: for information (a split the dataset does not have).
+            counts that differ from the published ones, ignored folders, a category without normal
+            images, JPEG masks read with ``> 0``, a duplicate copy that differs from the one read).
+        notes: for information (a split the dataset does not have, counts that match the published
+            ones, label-valued masks, which copy of a duplicated dataset is read).
     """
 
     name: str
     root: Path
     rows: list[tuple[str, str, int, int, int, int]] = field(default_factory=list)
     mask_values: dict[str, Counter] = field(default_factory=dict)
+    mask_kinds: dict[str, Counter] = field(default_factory=dict)
+    mask_max: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     n_masks_read: int = 0
@@ -86,38 +94,144 @@ def _value_signature(values: np.ndarray) -> str:
     return f"{len(uniq)} levels {int(uniq[0])}..{int(uniq[-1])}"
 
 
-def _inspect(sample: Sample, decode: bool) -> tuple[list[str], list[str], str | None]:
-    """Check one sample's files: (errors, warnings, mask value signature)."""
+def _mask_kind(uniq: np.ndarray) -> str:
+    """``binary``, ``labels`` or ``soft`` from a mask's sorted distinct values (see CheckReport)."""
+    nonzero = uniq[uniq > 0]
+    if len(nonzero) <= 1:
+        return "binary"
+    return "labels" if int(nonzero[-1]) < 128 else "soft"
+
+
+@dataclass
+class _Inspected:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    signature: str | None = None
+    kind: str | None = None
+    max_value: int = 0
+
+
+def _inspect(sample: Sample, decode: bool) -> _Inspected:
+    """Check one sample's files, its mask binarised with the sample's own threshold."""
     from feclip.data.transforms import check_image, load_mask_values
 
-    errors: list[str] = []
-    warnings: list[str] = []
+    out = _Inspected()
     try:
         size = check_image(sample.image_path, decode=decode)
     except FEClipError as err:
-        return [str(err)], [], None
+        out.errors.append(str(err))
+        return out
     if sample.mask_path is None:
-        return errors, warnings, None
+        return out
     try:
         values = load_mask_values(sample.mask_path)
     except FEClipError as err:
-        return [str(err)], [], None
+        out.errors.append(str(err))
+        return out
     if values.shape != size:
-        errors.append(
+        out.errors.append(
             f"size mismatch: mask {sample.mask_path} is {values.shape[0]}x{values.shape[1]}, "
             f"image {sample.image_path} is {size[0]}x{size[1]} (HxW)"
         )
-    fraction = float((values > 0).mean())
+    threshold = getattr(sample, "mask_threshold", 0)
+    uniq = np.unique(values)
+    out.max_value = int(uniq[-1]) if uniq.size else 0
+    fraction = float((values > threshold).mean())
     if sample.label == 1 and fraction == 0.0:
-        warnings.append(
-            f"empty mask (no pixel > 0) for anomalous image {sample.image_path}: {sample.mask_path}"
+        detail = f"no pixel > {threshold}"
+        if threshold > 0 and out.max_value > 0:
+            detail += (
+                f"; its values go up to {out.max_value}, so mask_threshold={threshold} empties it "
+                "(masks holding small label values, like VisA's, need the default threshold 0)"
+            )
+        out.warnings.append(
+            f"empty mask ({detail}) for anomalous image {sample.image_path}: {sample.mask_path}"
         )
     if fraction > LARGE_MASK_FRACTION:
-        warnings.append(
+        out.warnings.append(
             f"mask covers {fraction:.0%} of the image, likely an object/foreground mask rather than a "
             f"defect mask: {sample.mask_path}"
         )
-    return errors, warnings, _value_signature(values)
+    out.signature = _value_signature(uniq)
+    out.kind = _mask_kind(uniq)
+    return out
+
+
+def _mask_value_remarks(report: CheckReport, thresholds: dict[str, set[int]]) -> None:
+    """Per category: a warning for soft masks binarised with > 0, a note for label-valued masks (which a
+    higher threshold would empty: no hint to raise it there)."""
+    for category, kinds in report.mask_kinds.items():
+        signatures = ", ".join(sig for sig, _ in report.mask_values[category].most_common(3))
+        used = sorted(thresholds.get(category, {0}))
+        shown = "/".join(str(t) for t in used)
+        if kinds.get("soft"):
+            if used == [0]:
+                report.warnings.append(
+                    f"{category}: {kinds['soft']} mask(s) are not binary ({signatures}) and are binarised "
+                    "with > 0, so every faint pixel (JPEG compression noise, anti-aliased edges) counts as "
+                    "anomalous; for JPEG or anti-aliased 0/255 masks use mask_threshold=127"
+                )
+            else:
+                report.notes.append(
+                    f"{category}: {kinds['soft']} mask(s) are not binary ({signatures}); binarised with > {shown}"
+                )
+        if kinds.get("labels"):
+            text = (
+                f"{category}: {kinds['labels']} mask(s) hold small label values ({signatures}; e.g. VisA's "
+                f"class ids), binarised with > {shown}"
+            )
+            if used != [0] and report.mask_max.get(category, 0) > 0:
+                report.warnings.append(
+                    text + f": values up to {max(used)} are dropped; such masks need the default threshold 0"
+                )
+            else:
+                report.notes.append(text + ": every labelled pixel is anomalous (as intended)")
+
+
+def _count_remarks(report: CheckReport, info, categories, options: dict) -> None:
+    """Compare the test split's counts with the published ones (:attr:`DatasetInfo.test_counts`)."""
+    counts = info.test_counts
+    if counts is None:
+        if info.categories:
+            report.notes.append(f"no published test counts known here for {info.name}; counts not compared")
+        return
+    if listing_options(options):
+        report.notes.append(
+            f"test counts not compared with the published ones: the reader options "
+            f"{', '.join(sorted(listing_options(options)))} change what is listed"
+        )
+        return
+    found: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for category, split, _n, normal, bad, _masks in report.rows:
+        if split == "test":
+            found[category][0] += normal
+            found[category][1] += bad
+    differences: list[str] = []
+    single = len(counts.per_category) == 1  # the totals say it all
+    for category, (normal, bad) in sorted(found.items(), key=lambda kv: natural_key(kv[0])):
+        official = None if single and categories is None else counts.category(category)
+        if official is not None and (normal, bad) != official:
+            differences.append(
+                f"{category}: {normal + bad} test images ({normal} normal + {bad} anomalous), published "
+                f"{sum(official)} ({official[0]} + {official[1]})"
+            )
+    if categories is None:
+        normal = sum(v[0] for v in found.values())
+        bad = sum(v[1] for v in found.values())
+        if (normal, bad) != (counts.normal, counts.anomalous):
+            differences.append(
+                f"in all: {normal + bad} test images ({normal} normal + {bad} anomalous), published "
+                f"{counts.images} ({counts.normal} + {counts.anomalous})"
+            )
+    if differences:
+        report.warnings.append(
+            f"test counts differ from the published ones ({counts.source}): {'; '.join(differences)} "
+            "(a missing category, a partial download or extraction, or another copy of the dataset?)"
+        )
+    else:
+        scope = "in all" if categories is None else "for the categories checked"
+        per_category = "" if counts.per_category else " (totals only)"
+        report.notes.append(f"test counts match the published ones {scope}{per_category} ({counts.source})")
 
 
 def check_dataset(
@@ -137,7 +251,7 @@ def check_dataset(
 
     Raises DatasetError/ConfigError for an unknown name, a missing root or a wrong layout.
     """
-    from feclip.data.validate import target_problems
+    from feclip.data.validate import jpeg_mask_warnings, target_problems
 
     info = dataset_info(name)
     root = Path(root).expanduser()
@@ -162,6 +276,8 @@ def check_dataset(
             errors, warnings = target_problems(name, samples)
             report.errors.extend(errors)
             report.warnings.extend(warnings)
+        else:
+            report.warnings.extend(jpeg_mask_warnings(f"{name} ({split} split)", samples))
     if not listed:
         raise EmptyDatasetError(f"{name}: no images at all under {root}; expected layout: {info.layout}")
 
@@ -179,12 +295,16 @@ def check_dataset(
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(pool.map(lambda item: _inspect(item[1], decode), listed))
-    for (_, s), (errors, warnings, signature) in zip(listed, results):
-        report.errors.extend(errors)
-        report.warnings.extend(warnings)
-        if signature is not None:
+    thresholds: dict[str, set[int]] = defaultdict(set)
+    for (_, s), found in zip(listed, results):
+        report.errors.extend(found.errors)
+        report.warnings.extend(found.warnings)
+        if found.signature is not None:
             report.n_masks_read += 1
-            report.mask_values.setdefault(s.category, Counter())[signature] += 1
+            report.mask_values.setdefault(s.category, Counter())[found.signature] += 1
+            report.mask_kinds.setdefault(s.category, Counter())[found.kind] += 1
+            report.mask_max[s.category] = max(report.mask_max.get(s.category, 0), found.max_value)
+            thresholds[s.category].add(getattr(s, "mask_threshold", 0))
 
     found = {s.category for _, s in listed}
     if categories is None:
@@ -198,19 +318,18 @@ def check_dataset(
         mask_hook = reader_hook(info, info.mask_files)
         if mask_hook is not None:
             used = {s.mask_path.resolve() for _, s in listed if s.mask_path is not None}
-            for path in mask_hook(root, **options):
+            for path in mask_hook(root, **listing_options(options)):
                 if path.resolve() not in used:
                     report.errors.append(f"mask without image: {path}")
+    _count_remarks(report, info, categories, options)
     notes_hook = reader_hook(info, info.notes)
     if notes_hook is not None:
-        report.warnings.extend(notes_hook(root, **options))
-    for category, signatures in report.mask_values.items():
-        odd = [sig for sig in signatures if sig not in ("{0,255}", "{0}", "{255}", "{0,1}", "{1}")]
-        if odd:
-            report.warnings.append(
-                f"{category}: masks are not binary ({', '.join(odd)}); they are binarised with > 0 "
-                "(JPEG masks may need AnomalyDataset(mask_threshold=127))"
-            )
+        for item in notes_hook(root, **listing_options(options)):
+            if isinstance(item, tuple):  # (level, text)
+                (report.notes if item[0] == "note" else report.warnings).append(item[1])
+            else:
+                report.warnings.append(item)
+    _mask_value_remarks(report, thresholds)
     return report
 
 
@@ -310,7 +429,7 @@ def _cmd_download(args) -> int:
     if args.name == "synthetic":
         from feclip.data.synthetic import make_synthetic
 
-        target = Path(args.root).expanduser() / DEFAULT_DIRS["synthetic"]
+        target = Path(args.root).expanduser() / (args.dir or DEFAULT_DIRS["synthetic"])
         sets = make_synthetic(target)
         print(f"synthetic: nothing to download; generated {', '.join(str(p) for p in sets.values())}")
         return 0
@@ -321,7 +440,13 @@ def _cmd_download(args) -> int:
         print(f"{args.name} cannot be downloaded automatically (no public archive). Do this instead:\n")
         print(describe(args.name))
         return 0
-    target = fetch(source, args.root, keep_archive=not args.remove_archive, progress=_progress_printer())
+    target = fetch(
+        source,
+        args.root,
+        folder=args.dir,
+        keep_archive=not args.remove_archive,
+        progress=_progress_printer(),
+    )
     try:
         samples = list_samples(args.name, target, "test")
         print(f"{args.name}: ready at {target} ({len(samples)} test images)")
@@ -387,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download and extract a benchmark (or print the manual steps)")
     p.add_argument("name", metavar="NAME", choices=DATASETS, help=", ".join(DATASETS))
     p.add_argument("--root", required=True, help="DATA_ROOT: the dataset goes to ROOT/<default folder>")
+    p.add_argument(
+        "--dir",
+        default=None,
+        metavar="FOLDER",
+        help="the folder under ROOT to put it in (default: the dataset's default folder, e.g. mvtec); "
+        "a run finds it with the dataset's `dir: FOLDER`",
+    )
     p.add_argument("--remove-archive", action="store_true", help="delete the archive after extraction")
     p.set_defaults(func=_cmd_download)
 

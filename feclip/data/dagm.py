@@ -10,6 +10,17 @@ Layout::
 An image is anomalous when its ``Label/<stem>_label.*`` exists. When ``Labels.txt`` is present its
 flags are cross-checked: a row flagged 1 without a mask file, or a mask for an image flagged 0, is an
 error. Folders like ``Class1_def`` (the original release's defect-only copies) are not read.
+
+Two test protocols (reader option ``protocol``):
+
+- ``anomalyclip`` (default): ``test`` is ``Class<N>/Test/`` and ``train`` is ``Class<N>/Train/``, as
+  AnomalyCLIP's ``generate_dataset_json/DAGM.py`` lists them (its DAGM numbers, which FE-CLIP compares
+  with, are on ``Test/``).
+- ``adaclip``: the test set AdaCLIP's ``data_preprocess/dagm-pre.py`` builds. Per class and per folder
+  (``Train/``, ``Test/``): every defective image goes to ``test``, with as many normal images of the
+  same folder; the remaining normal images form ``train``. AdaCLIP takes the first normal images in
+  ``os.listdir`` order (arbitrary); this reader takes them in file-name order, so the counts match
+  AdaCLIP's and the normal images chosen are the same only where ``os.listdir`` happened to be sorted.
 """
 
 from __future__ import annotations
@@ -23,16 +34,19 @@ from feclip.data.samples import (
     image_files_under,
     layout_error,
     list_images,
-    reject_options,
     report,
     report_empty_categories,
     select_categories,
     subdirs,
 )
+from feclip.errors import ConfigError
 
-__all__ = ["list_dagm", "mask_files"]
+__all__ = ["PROTOCOLS", "list_dagm", "mask_files"]
 
 _CLASS = re.compile(r"^Class\d+$")
+
+#: Values of the reader option ``protocol``; the first is the default.
+PROTOCOLS: tuple[str, ...] = ("anomalyclip", "adaclip")
 
 
 def _class_dirs(root: Path) -> dict[str, Path]:
@@ -62,13 +76,29 @@ def _labels_txt(path: Path) -> dict[str, int] | None:
     return flags or None
 
 
-def list_dagm(root: Path, split: str, categories: list[str] | None, problems: list[str] | None, **options):
+def list_dagm(
+    root: Path,
+    split: str,
+    categories: list[str] | None,
+    problems: list[str] | None,
+    *,
+    protocol: str = "anomalyclip",
+) -> list[Sample]:
     """DAGM 2007 (Wieler & Hahn), competition terms (non-commercial research use; verify).
 
     10 texture classes ``Class1`` .. ``Class10`` with Train/Test folders; defective images are a minority
     (roughly one in eight). Exact counts are not quoted here (not verified); run ``feclip-data check``.
+
+    Args:
+        protocol: ``"anomalyclip"`` (default: ``Test/`` is the test split) or ``"adaclip"`` (every
+            defective image of ``Train/`` and ``Test/`` plus as many normal images; see the module
+            docstring).
     """
-    reject_options("dagm", options)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(
+            f"dagm: reader option protocol must be one of {', '.join(PROTOCOLS)} "
+            f"(anomalyclip: Test/ as AnomalyCLIP; adaclip: AdaCLIP's dagm-pre.py test set), got {protocol!r}"
+        )
     found = _class_dirs(root)
     if not found:
         hint = ""
@@ -76,37 +106,61 @@ def list_dagm(root: Path, split: str, categories: list[str] | None, problems: li
         if len(inner) == 1:
             hint = f"; the Class folders are in {inner[0]}: pass that as the root"
         raise layout_error("dagm", root, f"no Class<N> folder{hint}")
-    folder_name = "Train" if split == "train" else "Test"
+    folders = ("Train", "Test") if protocol == "adaclip" else ("Train" if split == "train" else "Test",)
     samples: list[Sample] = []
     finder = MaskFinder(("_label",))
     selected = select_categories(list(found), categories, "dagm", root)
     for category in selected:
-        split_dir = found[category] / folder_name
-        if not split_dir.is_dir():
-            raise layout_error("dagm", root, f"{category} has no {folder_name}/ folder ({split_dir})")
-        label_dir = split_dir / "Label"
-        flags = _labels_txt(label_dir / "Labels.txt")
-        for image in list_images(split_dir):
-            mask = finder.find(label_dir, image.stem)
-            label = int(mask is not None)
-            flag = flags.get(image.name) if flags else None
-            if flag == 1 and mask is None:
-                report(
-                    problems,
-                    f"dagm: {image} is flagged defective in {label_dir / 'Labels.txt'} but its mask "
-                    f"{label_dir / (image.stem + '_label.PNG')} is missing",
-                )
-                label = 1
-            elif flag == 0 and mask is not None:
-                report(
-                    problems,
-                    f"dagm: {image} is flagged normal in {label_dir / 'Labels.txt'} but has a mask {mask}",
-                )
-            samples.append(Sample(image, mask, label, category, "defect" if label else "good"))
+        for folder_name in folders:
+            split_dir = found[category] / folder_name
+            if not split_dir.is_dir():
+                raise layout_error("dagm", root, f"{category} has no {folder_name}/ folder ({split_dir})")
+            listed = _list_folder(split_dir, category, finder, problems)
+            if protocol == "adaclip":
+                listed = _adaclip_split(listed, split)
+            samples.extend(listed)
+    where = "/".join(folders)
     report_empty_categories(
-        "dagm", split, selected, samples, problems, lambda c: f"no image in {found[c] / folder_name}"
+        "dagm", split, selected, samples, problems, lambda c: f"no image in {found[c] / where}"
     )
     return samples
+
+
+def _list_folder(
+    split_dir: Path, category: str, finder: MaskFinder, problems: list[str] | None
+) -> list[Sample]:
+    """Every image of one ``Class<N>/{Train,Test}/`` folder, labelled by its mask (and Labels.txt)."""
+    label_dir = split_dir / "Label"
+    flags = _labels_txt(label_dir / "Labels.txt")
+    samples = []
+    for image in list_images(split_dir):
+        mask = finder.find(label_dir, image.stem)
+        label = int(mask is not None)
+        flag = flags.get(image.name) if flags else None
+        if flag == 1 and mask is None:
+            report(
+                problems,
+                f"dagm: {image} is flagged defective in {label_dir / 'Labels.txt'} but its mask "
+                f"{label_dir / (image.stem + '_label.PNG')} is missing",
+            )
+            label = 1
+        elif flag == 0 and mask is not None:
+            report(
+                problems,
+                f"dagm: {image} is flagged normal in {label_dir / 'Labels.txt'} but has a mask {mask}",
+            )
+        samples.append(Sample(image, mask, label, category, "defect" if label else "good"))
+    return samples
+
+
+def _adaclip_split(samples: list[Sample], split: str) -> list[Sample]:
+    """AdaCLIP's split of one folder's images: ``test`` = every defective image plus as many normal
+    images (the first by file name), ``train`` = the other normal images."""
+    defective = [s for s in samples if s.label == 1]
+    normal = sorted((s for s in samples if s.label == 0), key=lambda s: s.image_path.name)
+    if split == "test":
+        return defective + normal[: len(defective)]
+    return normal[len(defective) :]
 
 
 def mask_files(root: Path, **options) -> list[Path]:

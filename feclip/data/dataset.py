@@ -3,7 +3,8 @@
 Each item is a dict::
 
     image          (3, S, S) float32, RGB, square bicubic resize, CLIP-normalised
-    mask           (S, S) float32 in {0, 1}; zeros for normal images and for images without pixel GT
+    mask           (S, S) float32 in {0, 1}; zeros for normal images and for images without pixel GT;
+                   binarised at the original resolution, then resized by ``mask_resize``
     has_mask       bool: the pixel ground truth of this image's category is known (False for image-level
                    datasets such as BrainMRI: pixel metrics must skip them)
     label          int, 0 normal / 1 anomalous
@@ -35,6 +36,8 @@ from feclip.data.samples import Sample, natural_key
 from feclip.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    MASK_RESIZE_METHODS,
+    RESIZE_MODES,
     load_mask,
     load_rgb,
     normalize,
@@ -62,8 +65,15 @@ class AnomalyDataset(Dataset):
         image_size: S, the square model input size (336 for ViT-L/14@336).
         mean, std: per-channel normalisation (defaults: OpenAI CLIP).
         cache: keep the decoded, resized uint8 arrays in memory after the first read.
-        mask_threshold: a mask pixel is anomalous when its gray value is ``> mask_threshold``
-            (0 by default; e.g. 127 for JPEG-compressed masks such as Kvasir-SEG's).
+        mask_threshold: a mask pixel is anomalous when its gray value is ``> mask_threshold``; None
+            (default) uses each sample's own :attr:`Sample.mask_threshold` (0 unless the reader
+            option ``mask_threshold`` set it; e.g. 127 for JPEG masks such as Kvasir-SEG's), an int
+            overrides it for every sample.
+        mask_resize: how masks are resized to ``image_size`` (:func:`~feclip.data.transforms.resize_mask`):
+            ``"bilinear"`` (default: AnomalyCLIP's pipeline, antialiased bilinear then ``> 0.5``) or
+            ``"nearest"``. :meth:`original_mask` is never resized.
+        resize: ``"square"`` (default) or ``"center_crop"``, for images and masks alike
+            (:func:`~feclip.data.transforms.resize_rgb`).
 
     Raises:
         DatasetError: no samples, or a category where some anomalous images have masks and others do not.
@@ -77,7 +87,9 @@ class AnomalyDataset(Dataset):
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         cache: bool = True,
-        mask_threshold: int = 0,
+        mask_threshold: int | None = None,
+        mask_resize: str = "bilinear",
+        resize: str = "square",
     ) -> None:
         self.samples: list[Sample] = list(samples)
         if not self.samples:
@@ -90,7 +102,23 @@ class AnomalyDataset(Dataset):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.cache = bool(cache)
-        self.mask_threshold = int(mask_threshold)
+        if mask_threshold is not None and (
+            isinstance(mask_threshold, bool)
+            or not isinstance(mask_threshold, (int, np.integer))
+            or not 0 <= mask_threshold <= 254
+        ):
+            raise ConfigError(
+                f"AnomalyDataset: mask_threshold must be None or an int in [0, 254], got {mask_threshold!r}"
+            )
+        self.mask_threshold = None if mask_threshold is None else int(mask_threshold)
+        if mask_resize not in MASK_RESIZE_METHODS:
+            raise ConfigError(
+                f"AnomalyDataset: mask_resize must be one of {MASK_RESIZE_METHODS}, got {mask_resize!r}"
+            )
+        self.mask_resize = mask_resize
+        if resize not in RESIZE_MODES:
+            raise ConfigError(f"AnomalyDataset: resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize = resize
         self._cache: dict[int, _Decoded] = {}
         self.category_has_masks: dict[str, bool] = self._masks_per_category()
 
@@ -136,8 +164,15 @@ class AnomalyDataset(Dataset):
         n_bad = int(self.labels.sum())
         return (
             f"AnomalyDataset({len(self)} images, {n_bad} anomalous, {len(self.categories)} categories, "
-            f"S={self.image_size}, masks={'yes' if self.has_masks else 'no'}, cached={len(self._cache)})"
+            f"S={self.image_size}, masks={'yes' if self.has_masks else 'no'} ({self.mask_resize} resize), "
+            f"cached={len(self._cache)})"
         )
+
+    def threshold_of(self, sample: Sample) -> int:
+        """The binarisation threshold of ``sample``'s mask: the dataset's override, else the sample's."""
+        if self.mask_threshold is not None:
+            return self.mask_threshold
+        return int(getattr(sample, "mask_threshold", 0))
 
     # -- decoding -----------------------------------------------------------------------------------
 
@@ -150,14 +185,14 @@ class AnomalyDataset(Dataset):
         original = (int(rgb.shape[0]), int(rgb.shape[1]))
         mask = None
         if sample.mask_path is not None:
-            full = load_mask(sample.mask_path, self.mask_threshold)
+            full = load_mask(sample.mask_path, self.threshold_of(sample))
             if full.shape != original:
                 raise DatasetError(
                     f"mask {sample.mask_path} is {full.shape[0]}x{full.shape[1]} (HxW) but its image "
                     f"{sample.image_path} is {original[0]}x{original[1]}"
                 )
-            mask = resize_mask(full, self.image_size)
-        decoded = _Decoded(resize_rgb(rgb, self.image_size), mask, original)
+            mask = resize_mask(full, self.image_size, self.mask_resize, self.resize)
+        decoded = _Decoded(resize_rgb(rgb, self.image_size, self.resize), mask, original)
         if self.cache:
             self._cache[index] = decoded
         return decoded
@@ -218,7 +253,7 @@ class AnomalyDataset(Dataset):
         size = hit.original_size if hit is not None else read_image_size(sample.image_path)
         if sample.mask_path is None:
             return np.zeros(size, dtype=np.uint8)
-        mask = load_mask(sample.mask_path, self.mask_threshold)
+        mask = load_mask(sample.mask_path, self.threshold_of(sample))
         if mask.shape != size:
             raise DatasetError(
                 f"mask {sample.mask_path} is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image "

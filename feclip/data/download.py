@@ -28,7 +28,16 @@ from pathlib import Path
 from feclip.data.samples import DEFAULT_DIRS, dataset_info
 from feclip.errors import ConfigError, DatasetError
 
-__all__ = ["SOURCES", "DownloadError", "Source", "download_file", "extract_archive", "fetch", "describe"]
+__all__ = [
+    "SOURCES",
+    "DownloadError",
+    "Source",
+    "describe",
+    "download_file",
+    "download_hint",
+    "extract_archive",
+    "fetch",
+]
 
 
 class DownloadError(DatasetError):
@@ -86,13 +95,16 @@ SOURCES: dict[str, Source] = {
             title="MVTec AD (Bergmann et al., CVPR 2019)",
             homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
             licence="CC BY-NC-SA 4.0",
-            url="https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
-            "420938113-1629952094/mvtec_anomaly_detection.tar.xz",
+            # anomalib's current mirror; its earlier share (.../shares/38536/...) answers HTTP 404
+            # (anomalib issues #3121, #3441). Same archive, same sha256.
+            url="https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/"
+            "420938113-1629960298/mvtec_anomaly_detection.tar.xz",
             filename="mvtec_anomaly_detection.tar.xz",
             sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
             checksum_source=_ANOMALIB + "mvtecad.py",
             manual=(
-                "The archive URL above is the mirror anomalib uses; if it no longer answers:\n"
+                "The archive URL above is the mirror anomalib uses now (its earlier mydrive link answers\n"
+                "HTTP 404); if this one stops answering too:\n"
                 "1. Fill in the form at https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads\n"
                 "2. Download mvtec_anomaly_detection.tar.xz (about 4.9 GB)\n"
                 "3. mkdir -p $DATA_ROOT/mvtec && tar -xf mvtec_anomaly_detection.tar.xz -C $DATA_ROOT/mvtec\n"
@@ -312,8 +324,42 @@ def download_file(
             that is too large or fails the checksum (the ``.part`` file is deleted).
     """
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
+    created = _missing_folders(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(url, dest, size, sha256, timeout, chunk_size, progress)
+    except BaseException:
+        _clean_up(dest.with_name(dest.name + ".part"), created)
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _clean_up(part: Path, created: list[Path]) -> None:
+    """After a failed download: delete an empty ``.part`` (a partial one is kept for a resume), then the
+    folders this download created, when they are empty. An offline attempt leaves nothing behind."""
+    try:
+        if part.is_file() and part.stat().st_size == 0:
+            part.unlink()
+    except OSError:
+        pass
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            break
+
+
+def _download(url, dest: Path, size, sha256, timeout, chunk_size, progress) -> Path:
+    part = dest.with_name(dest.name + ".part")
     if dest.exists():
         try:
             _verify(dest, size, sha256)
@@ -418,17 +464,22 @@ def fetch(
     name: str | Source,
     data_root: str | Path,
     *,
+    folder: str | None = None,
     keep_archive: bool = True,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Path:
-    """Download and extract one dataset into ``data_root/<DEFAULT_DIRS[name]>``; return that folder.
+    """Download and extract one dataset into ``data_root/<folder>``; return that folder.
 
-    Skips the download when the verified archive is there, and the extraction when a marker says it
-    was done. A dataset with no public archive raises :class:`DownloadError` carrying the manual steps.
+    ``folder`` defaults to ``DEFAULT_DIRS[name]``, the folder a run looks in when the dataset's ``dir``
+    is not set (a run with ``dir: X`` looks in ``data_root/X``). Skips the download when the verified
+    archive is there, and the extraction when a marker says it was done. A dataset with no public
+    archive raises :class:`DownloadError` carrying the manual steps. A download that fails before any
+    byte arrived (offline, HTTP error) leaves no folder behind; a partial one keeps its ``.part`` file
+    for a resume.
     """
     src = name if isinstance(name, Source) else _source(name)
-    target = Path(data_root).expanduser() / DEFAULT_DIRS.get(src.name, src.name)
+    target = Path(data_root).expanduser() / (folder or DEFAULT_DIRS.get(src.name, src.name))
     if src.url is None or src.filename is None:
         raise DownloadError(f"{src.name} has no public archive; manual steps:\n{src.manual}")
     marker = target / f".feclip_extracted_{src.filename}.json"
@@ -449,3 +500,27 @@ def fetch(
     if not keep_archive:
         archive.unlink()
     return target
+
+
+def download_hint(name: str, data_root: str | Path, folder: str | None = None) -> str:
+    """One sentence saying how to get dataset ``name`` where a run looks for it, ``data_root/<folder>``
+    (``folder`` None: the dataset's default folder): the command that produces exactly that layout."""
+    default = DEFAULT_DIRS.get(name)
+    where = Path(data_root) / (folder if folder is not None else (default or ""))
+    dir_flag = f" --dir {folder}" if folder is not None and folder != default else ""
+    if name == "synthetic":
+        if where.name in ("set_a", "set_b"):
+            return f"Generate it with `feclip-data synth {where.parent}`"
+        return (
+            f"Generate the synthetic sets with `feclip-data synth {where}` and point `dir` at one set "
+            f"(`{Path(folder or default or '') / 'set_a'}`)"
+        )
+    src = SOURCES.get(name)
+    if src is None:
+        return f"{name} is your own data: put it at {where} (layout: {dataset_info(name).layout})"
+    if src.url is None:
+        return (
+            f"It has no public archive: `feclip-data download {name} --root {data_root}` prints the manual "
+            f"steps; put the files at {where}"
+        )
+    return f"Get it with `feclip-data download {name} --root {data_root}{dir_flag}`"

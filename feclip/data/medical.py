@@ -6,17 +6,23 @@ Image-level layouts (test split only)::
     <root>/no/*.jpg      normal (label 0)
 
 Any other folder (Br35H's unlabeled ``pred/``) is ignored and reported by ``feclip-data check``.
+BrainMRI's Kaggle archive holds two copies of the same images, ``brain_tumor_dataset/{yes,no}/`` and
+a top-level ``yes/`` + ``no/``: the reader reads ``brain_tumor_dataset/`` (the copy AnomalyCLIP's
+``generate_dataset_json/brainmri.py`` reads) and ``feclip-data check`` compares the two.
 
 Pixel-level layouts (test split only, every image abnormal)::
 
     <root>/images/<stem>.<ext>     (ClinicDB's original release: Original/)
     <root>/masks/<stem>.<ext>      (ClinicDB's original release: Ground Truth/)
 
-Masks are paired by stem, any image extension.
+Masks are paired by stem, any image extension. Reader option ``mask_threshold`` (an int; default 0,
+the reference's ``> 0``) sets the binarisation of every mask: Kvasir-SEG's masks are JPEGs, whose
+compression noise ``> 0`` counts as polyp, so 127 is recommended there (the paper protocols set it).
 """
 
 from __future__ import annotations
 
+import filecmp
 from pathlib import Path
 
 from feclip.data.samples import (
@@ -52,11 +58,24 @@ _MASK_DIRS = ("masks", "Ground Truth")
 # ---------------------------------------------------------------------------------------------------
 
 
+#: BrainMRI's sub-folder read in preference to a duplicate top-level yes/ + no/ (AnomalyCLIP reads it).
+BRAINMRI_COPY = "brain_tumor_dataset"
+
+
+def _has_yes_no(folder: Path) -> bool:
+    return bool(child_dir(folder, "yes") and child_dir(folder, "no"))
+
+
 def _yes_no_base(name: str, root: Path) -> Path:
-    """``root`` if it holds yes/ and no/, else its single sub-folder that does (brain_tumor_dataset/)."""
-    if child_dir(root, "yes") and child_dir(root, "no"):
+    """The folder holding yes/ and no/: for BrainMRI ``brain_tumor_dataset/`` when it has them; else
+    ``root`` if it holds them; else its single sub-folder that does."""
+    if name == "brainmri":
+        preferred = child_dir(root, BRAINMRI_COPY)
+        if preferred is not None and _has_yes_no(preferred):
+            return preferred
+    if _has_yes_no(root):
         return root
-    inner = [d for d in subdirs(root) if child_dir(d, "yes") and child_dir(d, "no")]
+    inner = [d for d in subdirs(root) if _has_yes_no(d)]
     if len(inner) == 1:
         return inner[0]
     if len(inner) > 1:
@@ -78,18 +97,68 @@ def _list_yes_no(name: str, root: Path, split: str, categories, problems, option
     return samples
 
 
-def _yes_no_notes(name: str, root: Path) -> list[str]:
+def _yes_no_notes(name: str, root: Path) -> list[str | tuple[str, str]]:
     base = _yes_no_base(name, root)
-    ignored = [d.name for d in subdirs(base) if d.name.lower() not in ("yes", "no")]
-    return [f"{name}: ignored unlabeled folder {base / n}" for n in ignored]
+    out: list[str | tuple[str, str]] = []
+    duplicate = None
+    if name == "brainmri":
+        other = root if base != root else child_dir(root, BRAINMRI_COPY)
+        if other is not None and other != base and _has_yes_no(other):
+            duplicate = other
+            out.extend(_compare_copies(name, base, other))
+    ignored = [d for d in subdirs(base) if d.name.lower() not in ("yes", "no") and d != duplicate]
+    out.extend(f"{name}: ignored unlabeled folder {d}" for d in ignored)
+    return out
+
+
+def _compare_copies(name: str, read: Path, other: Path) -> list[str | tuple[str, str]]:
+    """A note when the unread copy holds the same files (names and bytes) as the one read, else a
+    warning listing the differences."""
+    differences: list[str] = []
+    n_files = 0
+    for folder_name in ("yes", "no"):
+        a, b = child_dir(read, folder_name), child_dir(other, folder_name)
+        files_a = {p.name: p for p in list_images(a)} if a else {}
+        files_b = {p.name: p for p in list_images(b)} if b else {}
+        n_files += len(files_a)
+        only_a = sorted(files_a.keys() - files_b.keys())
+        only_b = sorted(files_b.keys() - files_a.keys())
+        changed = sorted(
+            n
+            for n in files_a.keys() & files_b.keys()
+            if not filecmp.cmp(files_a[n], files_b[n], shallow=False)
+        )
+        for what, names in (
+            (f"only in {read / folder_name}", only_a),
+            (f"only in {other / folder_name}", only_b),
+        ):
+            if names:
+                differences.append(f"{len(names)} file(s) {what} (e.g. {names[0]})")
+        if changed:
+            differences.append(
+                f"{len(changed)} file(s) of {folder_name}/ differ in content (e.g. {changed[0]})"
+            )
+    if differences:
+        return [
+            f"{name}: reading {read}; the other copy {other} is not read and does NOT agree with it: "
+            + "; ".join(differences)
+        ]
+    return [
+        (
+            "note",
+            f"{name}: reading {read} (the copy AnomalyCLIP reads); the duplicate copy {other} is not read "
+            f"and agrees with it ({n_files} files, same names and bytes)",
+        )
+    ]
 
 
 def list_brainmri(root: Path, split: str, categories, problems, **options) -> list[Sample]:
     """Brain MRI Images for Brain Tumor Detection (Kaggle, navoneel); image level only.
 
     Real counts: 253 images = 155 tumour (yes) + 98 normal (no), one category ``brain``. The root may be
-    the folder holding ``brain_tumor_dataset/`` or that folder itself (the Kaggle archive also holds a
-    duplicate top-level yes/no: the root's own yes/ and no/ win, nothing is counted twice).
+    the folder holding ``brain_tumor_dataset/`` or that folder itself. The Kaggle archive also holds a
+    duplicate top-level yes/ + no/: ``brain_tumor_dataset/`` is read (as AnomalyCLIP does), the other
+    copy only when it is absent; nothing is counted twice, and ``feclip-data check`` compares them.
     """
     return _list_yes_no("brainmri", root, split, categories, problems, options)
 
@@ -103,8 +172,8 @@ def list_br35h(root: Path, split: str, categories, problems, **options) -> list[
     return _list_yes_no("br35h", root, split, categories, problems, options)
 
 
-def brainmri_notes(root: Path, **options) -> list[str]:
-    """Folders the brainmri reader ignores."""
+def brainmri_notes(root: Path, **options) -> list[str | tuple[str, str]]:
+    """Which copy the brainmri reader reads, whether the duplicate agrees, and folders it ignores."""
     return _yes_no_notes("brainmri", root)
 
 
@@ -163,8 +232,10 @@ def list_clinicdb(root: Path, split: str, categories, problems, **options) -> li
 def list_kvasir(root: Path, split: str, categories, problems, **options) -> list[Sample]:
     """Kvasir-SEG (Jha et al., 2020), research and education use; every image shows a polyp.
 
-    Real counts: 1,000 images with masks (JPEG masks: their background is not exactly 0; see
-    ``AnomalyDataset(mask_threshold=...)`` and ``feclip-data check``), one category ``colon``.
+    Real counts: 1,000 images with masks, one category ``colon``. Kvasir-SEG's masks are JPEGs: their
+    background and edges carry compression noise, which the default ``> 0`` counts as polyp; pass the
+    reader option ``mask_threshold=127`` (the paper protocols do). ``feclip-data check`` and the run's
+    checks warn when JPEG masks are read with ``> 0``.
     """
     return _list_images_masks("kvasir", root, split, categories, problems, options)
 

@@ -11,6 +11,7 @@ Every listing is sorted: categories in natural order (``Class2`` before ``Class1
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -26,6 +27,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetInfo",
     "EmptyDatasetError",
+    "OfficialCounts",
     "Sample",
     "dataset_info",
     "list_samples",
@@ -68,6 +70,10 @@ DEFAULT_DIRS: dict[str, str] = {
 #: File suffixes (lower case) treated as images; anything else in an image folder is ignored.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
+#: Reader options that change how masks are binarised, not what is listed. :func:`list_samples` applies
+#: them itself (every listed :class:`Sample` carries the value), so readers never see them.
+MASK_OPTIONS: tuple[str, ...] = ("mask_threshold",)
+
 
 class EmptyDatasetError(DatasetError):
     """The layout is right but the requested split (and categories) holds no image."""
@@ -84,6 +90,9 @@ class Sample:
         label: 0 normal, 1 anomalous.
         category: the sub-dataset (MVTec "bottle", VisA "pcb1", BrainMRI "brain", ...).
         defect: the defect folder name (``"good"`` for normal images).
+        mask_threshold: a mask pixel is anomalous when its gray value is ``> mask_threshold`` (0 by
+            default: any non-zero pixel; 127 for JPEG masks such as Kvasir-SEG's). Set by the reader
+            option ``mask_threshold`` of the datasets that accept it.
     """
 
     image_path: Path
@@ -91,11 +100,41 @@ class Sample:
     label: int
     category: str
     defect: str
+    mask_threshold: int = 0
 
     @property
     def has_pixel_gt(self) -> bool:
         """True when the pixel ground truth is known: a normal image, or an anomalous one with a mask."""
         return self.label == 0 or self.mask_path is not None
+
+
+@dataclass(frozen=True)
+class OfficialCounts:
+    """Published test-split counts of a benchmark, which ``feclip-data check`` compares with the files.
+
+    Attributes:
+        normal: normal test images in all.
+        anomalous: anomalous test images in all.
+        per_category: ``(category, normal, anomalous)`` per category where published, else empty.
+        source: where the numbers come from (the dataset's paper or page, or a third-party table).
+    """
+
+    normal: int
+    anomalous: int
+    per_category: tuple[tuple[str, int, int], ...] = ()
+    source: str = ""
+
+    @property
+    def images(self) -> int:
+        """Test images in all."""
+        return self.normal + self.anomalous
+
+    def category(self, name: str) -> tuple[int, int] | None:
+        """(normal, anomalous) of one category, or None when not published."""
+        for category, normal, anomalous in self.per_category:
+            if category == name:
+                return normal, anomalous
+        return None
 
 
 @dataclass(frozen=True)
@@ -116,8 +155,9 @@ class DatasetInfo:
             mask file on disk (for the masks-without-images check), or None.
         notes: name of a function ``f(root, **options) -> list[str]`` in ``module`` remarking on ignored
             folders, or None.
-        options: the reader options the reader accepts (each a string); any other option is a
-            :class:`ConfigError` naming it and these.
+        options: the reader options the reader accepts (each a string; ``mask_threshold`` also an
+            int); any other option is a :class:`ConfigError` naming it and these.
+        test_counts: the published counts of the test split (default options), or None when unknown.
     """
 
     name: str
@@ -130,6 +170,7 @@ class DatasetInfo:
     mask_files: str | None = None
     notes: str | None = None
     options: tuple[str, ...] = ()
+    test_counts: OfficialCounts | None = None
 
 
 MVTEC_CATEGORIES = (
@@ -179,6 +220,51 @@ DTD_CATEGORIES = (
     "Woven_127",
 )
 
+# Published test-split counts, (category, normal, anomalous). MVTec AD: the dataset paper's table
+# (Bergmann et al., CVPR 2019), 1,725 = 467 + 1,258. VisA: the official split_csv/1cls.csv (100
+# anomalous images per category), 2,162 = 962 + 1,200.
+MVTEC_TEST_COUNTS = OfficialCounts(
+    467,
+    1258,
+    (
+        ("bottle", 20, 63),
+        ("cable", 58, 92),
+        ("capsule", 23, 109),
+        ("carpet", 28, 89),
+        ("grid", 21, 57),
+        ("hazelnut", 40, 70),
+        ("leather", 32, 92),
+        ("metal_nut", 22, 93),
+        ("pill", 26, 141),
+        ("screw", 41, 119),
+        ("tile", 33, 84),
+        ("toothbrush", 12, 30),
+        ("transistor", 60, 40),
+        ("wood", 19, 60),
+        ("zipper", 32, 119),
+    ),
+    "MVTec AD paper (Bergmann et al., CVPR 2019)",
+)
+VISA_TEST_COUNTS = OfficialCounts(
+    962,
+    1200,
+    (
+        ("candle", 100, 100),
+        ("capsules", 60, 100),
+        ("cashew", 50, 100),
+        ("chewinggum", 50, 100),
+        ("fryum", 50, 100),
+        ("macaroni1", 100, 100),
+        ("macaroni2", 100, 100),
+        ("pcb1", 100, 100),
+        ("pcb2", 100, 100),
+        ("pcb3", 101, 100),
+        ("pcb4", 101, 100),
+        ("pipe_fryum", 50, 100),
+    ),
+    "the official split_csv/1cls.csv (amazon-science/spot-diff)",
+)
+
 _MVTEC_LAYOUT = (
     "<root>/<category>/{train/good, test/good, test/<defect>}/*.png and "
     "<root>/<category>/ground_truth/<defect>/<stem>_mask.png"
@@ -196,6 +282,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             MVTEC_CATEGORIES,
             _MVTEC_LAYOUT,
             "mask_files",
+            test_counts=MVTEC_TEST_COUNTS,
         ),
         DatasetInfo(
             "visa",
@@ -208,6 +295,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             "<root>/<category>/Data/{Images/{Normal,Anomaly}/*.JPG, Masks/Anomaly/*.png}",
             "mask_files",
             options=("split_file",),
+            test_counts=VISA_TEST_COUNTS,
         ),
         DatasetInfo(
             "btad",
@@ -219,6 +307,11 @@ _REGISTRY: dict[str, DatasetInfo] = {
             "<root>[/BTech_Dataset_transformed]/<01|02|03>/{train/ok, test/ok, test/ko}/*.{bmp,png} and "
             "<root>/<category>/ground_truth/ko/<stem>.{bmp,png}",
             "mask_files",
+            test_counts=OfficialCounts(
+                451,
+                290,
+                source="third-party tables only (not from the dataset's authors); per product not quoted",
+            ),
         ),
         DatasetInfo(
             "mpdd",
@@ -229,6 +322,11 @@ _REGISTRY: dict[str, DatasetInfo] = {
             MPDD_CATEGORIES,
             _MVTEC_LAYOUT,
             "mask_files",
+            test_counts=OfficialCounts(
+                176,
+                282,
+                source="third-party tables only (not from the dataset's authors); per category not quoted",
+            ),
         ),
         DatasetInfo(
             "dtd_synthetic",
@@ -249,6 +347,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             tuple(f"Class{i}" for i in range(1, 11)),
             "<root>/Class<N>/{Train,Test}/*.PNG with masks <root>/Class<N>/{Train,Test}/Label/<stem>_label.PNG",
             "mask_files",
+            options=("protocol",),
         ),
         DatasetInfo(
             "brainmri",
@@ -257,9 +356,11 @@ _REGISTRY: dict[str, DatasetInfo] = {
             ("test",),
             False,
             ("brain",),
-            "<root>[/brain_tumor_dataset]/{yes,no}/*.jpg (yes = tumour, no = normal)",
+            "<root>[/brain_tumor_dataset]/{yes,no}/*.jpg (yes = tumour, no = normal; brain_tumor_dataset/ "
+            "is read when present)",
             None,
             "brainmri_notes",
+            test_counts=OfficialCounts(98, 155, (("brain", 98, 155),), "the Kaggle dataset page"),
         ),
         DatasetInfo(
             "br35h",
@@ -271,6 +372,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             "<root>/{yes,no}/*.jpg (yes = tumour, no = normal; unlabeled folders such as pred/ are ignored)",
             None,
             "br35h_notes",
+            test_counts=OfficialCounts(1500, 1500, (("brain", 1500, 1500),), "the Kaggle dataset page"),
         ),
         DatasetInfo(
             "clinicdb",
@@ -281,6 +383,8 @@ _REGISTRY: dict[str, DatasetInfo] = {
             ("colon",),
             "<root>[/CVC-ClinicDB]/{images,masks}/<stem>.<ext> (also Original/ + 'Ground Truth'/); all abnormal",
             "clinicdb_mask_files",
+            options=("mask_threshold",),
+            test_counts=OfficialCounts(0, 612, (("colon", 0, 612),), "CVC-ClinicDB (Bernal et al., 2015)"),
         ),
         DatasetInfo(
             "kvasir",
@@ -291,6 +395,8 @@ _REGISTRY: dict[str, DatasetInfo] = {
             ("colon",),
             "<root>[/Kvasir-SEG]/{images,masks}/<stem>.jpg; all abnormal",
             "kvasir_mask_files",
+            options=("mask_threshold",),
+            test_counts=OfficialCounts(0, 1000, (("colon", 0, 1000),), "Kvasir-SEG (Jha et al., 2020)"),
         ),
         DatasetInfo(
             "synthetic",
@@ -312,7 +418,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             (),
             '<root>/meta.json = {"train"|"test": {<cls>: [{"img_path", "mask_path", "cls_name", '
             '"specie_name", "anomaly"}]}} with paths relative to <root>',
-            options=("meta_file",),
+            options=("meta_file", "mask_threshold"),
         ),
         DatasetInfo(
             "folder",
@@ -325,7 +431,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             "<root>/{ground_truth,masks}/<defect>/<stem>[_mask].png; or <root>/<category>/ holding that",
             "mask_files",
             "folder_notes",
-            options=("good_dir", "category"),
+            options=("good_dir", "category", "mask_threshold"),
         ),
     )
 }
@@ -367,8 +473,10 @@ def list_samples(
             list instead of raised, and the affected images are still listed (mask_path None); layout
             errors are always raised. :mod:`feclip.data.cli` ``check`` uses this.
         **options: reader options, each a string (e.g. ``split_file="2cls_highshot"`` for VisA,
-            ``meta_file`` for ``meta_json``, ``good_dir``/``category`` for ``folder``); the other readers
-            take none.
+            ``meta_file`` for ``meta_json``, ``good_dir``/``category`` for ``folder``,
+            ``protocol="adaclip"`` for DAGM); ``mask_threshold`` (an int in [0, 254], or its digits)
+            for ``kvasir``, ``clinicdb``, ``folder`` and ``meta_json`` sets every listed sample's
+            :attr:`Sample.mask_threshold`. The other readers take none.
 
     Returns:
         list[Sample], never empty.
@@ -392,13 +500,22 @@ def list_samples(
         raise DatasetError(f"{name}: dataset root {root} is not a folder; expected layout: {info.layout}")
     wanted = _as_category_list(categories, name)
     reader = reader_hook(info, info.function)
-    samples = reader(root, split, wanted, problems, **options)
+    samples = reader(root, split, wanted, problems, **listing_options(options))
     if not samples:
         which = f" for categories {wanted}" if wanted else ""
         raise EmptyDatasetError(
             f"{name}: no {split} images found under {root}{which}; expected layout: {info.layout}"
         )
+    if "mask_threshold" in options:
+        threshold = parse_mask_threshold(options["mask_threshold"], name)
+        samples = [dataclasses.replace(s, mask_threshold=threshold) for s in samples]
     return sort_samples(samples)
+
+
+def listing_options(options: dict) -> dict:
+    """The reader options that change what is listed: ``options`` without :data:`MASK_OPTIONS`
+    (those are applied by :func:`list_samples` to every listed sample)."""
+    return {k: v for k, v in options.items() if k not in MASK_OPTIONS}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,6 +639,9 @@ def check_reader_options(name: str, options: dict, accepted: Sequence[str] = ())
             f"the {name} reader {takes}"
         )
     for key, value in options.items():
+        if key in MASK_OPTIONS:
+            parse_mask_threshold(value, name)
+            continue
         if not isinstance(value, str) or not value.strip():
             quote = (
                 f"; in YAML quote it: {key}: '{value}'"
@@ -532,6 +652,22 @@ def check_reader_options(name: str, options: dict, accepted: Sequence[str] = ())
                 f"{name}: reader option {key} must be a non-empty string, got {value!r} "
                 f"({type(value).__name__}){quote}"
             )
+
+
+def parse_mask_threshold(value, name: str = "") -> int:
+    """The ``mask_threshold`` option as an int in [0, 254] (an int, or a string of digits from the
+    command line); anything else is a :class:`ConfigError`."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or not 0 <= number <= 254:
+        raise ConfigError(
+            f"{name}: reader option mask_threshold must be an integer in [0, 254] (a mask pixel is "
+            f"anomalous when its gray value is > mask_threshold), got {value!r}"
+        )
+    return number
 
 
 def reject_options(name: str, options: dict) -> None:

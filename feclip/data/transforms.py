@@ -6,7 +6,9 @@ Conventions (the peers' "squash" preprocessing, spec section 2 / A8):
   resized to (S, S) with bicubic interpolation, then ``(x / 255 - mean) / std`` with the OpenAI CLIP
   mean and std;
 - masks: decoded to one channel, binarised with ``> threshold`` (default 0: VisA masks are not 0/255),
-  resized to (S, S) with nearest-neighbour interpolation.
+  resized to (S, S) by :func:`resize_mask`: ``bilinear`` (default; the pipeline of AnomalyCLIP, whose
+  numbers FE-CLIP compares with: the 0/255 mask resized bilinearly with PIL's antialiasing, then
+  ``> 0.5`` of 255) or ``nearest`` (nearest neighbour).
 
 Every decoding failure (missing, unreadable or truncated file) is raised as
 :class:`feclip.errors.DatasetError` naming the path.
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from feclip.errors import DatasetError
+from feclip.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "MASK_RESIZE_METHODS",
     "check_image",
     "image_size",
     "load_mask",
@@ -221,20 +224,75 @@ def probe_image(path: str | Path, what: str = "image") -> tuple[int, int]:
     return height, width
 
 
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """Square bicubic resize. (H, W, 3) uint8 -> (size, size, 3) uint8."""
-    if image.shape[:2] == (size, size):
-        return image
-    out = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(out, dtype=np.uint8).copy()
+#: How images (and their masks) become ``size x size`` (``data.resize`` in a run config).
+RESIZE_MODES: tuple[str, ...] = ("square", "center_crop")
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Square nearest-neighbour resize. (H, W) bool -> (size, size) bool."""
-    if mask.shape == (size, size):
-        return mask
-    out = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(out) > 127
+def short_side_size(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    """(H, W) with the shorter side ``size`` and the longer scaled alike, truncated (torchvision's
+    ``Resize(int)`` rule)."""
+    h, w = shape
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size x size`` square, offsets rounded as torchvision's ``CenterCrop``.
+    Shape: ``(H, W, ...) -> (size, size, ...)``."""
+    h, w = array.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return array[top : top + size, left : left + size]
+
+
+def resize_rgb(image: np.ndarray, size: int, mode: str = "square") -> np.ndarray:
+    """Bicubic (PIL's, antialiased) resize to ``size x size``. (H, W, 3) uint8 -> (size, size, 3) uint8.
+
+    ``mode``: ``"square"`` resizes both sides to ``size`` (the aspect ratio is not kept: the peers'
+    convention, which keeps every border); ``"center_crop"`` resizes the shorter side to ``size`` and
+    keeps the central square (the earlier reproduction study's: borders of non-square images are cut).
+    """
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    target = (size, size) if mode == "square" else short_side_size(image.shape[:2], size)
+    out = image
+    if image.shape[:2] != target:
+        out = np.asarray(
+            Image.fromarray(image).resize(target[::-1], Image.Resampling.BICUBIC), dtype=np.uint8
+        )
+    return np.ascontiguousarray(center_crop(out, size)) if mode == "center_crop" else out.copy()
+
+
+#: How :func:`resize_mask` resizes a binary mask (``data.mask_resize`` in a run config).
+MASK_RESIZE_METHODS: tuple[str, ...] = ("bilinear", "nearest")
+
+
+def resize_mask(mask: np.ndarray, size: int, method: str = "bilinear", mode: str = "square") -> np.ndarray:
+    """Resize of a binary mask to ``size x size``. (H, W) bool -> (size, size) bool.
+
+    Args:
+        mask: the binarised mask at the image's resolution.
+        size: the side of the output.
+        mode: as for :func:`resize_rgb` (``"center_crop"``: the shorter side resized to ``size`` with
+            ``method``, thresholded, then the central square), so that masks stay aligned with images.
+        method: ``"bilinear"``: the mask as a 0/255 8-bit image resized with PIL's bilinear filter
+            (which widens its support when shrinking: antialiasing), then a pixel is anomalous when its
+            value is ``> 0.5`` of 255, i.e. ``>= 128``. This is AnomalyCLIP's target transform exactly
+            (``transforms.Resize((S, S))`` on the PIL ``L`` mask, ``ToTensor``, ``> 0.5``).
+            ``"nearest"``: PIL's nearest-neighbour resize (each output pixel copies one input pixel).
+            They differ only on defect boundaries (and on structures thinner than the scale factor,
+            which bilinear drops and nearest keeps or drops by position).
+    """
+    if method not in MASK_RESIZE_METHODS:
+        raise ConfigError(f"mask resize method must be one of {MASK_RESIZE_METHODS}, got {method!r}")
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    target = (size, size) if mode == "square" else short_side_size(mask.shape, size)
+    out = mask
+    if mask.shape != target:
+        resample = Image.Resampling.BILINEAR if method == "bilinear" else Image.Resampling.NEAREST
+        out = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(target[::-1], resample)) > 127
+    return np.ascontiguousarray(center_crop(out, size)) if mode == "center_crop" else out
 
 
 def normalize(

@@ -23,6 +23,9 @@ these checks a wrong category would only show as ``nan`` hours later):
   would count as normal pixels): error, the rule :class:`~feclip.data.dataset.AnomalyDataset` applies;
   a category with no mask at all is image level (BrainMRI, Br35H, a ``folder`` without masks): fine;
 - the same image listed twice: error (it would be counted twice);
+- JPEG masks binarised with ``> 0`` (mask threshold 0): warning (JPEG compression noise around the
+  defect and in the background counts as anomalous; Kvasir-SEG's masks are JPEGs: set the reader
+  option ``mask_threshold: 127``); the training set gets the same warning;
 - an image or mask whose header cannot be read, an empty or cut-off file, a mask whose size differs from
   its image's: error (headers only, in threads: a few thousand files take about a second).
 """
@@ -43,6 +46,7 @@ __all__ = [
     "check_target",
     "check_train",
     "file_problems",
+    "jpeg_mask_warnings",
     "read_sizes",
     "target_problems",
     "train_problems",
@@ -69,6 +73,37 @@ def _by_category(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
     for s in samples:
         groups[s.category].append(s)
     return {c: groups[c] for c in sorted(groups, key=natural_key)}
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+def jpeg_mask_warnings(name: str, samples: Sequence[Sample]) -> list[str]:
+    """A warning when masks stored as JPEG are binarised with ``> 0``: JPEG's lossy compression leaves
+    values just above 0 around the defect (and sometimes in the background), which ``> 0`` counts as
+    anomalous, so the masks grow."""
+    jpeg = [
+        s
+        for s in samples
+        if s.mask_path is not None
+        and Path(s.mask_path).suffix.lower() in JPEG_SUFFIXES
+        and getattr(s, "mask_threshold", 0) == 0
+    ]
+    if not jpeg:
+        return []
+    info = _REGISTRY.get(name)
+    if info is not None and "mask_threshold" in info.options:
+        fix = (
+            f"set the reader option mask_threshold (run config: options: {{mask_threshold: 127}} on the "
+            f"{name} entry; feclip-data check: --option mask_threshold=127)"
+        )
+    else:
+        fix = "binarise them with AnomalyDataset(mask_threshold=127), or convert them to PNG first"
+    return [
+        f"{name}: {len(jpeg)} mask{'s are JPEG files' if len(jpeg) > 1 else ' is a JPEG file'} (e.g. "
+        f"{jpeg[0].mask_path}) binarised with > 0: JPEG compression noise counts as anomalous and enlarges "
+        f"the masks; {fix}"
+    ]
 
 
 def _duplicates(name: str, samples: Sequence[Sample]) -> list[str]:
@@ -149,6 +184,7 @@ def target_problems(name: str, samples: Sequence[Sample]) -> tuple[list[str], li
             f"{name}: some categories have pixel masks and others ({', '.join(image_level)}) do not: the "
             "pooled __micro__ row has no pixel metrics"
         )
+    warnings.extend(jpeg_mask_warnings(name, samples))
     errors.extend(_duplicates(name, samples))
     return errors, warnings
 
@@ -191,6 +227,7 @@ def train_problems(name: str, samples: Sequence[Sample]) -> tuple[list[str], lis
             f"{name}: the training set has no normal images ({len(bad)} anomalous): the image-level loss "
             "only ever sees the anomalous class"
         )
+    warnings.extend(jpeg_mask_warnings(name, samples))
     errors.extend(_duplicates(name, samples))
     return errors, warnings
 

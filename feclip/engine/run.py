@@ -153,9 +153,11 @@ def dataset_root(ref: DatasetRef, paths: PathsConfig) -> Path:
         log.info("generating the synthetic datasets under %s", root.parent)
         make_synthetic(root.parent)
     if not root.exists():
+        from feclip.data.download import download_hint
+
         raise DatasetError(
             f"dataset {ref.name!r} not found at {root} (paths.data_root={paths.data_root}, env DATA_ROOT). "
-            f"Get it with `feclip-data download {ref.name} --root {root}` (or see docs/datasets.md), "
+            f"{download_hint(ref.name, paths.data_root, ref.dir)} (or see docs/datasets.md), "
             f"then check it with `feclip-data check {root} --dataset {ref.name}`"
         )
     return root
@@ -184,7 +186,9 @@ def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], o
     banks, lines = {}, ["dataset,category,k,seed,image_path"]
     for category in categories:
         chosen = pick_reference_samples(pool, cfg.eval.fewshot_k, cfg.seed, category)
-        banks[category] = MemoryBank.from_samples(model, chosen, which=cfg.eval.fewshot_bank)
+        banks[category] = MemoryBank.from_samples(
+            model, chosen, which=cfg.eval.fewshot_bank, resize=cfg.data.resize
+        )
         lines += [f"{ref.name},{category},{cfg.eval.fewshot_k},{cfg.seed},{s.image_path}" for s in chosen]
     path = out_dir / "fewshot_references.csv"
     old = path.read_text().splitlines()[1:] if path.exists() else []
@@ -407,7 +411,13 @@ def _train_and_evaluate(
 
     # -- train ----------------------------------------------------------------------------------
     if train_samples is not None:
-        train_set = AnomalyDataset(train_samples, image_size=model.image_size, cache=cfg.data.cache_images)
+        train_set = AnomalyDataset(
+            train_samples,
+            image_size=model.image_size,
+            cache=cfg.data.cache_images,
+            mask_resize=cfg.data.mask_resize,
+            resize=cfg.data.resize,
+        )
         log.info("training on %s: %r", cfg.data.train.name, train_set)
         result = train(
             model,
@@ -434,7 +444,13 @@ def _train_and_evaluate(
     failed: list[str] = []
     for ref, samples in zip(cfg.data.targets, target_samples):
         try:
-            target = AnomalyDataset(samples, image_size=model.image_size, cache=cfg.data.cache_images)
+            target = AnomalyDataset(
+                samples,
+                image_size=model.image_size,
+                cache=cfg.data.cache_images,
+                mask_resize=cfg.data.mask_resize,
+                resize=cfg.data.resize,
+            )
             log.info("evaluating on %s: %r", ref.name, target)
             banks = build_banks(model, ref, cfg, target.categories, out_dir) if cfg.eval.fewshot_k else None
             rows += evaluate(model, ref.name, target, cfg.eval, device, use_amp, banks, out_dir)

@@ -190,11 +190,14 @@ class MemoryBank:
         return cls(bank, tuple(model.config.taps), (h, w), which, [str(p) for p in reference_paths])
 
     @classmethod
-    def from_samples(cls, model, samples: Sequence, which: str = "fused", batch_size: int = 8) -> MemoryBank:
-        """Decode the reference ``samples`` (as :class:`~feclip.data.AnomalyDataset` does) and bank them."""
+    def from_samples(
+        cls, model, samples: Sequence, which: str = "fused", batch_size: int = 8, resize: str = "square"
+    ) -> MemoryBank:
+        """Decode the reference ``samples`` (as :class:`~feclip.data.AnomalyDataset` does, with the same
+        ``resize`` as the test images) and bank them."""
         from feclip.data import AnomalyDataset
 
-        ds = AnomalyDataset(list(samples), image_size=model.image_size, cache=False)
+        ds = AnomalyDataset(list(samples), image_size=model.image_size, cache=False, resize=resize)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))])
         return cls.build(model, images, which, [str(s.image_path) for s in samples], batch_size)
 
