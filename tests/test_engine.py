@@ -203,7 +203,9 @@ def test_eval_of_an_adapter_file_matches_and_mismatch_is_refused(data_root, tmp_
     b = {(r["category"], r["metric"]): r["value"] for r in read_metrics(evaluated / "metrics.csv")}
     assert a == b
     assert {r["train_dataset"] for r in read_metrics(evaluated / "metrics.csv")} == {"none"}
-    with pytest.raises(CheckpointMismatchError, match=r"model\.taps=\[15, 18, 21, 23\] \(this run: \[20, 21, 22, 23\]\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"model\.taps=\[15, 18, 21, 23\] \(this run: \[20, 21, 22, 23\]\)"
+    ):
         run(
             compose_run(
                 smoke_overrides(data_root, tmp_path, "study=c", "taps=last4", f"checkpoint='{ckpt}'"), "eval"

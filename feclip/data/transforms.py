@@ -167,16 +167,21 @@ def check_image(path: str | Path, decode: bool = False) -> tuple[int, int]:
     return size
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file, from its header (no decoding)."""
-    path = Path(path)
+def _header(path: Path, what: str) -> tuple[int, int, str | None]:
+    """(H, W, format) from an image file's header (no decoding); one-line DatasetError otherwise."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
+                return height, width, img.format
     except Exception as err:
-        raise _describe_failure(path, "file", err) from None
+        raise _describe_failure(path, what, err) from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header (no decoding)."""
+    height, width, _ = _header(Path(path), "file")
     return height, width
 
 
@@ -211,14 +216,7 @@ def probe_image(path: str | Path, what: str = "image") -> tuple[int, int]:
         DatasetError: one line naming the file and what is wrong with it.
     """
     path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                fmt = img.format
-    except Exception as err:
-        raise _describe_failure(path, what, err) from None
+    height, width, fmt = _header(path, what)
     if not _tail_looks_complete(path, fmt):
         _open(path, what).close()  # raises for a truncated file; some writers omit the end marker
     return height, width

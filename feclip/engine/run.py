@@ -279,6 +279,10 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
     """
     cfg.expand_paths()
     cfg.validate()
+    if do_train and cfg.train.deterministic:
+        from feclip.engine.train import prepare_deterministic_cuda
+
+        prepare_deterministic_cuda()  # before the first matrix product on CUDA (cuBLAS reads it once)
     device = dist.init(resolve_device(cfg.device))  # joins torchrun's process group, if any
     dist.check_batch_size(cfg.train.batch_size)
     main = dist.is_main()  # rank 0 (or the only process) writes the run directory and evaluates
@@ -377,6 +381,19 @@ def check_data(cfg: RunConfig, train_samples, target_samples) -> dict[str, str]:
     return fingerprints
 
 
+def _dataset(samples, cfg: RunConfig, model):
+    """The :class:`~feclip.data.AnomalyDataset` of listed samples, as ``cfg.data`` says."""
+    from feclip.data import AnomalyDataset
+
+    return AnomalyDataset(
+        samples,
+        image_size=model.image_size,
+        cache=cfg.data.cache_images,
+        mask_resize=cfg.data.mask_resize,
+        resize=cfg.data.resize,
+    )
+
+
 def _train_and_evaluate(
     cfg: RunConfig,
     do_train,
@@ -387,20 +404,21 @@ def _train_and_evaluate(
     target_samples,
     out_dir,
 ) -> Path:
-    from feclip.data import AnomalyDataset
     from feclip.engine.evaluate import evaluate
     from feclip.engine.train import train
     from feclip.models import FEClip, load_adapters
+    from feclip.models.feclip import precision_for
 
     main = dist.is_main()
     # -- model ----------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     clip = build_clip(cfg.backbone, weights, device)
-    model = FEClip(clip, cfg.model)
+    # one precision for training (cached or not), few-shot banks and evaluation: train.amp's
+    model = FEClip(clip, cfg.model, precision=precision_for(cfg.train.amp, device))
     if cfg.checkpoint:
         load_adapters(model, cfg.checkpoint)
         log.info("adapters loaded from %s", cfg.checkpoint)
-    use_amp = cfg.train.amp == "bf16" and device.type == "cuda"
+    workers = cfg.data.num_workers
     name = f"{cfg.study}/{cfg.variant}/seed={cfg.seed}"
     provenance = {"backbone": weights.describe(), "checkpoint": checkpoint_id}
     tracker = (
@@ -411,13 +429,7 @@ def _train_and_evaluate(
 
     # -- train ----------------------------------------------------------------------------------
     if train_samples is not None:
-        train_set = AnomalyDataset(
-            train_samples,
-            image_size=model.image_size,
-            cache=cfg.data.cache_images,
-            mask_resize=cfg.data.mask_resize,
-            resize=cfg.data.resize,
-        )
+        train_set = _dataset(train_samples, cfg, model)
         log.info("training on %s: %r", cfg.data.train.name, train_set)
         result = train(
             model,
@@ -428,6 +440,7 @@ def _train_and_evaluate(
             device,
             training_fingerprint(cfg, weights),
             on_epoch=tracker.log_epoch,
+            num_workers=workers,
         )
         log.info(
             "trained %d epochs (%d steps) in %.1f s, last loss %.4f",
@@ -444,16 +457,10 @@ def _train_and_evaluate(
     failed: list[str] = []
     for ref, samples in zip(cfg.data.targets, target_samples):
         try:
-            target = AnomalyDataset(
-                samples,
-                image_size=model.image_size,
-                cache=cfg.data.cache_images,
-                mask_resize=cfg.data.mask_resize,
-                resize=cfg.data.resize,
-            )
+            target = _dataset(samples, cfg, model)
             log.info("evaluating on %s: %r", ref.name, target)
             banks = build_banks(model, ref, cfg, target.categories, out_dir) if cfg.eval.fewshot_k else None
-            rows += evaluate(model, ref.name, target, cfg.eval, device, use_amp, banks, out_dir)
+            rows += evaluate(model, ref.name, target, cfg.eval, device, banks, out_dir, workers)
         except FEClipError as e:
             log.error("evaluation on %s failed: %s", ref.name, e)
             failed.append(f"{ref.name}: {e}")
