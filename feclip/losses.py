@@ -8,14 +8,67 @@ over the ``N`` taps, where ``S_n`` is tap n's CLS abnormal probability, ``M_n`` 
 the token grid by ``nearest`` sampling or ``maxpool``. ``mask_loss_input="logit_margin"`` upsamples the
 logit margin and applies the sigmoid afterwards (the probability is the sigmoid of the margin, so only
 the order of upsampling and squashing changes).
+
+No step of the loss waits on the device: the images the map losses see are chosen by 0/1 weights,
+not by boolean indexing, and the upsampling is two matrix products (:func:`bilinear_upsample`), whose
+backward pass is deterministic on CUDA, unlike ``F.interpolate``'s (which
+``torch.use_deterministic_algorithms`` refuses).
 """
 
 from __future__ import annotations
+
+import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 EPS = 1e-6
+
+
+@lru_cache(maxsize=32)
+def _bilinear_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    scale = n_in / n_out
+    for i in range(n_out):  # PyTorch's align_corners=False source coordinate, clamped at 0
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        frac = src - i0
+        m[i, i0] += 1.0 - frac
+        m[i, i1] += frac
+    with torch.inference_mode(False):  # a normal tensor, usable with and without autograd
+        return m.to(device=device, dtype=torch.float32)
+
+
+def bilinear_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``(n_out, n_in)`` matrix of 1-D bilinear resizing with ``align_corners=False`` (PyTorch's
+    rule for an explicit output size), built once per size and device (do not modify it)."""
+    return _bilinear_matrix(int(n_in), int(n_out), str(torch.device(device)))
+
+
+def bilinear_upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(maps[:, None], size, mode="bilinear", align_corners=False)[:, 0]`` as two matrix
+    products (equal within float32 rounding; deterministic forward and backward on every device).
+
+    Shape: ``(B, h, w) -> (B, H, W)``.
+    """
+    rows = bilinear_matrix(maps.shape[-2], size[0], maps.device)  # (H, h)
+    cols = bilinear_matrix(maps.shape[-1], size[1], maps.device)  # (W, w)
+    return rows @ maps.float() @ cols.T
+
+
+def _focal_elements(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float | None
+) -> torch.Tensor:
+    logits, target = logits.float(), target.float()
+    log_p = F.logsigmoid(logits)
+    log_not_p = F.logsigmoid(-logits)
+    log_pt = target * log_p + (1 - target) * log_not_p
+    loss = -((1 - log_pt.exp()) ** gamma) * log_pt
+    if alpha is not None:
+        loss = loss * (target * alpha + (1 - target) * (1 - alpha))
+    return loss
 
 
 def focal_loss(
@@ -27,14 +80,12 @@ def focal_loss(
     ``a_t = alpha`` on positives and ``1 - alpha`` on negatives, or 1 when ``alpha`` is None.
     Shape: logits and target ``(B, H, W)`` -> scalar.
     """
-    logits, target = logits.float(), target.float()
-    log_p = F.logsigmoid(logits)
-    log_not_p = F.logsigmoid(-logits)
-    log_pt = target * log_p + (1 - target) * log_not_p
-    loss = -((1 - log_pt.exp()) ** gamma) * log_pt
-    if alpha is not None:
-        loss = loss * (target * alpha + (1 - target) * (1 - alpha))
-    return loss.mean()
+    return _focal_elements(logits, target, gamma, alpha).mean()
+
+
+def _dice_per_image(prob: torch.Tensor, target: torch.Tensor, smooth: float) -> torch.Tensor:
+    p, g = prob.float().flatten(1), target.float().flatten(1)
+    return 1 - (2 * (p * g).sum(1) + smooth) / (p.sum(1) + g.sum(1) + smooth)
 
 
 def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -42,9 +93,7 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
 
     ``1 - (2 sum(p g) + s) / (sum(p) + sum(g) + s)``. Shape: prob and target ``(B, H, W)`` -> scalar.
     """
-    p, g = prob.float().flatten(1), target.float().flatten(1)
-    dice = (2 * (p * g).sum(1) + smooth) / (p.sum(1) + g.sum(1) + smooth)
-    return (1 - dice).mean()
+    return _dice_per_image(prob, target, smooth).mean()
 
 
 def bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,6 +125,7 @@ def feclip_loss(
     labels: torch.Tensor,
     cfg,
     shares: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
+    n_kept: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts for one batch.
 
@@ -89,6 +139,15 @@ def feclip_loss(
             of the images the map losses see)``: the returned total weighs the BCE term by the first and
             the focal and dice terms by the second, so that the parts' totals sum to the loss of the
             whole batch (:func:`feclip.engine.distributed.loss_shares`). ``None``: the batch is whole.
+        n_kept: how many images the map losses see (``mask_loss_images(labels, cfg).sum()``), when the
+            caller knows it on the host (the training loop reads it from the host's labels). With
+            ``mask_loss_on=abnormal`` and ``n_kept=None`` it is read from ``labels``: one device
+            synchronisation. With 0, the map losses are 0 and reach no parameter (as a batch without
+            anomalous image always did: Adam then skips fc_patch).
+
+    The map losses over the kept images are weighted sums with 0/1 weights (no boolean indexing, no
+    device synchronisation): focal is the mean over the kept images' pixels, dice the mean over the kept
+    images, as with the selected images alone (within float32 rounding).
 
     Returns ``(total, {"cls": ..., "focal": ..., "dice": ..., "total": ...})``; the parts are detached
     scalar tensors of this batch alone, unweighted (no device synchronisation until someone reads them).
@@ -96,32 +155,38 @@ def feclip_loss(
     n_taps = out.tap_cls_logits.shape[0]
     cls_margin = (out.tap_cls_logits[..., 1] - out.tap_cls_logits[..., 0]).float()  # (N, B)
     map_margin = (out.tap_patch_logits[..., 1] - out.tap_patch_logits[..., 0]).float()  # (N, B, h, w)
-    keep = mask_loss_images(labels, cfg)
     size = tuple(masks.shape[-2:])
     if cfg.mask_target == "upsample":
         target = masks.float()
     else:
         target = mask_to_grid(masks, tuple(map_margin.shape[-2:]), cfg.mask_target)
+    every_image = cfg.mask_loss_on != "abnormal"
+    if n_kept is None:
+        n_kept = labels.numel() if every_image else int(mask_loss_images(labels, cfg).sum())
 
     l_cls = torch.stack([bce(torch.sigmoid(cls_margin[n]), labels) for n in range(n_taps)]).mean()
     l_focal = cls_margin.new_zeros(())
     l_dice = cls_margin.new_zeros(())
-    if keep.any():
+    if n_kept > 0:
+        # (B,) 0/1 weights of the images the map losses see; all of them: plain means
+        weight = None if every_image else mask_loss_images(labels, cfg).float()
         for n in range(n_taps):
-            logit_map = map_margin[n][keep]  # (b, h, w)
+            logit_map = map_margin[n]  # (B, h, w)
             if cfg.mask_target == "upsample":
                 if cfg.mask_loss_input == "logit_margin":
-                    logit_map = F.interpolate(
-                        logit_map[:, None], size=size, mode="bilinear", align_corners=False
-                    )[:, 0]
+                    logit_map = bilinear_upsample(logit_map, size)
                 else:  # upsample the probability; focal needs logits, so map back exactly
-                    prob = F.interpolate(
-                        torch.sigmoid(logit_map)[:, None], size=size, mode="bilinear", align_corners=False
-                    )[:, 0]
+                    prob = bilinear_upsample(torch.sigmoid(logit_map), size)
                     logit_map = torch.logit(prob.clamp(EPS, 1 - EPS))
-            t = target[keep]
-            l_focal = l_focal + focal_loss(logit_map, t, cfg.focal_gamma, cfg.focal_alpha) / n_taps
-            l_dice = l_dice + dice_loss(torch.sigmoid(logit_map), t, cfg.dice_smooth) / n_taps
+            focal = _focal_elements(logit_map, target, cfg.focal_gamma, cfg.focal_alpha)  # (B, H, W)
+            dice = _dice_per_image(torch.sigmoid(logit_map), target, cfg.dice_smooth)  # (B,)
+            if weight is None:
+                focal, dice = focal.mean(), dice.mean()
+            else:  # means over the kept images: sums weighted by 0/1, over their count
+                focal = (focal.flatten(1).sum(1) * weight).sum() / (n_kept * focal[0].numel())
+                dice = (dice * weight).sum() / n_kept
+            l_focal = l_focal + focal / n_taps
+            l_dice = l_dice + dice / n_taps
     plain = cfg.w_cls * l_cls + cfg.w_focal * l_focal + cfg.w_dice * l_dice
     if shares is None:
         total = plain

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,8 @@ def select_taps(values: torch.Tensor, taps: Sequence[int], subset: Sequence[int]
         raise ConfigError(
             f"tap subset {list(subset)} must be a non-empty subset of the model taps {list(taps)}"
         )
-    return values[[list(taps).index(t) for t in subset]]
+    # positions as Python ints: views stacked, no index tensor copied to the device
+    return torch.stack([values[list(taps).index(t)] for t in subset])
 
 
 def aggregate_taps(
@@ -89,9 +91,8 @@ def aggregate_taps(
             raise ConfigError(
                 f"tap weights must have one value per selected tap ({values.shape[0]}), got {weights}"
             )
-        w = torch.as_tensor(weights, dtype=values.dtype, device=values.device)
-        w = w / w.sum()
-        return torch.tensordot(w, values, dims=1)
+        total = float(sum(weights))  # Python floats: no weight tensor copied to the device
+        return sum(float(w) / total * values[i] for i, w in enumerate(weights))
     raise ConfigError(f"tap aggregation must be one of {TAP_AGGREGATIONS}, got {how!r}")
 
 
@@ -111,6 +112,18 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return k / k.sum()
 
 
+@lru_cache(maxsize=16)
+def _device_kernel(sigma: float, truncate: float, device: str) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor, usable with and without autograd
+        return gaussian_kernel1d(sigma, truncate).to(device=device, dtype=torch.float32)
+
+
+@lru_cache(maxsize=64)
+def _device_reflect_index(n: int, pad: int, device: str) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return _reflect_index(n, pad, device)
+
+
 def _reflect_index(n: int, pad: int, device) -> torch.Tensor:
     """Indices of scipy's ``reflect`` (half-sample symmetric) padding: d c b a | a b c d | d c b a."""
     i = torch.arange(-pad, n + pad, device=device) % (2 * n)
@@ -121,11 +134,14 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     """Per-image Gaussian smoothing; ``sigma = 0`` returns the input. Shape: ``(B, H, W) -> (B, H, W)``."""
     if sigma == 0:
         return maps
-    k = gaussian_kernel1d(sigma, truncate).to(device=maps.device, dtype=torch.float32)
+    device = str(maps.device)  # the kernel and the padding indices: built once per size and device
+    k = _device_kernel(float(sigma), float(truncate), device)
     r = (k.numel() - 1) // 2
     x = maps.float()
     b, h, w = x.shape
-    x = x[:, _reflect_index(h, r, x.device)][:, :, _reflect_index(w, r, x.device)]  # (B, H+2r, W+2r)
+    x = x[:, _device_reflect_index(h, r, device)][
+        :, :, _device_reflect_index(w, r, device)
+    ]  # (B, H+2r, W+2r)
     x = F.conv2d(x[:, None], k.view(1, 1, -1, 1))  # along H
     x = F.conv2d(x, k.view(1, 1, 1, -1))  # along W
     return x[:, 0]

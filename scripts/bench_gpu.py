@@ -1,20 +1,27 @@
-"""FE-CLIP speed on one CUDA GPU (bf16 autocast), against the ideal from FLOPs; checks of the CUDA paths.
+"""FE-CLIP speed on one CUDA GPU (bf16), against the ideal from FLOPs; checks of the CUDA paths.
 
 One prepared run for a GPU machine (written for one NVIDIA H200): ViT-L-14-336-quickgelu with random
-weights (the timing does not depend on the weights), fp32 weights under bf16 autocast as in training.
+weights (the timing does not depend on the weights), at FE-CLIP's bf16 precision as in training and
+evaluation (products in bf16 under autocast, the residual stream and the head in fp32, the frozen
+CLIP's matrices stored in bf16).
 
 Sections (``--only`` picks some; in this order):
   checks    feclip-tiny on CUDA in fp32 (TF32 off) gives the CPU's outputs and training gradients; the
             attention kernels that actually run for ViT-L (profiler), for inference and for a training
-            step, without and with ``torch.use_deterministic_algorithms`` (the paper preset's
-            ``train.deterministic: true``): fused SDPA (flash / memory-efficient / cuDNN) or the math path
+            step, without and with ``train.deterministic: true`` (strict deterministic algorithms):
+            fused SDPA (flash / memory-efficient / cuDNN) or the math path; ViT-L trained a few steps
+            twice from the same start: bit for bit equal with ``train.deterministic``, and how far
+            apart without it (the run-to-run spread)
   infer     images/s at batch 64: the FE-CLIP forward and plain ``encode_image``
   train     images/s of one training step (forward, loss, backward, fused Adam) at batch 16, with and
-            without the frozen-prefix cache (taps spread3)
+            without the frozen-prefix cache (taps spread3), and the cached step under
+            ``train.deterministic`` (its cost)
   protocol  the 9-epoch protocol on an MVTec-sized set (1,725 random images and blob masks in memory,
             batch 16, prefix cache on): the real :func:`feclip.engine.train.train`, checkpoints included
   eval      the full evaluation of an MVTec-sized set (1,725 images, 15 categories): ``predict`` (model,
             maps, sigma-4 smoothing) and ``metric_rows`` (all metrics, both AUPROs, micro rows), timed apart
+  pipeline  the evaluation from PNG files (1024 x 1024, decoded, resized, normalised by DataLoader
+            workers) relative to the model alone on pre-loaded tensors, with 0 and 8 workers
 
 FLOP model (GFLOPs per image; F = 381.9 for the ViT-L/14@336 image encoder's forward, 24 blocks of
 F/24 each, embedding and head neglected; A = 13.6 % of F for the adapters and fc_patch at 4 taps,
@@ -57,7 +64,7 @@ import torch
 
 from feclip.data.samples import MVTEC_CATEGORIES
 
-SECTIONS = ("checks", "infer", "train", "protocol", "eval")
+SECTIONS = ("checks", "infer", "train", "protocol", "eval", "pipeline")
 PEAK_TFLOPS_H200 = 989.0  # H200 SXM, dense bf16 (datasheet: 1,979 with sparsity)
 VIT_L_FORWARD_GFLOPS = 381.9
 ADAPTER_FRACTION = 0.136  # adapters + fc_patch at 4 taps, relative to the encoder forward
@@ -147,9 +154,23 @@ class Sizes:
     n_images: int = MVTEC_TEST_IMAGES  # the protocol's training set and the evaluated set
     categories: int = len(MVTEC_CATEGORIES)
     epochs: int = 9
+    pipeline_images: int = 256  # PNG files of the pipeline section
+    pipeline_side: int = 1024  # their side (MVTec AD's images are 700 to 1024 pixels a side)
+    pipeline_workers: int = 8
+    determinism_steps: int = 5  # training steps run twice by the determinism check
 
 
-QUICK = Sizes(infer_batch=16, train_batch=16, iters=3, warmup=1, n_images=64, categories=3, epochs=1)
+QUICK = Sizes(
+    infer_batch=16,
+    train_batch=16,
+    iters=3,
+    warmup=1,
+    n_images=64,
+    categories=3,
+    epochs=1,
+    pipeline_images=32,
+    determinism_steps=2,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -290,8 +311,10 @@ def uses_fused_attention(names) -> bool:
 
 def attention_ops(model, device: torch.device, amp: bool, batch: int = 2) -> dict[str, list[str]]:
     """Attention-related op and kernel names the profiler sees in one inference forward, one training
-    step, and one training step under ``torch.use_deterministic_algorithms(True, warn_only=True)``."""
+    step, and one training step under ``train.deterministic`` (strict deterministic algorithms)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from feclip.engine.train import deterministic_algorithms
 
     size = model.image_size
     x = torch.randn(batch, 3, size, size, device=device)
@@ -299,25 +322,22 @@ def attention_ops(model, device: torch.device, amp: bool, batch: int = 2) -> dic
 
     def infer():
         model.eval()
-        with torch.inference_mode(), autocast(device, amp):
+        with torch.inference_mode():
             model(x)
 
     def train_step():
         model.train()
-        with autocast(device, amp):
-            out = model(x)
-        (out.image_score.float().mean() + out.anomaly_map.float().mean()).backward()
+        out = model(x)
+        (out.tap_maps.float().mean() + out.tap_scores.float().mean()).backward()
         model.zero_grad(set_to_none=True)
 
     found = {}
-    deterministic = torch.are_deterministic_algorithms_enabled()
     for name, fn, det in (
-        ("inference", infer, deterministic),
+        ("inference", infer, False),
         ("training", train_step, False),
         ("training_deterministic", train_step, True),
     ):
-        torch.use_deterministic_algorithms(det, warn_only=True)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), deterministic_algorithms(det, device):
             warnings.simplefilter("ignore")
             fn()  # warm-up: kernel selection and autotuning outside the trace
             sync(device)
@@ -325,9 +345,55 @@ def attention_ops(model, device: torch.device, amp: bool, batch: int = 2) -> dic
                 fn()
                 sync(device)
         found[name] = sorted({e.key for e in prof.key_averages() if _is_attention(e.key)})
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     model.eval()
     return found
+
+
+def check_determinism(clip, device: torch.device, steps: int, batch: int = 16) -> dict:
+    """ViT-L trained ``steps`` cached steps twice from the same start on the same batches: with
+    ``train.deterministic`` the weights must be equal bit for bit; without it, how far apart they end
+    (the run-to-run spread of a default run, after a few steps), as the largest difference relative to
+    each tensor's largest magnitude."""
+    from feclip.config import LossConfig, TrainConfig
+    from feclip.engine.train import build_optimizer, deterministic_algorithms
+    from feclip.losses import feclip_loss
+    from feclip.models import FEClip, FEClipConfig
+
+    torch.manual_seed(0)
+    model = FEClip(clip, FEClipConfig()).train()
+    start = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    size = model.image_size
+    g = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        tokens = model.prefix(torch.randn(batch, 3, size, size, device=device, generator=g))
+    masks = torch.zeros(batch, size, size, device=device)
+    masks[1::2, size // 4 : size // 2, size // 3 : size // 2] = 1.0
+    labels = torch.arange(batch, device=device) % 2
+
+    def run(deterministic: bool) -> dict:
+        model.load_state_dict(start, strict=False)
+        optimizer = build_optimizer(model, TrainConfig())
+        with deterministic_algorithms(deterministic, device):
+            for _ in range(steps):
+                loss, _ = feclip_loss(model.forward_from_prefix(tokens), masks, labels, LossConfig())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+
+    def spread(a: dict, b: dict) -> float:
+        return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-30)).item() for k in a)
+
+    det = [run(True), run(True)]
+    free = [run(False), run(False)]
+    model.load_state_dict(start, strict=False)
+    model.eval()
+    return {
+        "check_deterministic_training": all(torch.equal(det[0][k], det[1][k]) for k in det[0]),
+        "determinism_steps": steps,
+        "deterministic_max_rel_diff": spread(*det),
+        "nondeterministic_max_rel_diff": spread(*free),
+    }
 
 
 def describe_attention(model) -> str:
@@ -350,16 +416,18 @@ def describe_attention(model) -> str:
     )
 
 
-def run_checks(clip, device: torch.device, amp: bool) -> dict:
+def run_checks(clip, device: torch.device, amp: bool, determinism_steps: int = 5) -> dict:
     from feclip.models import FEClip, FEClipConfig
 
     figures = check_device_matches_cpu(device)
     model = FEClip(clip, FEClipConfig())
+    figures["precision"] = f"{model.precision} (tokens {model.token_dtype})"
     ops = attention_ops(model, device, amp)
     figures["attention_design"] = describe_attention(model)
     for path, names in ops.items():
         figures[f"attention_ops_{path}"] = names
     figures["check_sdpa_fused"] = all(uses_fused_attention(names) for names in ops.values())
+    figures.update(check_determinism(clip, device, determinism_steps))
     return figures
 
 
@@ -370,12 +438,13 @@ def measure_infer(clip, device: torch.device, batch: int, iters: int, warmup: in
     """Images/s of the FE-CLIP forward and of plain ``encode_image`` at ``batch``."""
     from feclip.models import FEClip, FEClipConfig
 
-    model = FEClip(clip, FEClipConfig()).eval()
+    model = FEClip(clip, FEClipConfig()).eval()  # bf16 on CUDA: the CLIP's matrices now stored in bf16
     size = model.image_size
     x = torch.randn(batch, 3, size, size, device=device)
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode():
         feclip_s = seconds_per_call(lambda: model(x), device, iters, warmup)
-        encode_s = seconds_per_call(lambda: clip.encode_image(x), device, iters, warmup)
+        with autocast(device, amp):  # open_clip's own forward, at the same precision
+            encode_s = seconds_per_call(lambda: clip.encode_image(x), device, iters, warmup)
     return {
         "infer_batch": batch,
         "infer_images_per_s": batch / feclip_s,
@@ -385,10 +454,11 @@ def measure_infer(clip, device: torch.device, batch: int, iters: int, warmup: in
 
 
 def measure_train(clip, device: torch.device, batch: int, iters: int, warmup: int, amp: bool) -> dict:
-    """Images/s of one training step (forward, loss, backward, Adam), from cached prefix tokens (bf16
-    on CUDA, as :class:`~feclip.engine.cache.PrefixCache` keeps them) and from the images."""
+    """Images/s of one training step (forward, loss, backward, Adam), from cached prefix tokens (in the
+    model's token dtype, as :class:`~feclip.engine.cache.PrefixCache` keeps them) and from the images;
+    and the cached step under ``train.deterministic``."""
     from feclip.config import LossConfig, TrainConfig
-    from feclip.engine.train import build_optimizer
+    from feclip.engine.train import build_optimizer, deterministic_algorithms
     from feclip.losses import feclip_loss
     from feclip.models import FEClip, FEClipConfig
 
@@ -399,25 +469,28 @@ def measure_train(clip, device: torch.device, batch: int, iters: int, warmup: in
     masks = torch.zeros(batch, size, size, device=device)
     masks[1::2, size // 4 : size // 2, size // 4 : size // 2] = 1.0
     labels = torch.arange(batch, device=device) % 2
-    with torch.no_grad(), autocast(device, amp):
-        prefix = model.prefix(x).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.no_grad():
+        prefix = model.prefix(x)  # the fp32 residual stream, as the cache stores and serves it
 
     def step(cached: bool) -> None:
-        with autocast(device, amp):
-            out = model.forward_from_prefix(prefix.float()) if cached else model(x)
-        loss, _ = feclip_loss(out, masks, labels, LossConfig())
+        out = model.forward_from_prefix(prefix) if cached else model(x)
+        loss, _ = feclip_loss(out, masks, labels, LossConfig(), n_kept=batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     cached_s = seconds_per_call(lambda: step(True), device, iters, warmup)
     uncached_s = seconds_per_call(lambda: step(False), device, iters, warmup)
+    with deterministic_algorithms(True, device):
+        deterministic_s = seconds_per_call(lambda: step(True), device, iters, warmup)
     model.eval()
     return {
         "train_batch": batch,
         "train_images_per_s_cached": batch / cached_s,
         "train_images_per_s_uncached": batch / uncached_s,
         "prefix_cache_speedup": uncached_s / cached_s,
+        "train_images_per_s_cached_deterministic": batch / deterministic_s,
+        "deterministic_cost": deterministic_s / cached_s,
     }
 
 
@@ -485,7 +558,7 @@ class RandomAnomalySet(torch.utils.data.Dataset):
 
 def measure_protocol(clip, dataset, device: torch.device, sizes: Sizes, compile_mode: str = "off") -> dict:
     """Wall time of :func:`feclip.engine.train.train` over ``dataset`` (prefix cache on, the paper's
-    other defaults: Adam 5e-4, fc_patch at lr/100, deterministic), checkpoints written to a temp dir."""
+    other defaults: Adam 5e-4, fc_patch at lr/100, not deterministic), checkpoints written to a temp dir."""
     from feclip.config import TrainConfig
     from feclip.engine.train import train
     from feclip.models import FEClip, FEClipConfig
@@ -516,13 +589,73 @@ def measure_protocol(clip, dataset, device: torch.device, sizes: Sizes, compile_
         "protocol_seconds": seconds,
         "protocol_images_per_s": len(dataset) * sizes.epochs / seconds,
         "protocol_epoch_images_per_s": speeds,
-        # setup and the prefix cache's build (bf16 autocast, as the steps): outside the epochs' clocks
+        # setup and the prefix cache's build (at the model's precision, as the steps): outside the epochs' clocks
         "protocol_outside_epochs_seconds": seconds - sum(len(dataset) / v for v in speeds),
         "protocol_last_loss": result.last_loss,
         "protocol_warnings": sorted({str(w.message)[:160] for w in caught}),
     }
     if sizes.epochs == 9 and len(dataset) == MVTEC_TEST_IMAGES:
         figures["protocol_9ep_seconds"] = seconds
+    return figures
+
+
+def measure_pipeline(clip, device: torch.device, sizes: Sizes) -> dict:
+    """Evaluation images/s from PNG files (decode, resize, normalise in ``DataLoader`` workers; model;
+    maps; metrics) relative to the model alone on pre-loaded, pre-collated tensors."""
+    import os
+    from pathlib import Path
+
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import _png_category
+
+    from feclip.config import EvalConfig
+    from feclip.data import AnomalyDataset
+    from feclip.data.dataset import collate
+    from feclip.engine.evaluate import evaluate
+    from feclip.models import FEClip, FEClipConfig
+
+    torch.manual_seed(0)
+    model = FEClip(clip, FEClipConfig()).eval()
+    cfg = EvalConfig()  # batch 32, sigma 4, every metric
+    n = sizes.pipeline_images
+    workers = min(sizes.pipeline_workers, os.cpu_count() or 1)
+    figures = {"pipeline_images": n, "pipeline_side": sizes.pipeline_side, "pipeline_workers": workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        samples = _png_category(Path(tmp) / "part", n, sizes.pipeline_side)
+        figures["pipeline_png_writing_seconds"] = time.perf_counter() - t0
+        pre = AnomalyDataset(samples, image_size=model.image_size).preload(num_threads=workers)
+        batches = [
+            collate([pre[i] for i in range(j, min(j + cfg.batch_size, n))])["image"].to(device)
+            for j in range(0, n, cfg.batch_size)
+        ]
+
+        def model_alone():
+            with torch.inference_mode():
+                for x in batches:
+                    model(x)
+            sync(device)
+
+        model_alone()  # warm-up
+        t0 = time.perf_counter()
+        model_alone()
+        model_s = time.perf_counter() - t0
+        figures["pipeline_model_images_per_s"] = n / model_s
+        for w in (0, workers):
+            t0 = time.perf_counter()
+            evaluate(
+                model,
+                "bench",
+                AnomalyDataset(samples, image_size=model.image_size),
+                cfg,
+                device,
+                num_workers=w,
+            )
+            sync(device)
+            seconds = time.perf_counter() - t0
+            figures[f"eval_images_per_s_w{w}"] = n / seconds
+            figures[f"eval_pipeline_ratio_w{w}"] = model_s / seconds
     return figures
 
 
@@ -537,7 +670,7 @@ def measure_eval(clip, dataset, device: torch.device, amp: bool) -> dict:
     cfg = EvalConfig()  # the paper preset: sigma 4, both AUPROs, micro rows, batch 32
     sync(device)
     t0 = time.perf_counter()
-    preds = predict(model, dataset, cfg, device, use_amp=amp)
+    preds = predict(model, dataset, cfg, device)  # at the model's precision (bf16 on CUDA)
     sync(device)
     t1 = time.perf_counter()
     rows = metric_rows("random", preds, dataset.category_has_masks, cfg)
@@ -607,6 +740,12 @@ def format_summary(figures: dict) -> str:
         for path in ("inference", "training", "training_deterministic"):
             kinds = classify_attention(f.get(f"attention_ops_{path}", []))
             lines.append(f"[checks] {path}: fused {kinds['fused'] or 'none'}; math {kinds['math'] or 'none'}")
+    if "check_deterministic_training" in f:
+        ok = "ok" if f["check_deterministic_training"] else "FAILED"
+        lines.append(
+            f"[checks] train.deterministic, {f['determinism_steps']} steps twice: {ok} (max rel. diff "
+            f"{f['deterministic_max_rel_diff']:.1e}); without it: {f['nondeterministic_max_rel_diff']:.1e}"
+        )
     if "infer_images_per_s" in f:
         lines.append(
             f"[infer] batch {f['infer_batch']}: FE-CLIP {f['infer_images_per_s']:.1f} images/s"
@@ -622,6 +761,12 @@ def format_summary(figures: dict) -> str:
             + f", uncached {f['train_images_per_s_uncached']:.1f} images/s"
             + _mfu(f, "train_uncached")
             + f"; prefix cache x{f['prefix_cache_speedup']:.2f}"
+            + (
+                f"; deterministic {f['train_images_per_s_cached_deterministic']:.1f} images/s "
+                f"(x{f['deterministic_cost']:.2f} time)"
+                if "deterministic_cost" in f
+                else ""
+            )
         )
     if "protocol_seconds" in f:
         ideal = (
@@ -642,6 +787,14 @@ def format_summary(figures: dict) -> str:
             f"[eval] {f['eval_images']} images, {f['eval_categories']} categories: {f['eval_seconds']:.1f} s "
             f"(predict {f['eval_predict_seconds']:.1f} s{predict_mfu}; "
             f"metrics {f['eval_metrics_seconds']:.1f} s, {f['eval_metric_rows']} rows)"
+        )
+    if "pipeline_model_images_per_s" in f:
+        w = f["pipeline_workers"]
+        lines.append(
+            f"[pipeline] {f['pipeline_images']} PNGs of {f['pipeline_side']}^2: model alone "
+            f"{f['pipeline_model_images_per_s']:.1f} images/s; evaluation from the files "
+            f"{f['eval_images_per_s_w0']:.1f} images/s with 0 workers (ratio {f['eval_pipeline_ratio_w0']:.3f}), "
+            f"{f[f'eval_images_per_s_w{w}']:.1f} with {w} (ratio {f[f'eval_pipeline_ratio_w{w}']:.3f})"
         )
     for key in sorted(k for k in f if k.startswith("peak_memory_gb_")):
         lines.append(f"[memory] {key.removeprefix('peak_memory_gb_')}: {f[key]:.1f} GB peak")
@@ -677,11 +830,12 @@ def run_sections(args, device: torch.device) -> dict:
     if {"protocol", "eval"} & set(args.sections):
         dataset = RandomAnomalySet(sizes.n_images, clip.visual.image_size[0], sizes.categories)
     steps = {
-        "checks": lambda: run_checks(clip, device, amp),
+        "checks": lambda: run_checks(clip, device, amp, sizes.determinism_steps),
         "infer": lambda: measure_infer(clip, device, sizes.infer_batch, sizes.iters, sizes.warmup, amp),
         "train": lambda: measure_train(clip, device, sizes.train_batch, sizes.iters, sizes.warmup, amp),
         "protocol": lambda: measure_protocol(clip, dataset, device, sizes, args.compile),
         "eval": lambda: measure_eval(clip, dataset, device, amp),
+        "pipeline": lambda: measure_pipeline(clip, device, sizes),
     }
     for section in (s for s in SECTIONS if s in args.sections):
         reset_memory(device)
@@ -697,12 +851,19 @@ def run_sections(args, device: torch.device) -> dict:
     if args.model in FLOP_MODELS:
         add_flop_figures(figures, FlopModel(), args.peak_tflops)
     figures["failed_checks"] = [
-        k for k in ("check_device_matches_cpu", "check_sdpa_fused") if figures.get(k) is False
+        k
+        for k in ("check_device_matches_cpu", "check_sdpa_fused", "check_deterministic_training")
+        if figures.get(k) is False
     ]
     return figures
 
 
 def main(argv=None) -> dict:
+    import os
+
+    # before the first cuBLAS call: the deterministic sections need it, and on Hopper it is cuBLAS's
+    # default workspace anyway (feclip.engine.train.prepare_deterministic_cuda)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.stderr.write(

@@ -144,7 +144,19 @@ def test_blob_masks_and_the_random_set(bench):
 
 def test_every_section_runs_on_the_cpu_with_the_tiny_clip(bench, monkeypatch):
     args = bench.parse_args(["--model", "feclip-tiny"])
-    tiny = bench.Sizes(infer_batch=2, train_batch=2, iters=1, warmup=1, n_images=6, categories=2, epochs=1)
+    tiny = bench.Sizes(
+        infer_batch=2,
+        train_batch=2,
+        iters=1,
+        warmup=1,
+        n_images=6,
+        categories=2,
+        epochs=1,
+        pipeline_images=4,
+        pipeline_side=96,
+        pipeline_workers=1,
+        determinism_steps=2,
+    )
     monkeypatch.setattr(args, "sizes", tiny)
     figures = bench.run_sections(args, torch.device("cpu"))
     assert figures["check_device_matches_cpu"] and figures["check_max_abs_diff_outputs"] == 0.0
@@ -158,8 +170,18 @@ def test_every_section_runs_on_the_cpu_with_the_tiny_clip(bench, monkeypatch):
         "train_images_per_s_uncached",
         "protocol_seconds",
         "eval_seconds",
+        "train_images_per_s_cached_deterministic",
+        "pipeline_model_images_per_s",
+        "eval_images_per_s_w0",
+        "eval_images_per_s_w1",
+        "eval_pipeline_ratio_w1",
     ):
         assert math.isfinite(figures[key]) and figures[key] > 0, key
+    # train.deterministic: the same start and batches give the same weights, bit for bit
+    assert figures["check_deterministic_training"] and figures["deterministic_max_rel_diff"] == 0.0
+    assert "check_deterministic_training" not in figures["failed_checks"]
+    assert figures["precision"] == "fp32 (tokens torch.float32)"
+    assert "[pipeline] 4 PNGs of 96^2" in bench.format_summary(figures)
     assert not any(k.startswith(("mfu_", "tflops_")) for k in figures)  # ViT-L/14@336's FLOP model only
     assert figures["protocol_images"] == 6 and len(figures["protocol_epoch_images_per_s"]) == 1
     assert figures["eval_metric_rows"] == 3 * 8  # 2 categories + micro, 8 metrics each

@@ -3,6 +3,12 @@
 Maps are computed on the device in batches (tap selection, aggregation, upsampling and Gaussian
 smoothing as :class:`~feclip.scoring.ScoringConfig` says), then optionally post-processed on the CPU
 (:func:`postprocess`), and the metrics are computed per category and pooled (``__micro__``).
+
+The host keeps the device busy: ``DataLoader`` workers (``data.num_workers``) decode and collate the
+next batches (into pinned memory on CUDA, copied without blocking), and each batch's scores and maps
+travel to the host by non-blocking copies that are waited for (one synchronisation per batch) only
+after the next batch has been queued on the device. The precision is the model's
+(:attr:`~feclip.models.FEClip.precision`), as in training.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from feclip.data.dataset import collate
+from feclip.engine import hostsync
 from feclip.errors import DatasetError
 from feclip.metrics import aupro, compute_category_metrics
 from feclip.metrics.aggregate import AUPRO_METRIC_NAMES
@@ -66,51 +73,102 @@ def _needs_postprocess(cfg) -> bool:
     return cfg.percentile_keep is not None or cfg.morph_open > 0 or cfg.min_component_px > 0
 
 
+class _WithOriginalMasks(torch.utils.data.Dataset):
+    """The items of an :class:`~feclip.data.AnomalyDataset` plus ``original_mask`` (the mask at the
+    image's own size), so that the loader's workers decode those too (``eval.resolution=original``)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "original_mask": self.dataset.original_mask(index)}
+
+
+def _collate_eval(items: list[dict]) -> dict:
+    batch = collate(items)
+    if items and "original_mask" in items[0]:
+        batch["original_mask"] = [it["original_mask"] for it in items]
+    return batch
+
+
+def _loader(dataset, batch_size: int, device: torch.device, num_workers: int, original: bool) -> DataLoader:
+    return DataLoader(
+        _WithOriginalMasks(dataset) if original else dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate_eval,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
 @torch.inference_mode()
 def predict(
-    model, dataset, cfg, device: torch.device, use_amp: bool = False, banks: dict | None = None
+    model, dataset, cfg, device: torch.device, banks: dict | None = None, num_workers: int = 0
 ) -> Predictions:
     """Run ``model`` over ``dataset`` (an :class:`~feclip.data.AnomalyDataset`) with the options of ``cfg``
-    (a :class:`feclip.config.EvalConfig`).
+    (a :class:`feclip.config.EvalConfig`), at the model's precision.
 
     ``banks``: per category, a :class:`~feclip.models.fewshot.MemoryBank` of normal reference images;
     when given, the few-shot map is added to each map and its maximum to each score (paper Table 5).
+    ``num_workers``: ``DataLoader`` processes that decode the images (``data.num_workers``).
     """
     was_training = model.training
     model.eval()
     scoring = cfg.scoring()
     taps = model.config.taps
+    original = cfg.resolution != "input"
     scores, maps, masks, labels = [], [], [], []
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-    )
-    for batch in loader:
+
+    def launch(batch):
+        """Queue one batch's work on the device; its results start travelling to the host."""
         images = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(images, return_tokens=banks is not None)
+        out = model(images, return_tokens=banks is not None)
         batch_scores = image_scores(out.tap_cls_logits, taps, scoring)
-        if cfg.resolution == "input":
+        if not original:
             batch_maps = anomaly_maps(
                 out.tap_patch_logits, taps, scoring, model.image_size, model.logit_scale
             )
             if banks is not None:
-                cats = [dataset.samples[i].category for i in batch["index"].tolist()]
+                cats = [dataset.samples[i].category for i in batch["index"].tolist()]  # host tensor
                 batch_scores, batch_maps = _add_fewshot(
                     out.tap_tokens, cats, banks, batch_scores, batch_maps, cfg.sigma
                 )
-            maps.extend(batch_maps.float().cpu().numpy())
-            masks.extend(batch["mask"].numpy().astype(np.uint8))
+            results = [batch_scores.float(), batch_maps.float()]
         else:  # each image at its own size
-            for j, (index, size) in enumerate(zip(batch["index"].tolist(), batch["original_size"])):
-                m = anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, scoring, size, model.logit_scale)
-                maps.append(m[0].float().cpu().numpy())
-                masks.append(dataset.original_mask(index))
-        scores.append(batch_scores.float().cpu())
+            results = [batch_scores.float()] + [
+                anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, scoring, size, model.logit_scale)[
+                    0
+                ].float()
+                for j, size in enumerate(batch["original_size"])
+            ]
+        return hostsync.HostCopy(results), batch
+
+    def collect(pending) -> None:
+        """Wait for one batch's results (the one synchronisation of the batch) and keep them."""
+        copy, batch = pending
+        batch_scores, *batch_maps = copy.wait()
+        if not original:
+            maps.extend(batch_maps[0].numpy())
+            masks.extend(batch["mask"].numpy().astype(np.uint8))
+        else:
+            maps.extend(m.numpy() for m in batch_maps)
+            masks.extend(batch["original_mask"])
+        scores.append(batch_scores)
         labels.append(batch["label"])
+
+    pending = None
+    for batch in _loader(dataset, cfg.batch_size, device, num_workers, original):
+        launched = launch(batch)  # batch i+1 is queued before batch i is waited for
+        if pending is not None:
+            collect(pending)
+        pending = launched
+    if pending is not None:
+        collect(pending)
     if _needs_postprocess(cfg.postprocess):
         maps = [postprocess(m, cfg.postprocess) for m in maps]
     model.train(was_training)
@@ -124,15 +182,25 @@ def predict(
 
 
 def _add_fewshot(tokens, categories: list[str], banks: dict, scores, maps, sigma: float):
-    """Few-shot scores and maps of one batch, each image against its own category's bank."""
+    """Few-shot scores and maps of one batch, each image against its own category's bank (the images
+    of a category picked by index, never by a boolean mask: no device synchronisation)."""
     from feclip.models.fewshot import combine, fewshot_maps
 
-    scores, maps = scores.clone().float(), maps.clone().float()
-    for category in dict.fromkeys(categories):
-        sel = torch.tensor([c == category for c in categories], device=maps.device)
-        few = fewshot_maps(tokens[:, sel].float(), banks[category], tuple(maps.shape[-2:]), sigma)
-        scores[sel], maps[sel] = combine(scores[sel], maps[sel], few)
-    return scores, maps
+    size = tuple(maps.shape[-2:])
+    groups = {c: [j for j, x in enumerate(categories) if x == c] for c in dict.fromkeys(categories)}
+    if len(groups) == 1:  # the usual case: a dataset is ordered by category
+        (category,) = groups
+        return combine(scores, maps, fewshot_maps(tokens.float(), banks[category], size, sigma))
+    parts_scores, parts_maps, order = [], [], []
+    for category, idx in groups.items():
+        at = torch.tensor(idx).to(maps.device, non_blocking=True)
+        few = fewshot_maps(tokens.index_select(1, at).float(), banks[category], size, sigma)
+        s, m = combine(scores.index_select(0, at), maps.index_select(0, at), few)
+        parts_scores.append(s)
+        parts_maps.append(m)
+        order += idx
+    back = torch.tensor(sorted(range(len(order)), key=order.__getitem__)).to(maps.device, non_blocking=True)
+    return torch.cat(parts_scores).index_select(0, back), torch.cat(parts_maps).index_select(0, back)
 
 
 def save_figures(out_dir, dataset_name: str, dataset, preds: Predictions) -> None:
@@ -220,13 +288,13 @@ def evaluate(
     dataset,
     cfg,
     device: torch.device,
-    use_amp: bool = False,
     banks: dict | None = None,
     figures_dir=None,
+    num_workers: int = 0,
 ) -> list[MetricRow]:
     """Metric rows of ``model`` on one dataset (see :func:`predict` and :func:`metric_rows`); with
     ``figures_dir`` (and ``cfg.save_figures``) also the per-category figures."""
-    preds = predict(model, dataset, cfg, device, use_amp, banks)
+    preds = predict(model, dataset, cfg, device, banks, num_workers)
     if cfg.save_figures and figures_dir is not None:
         save_figures(figures_dir, dataset_name, dataset, preds)
     return metric_rows(dataset_name, preds, dataset.category_has_masks, cfg)

@@ -3,7 +3,7 @@
 The identity of a run is
 
 - every config value that changes a number (:func:`number_config`: the whole :class:`RunConfig` less
-  :data:`NOT_IDENTITY`: names, paths, logging, progress, figures, the device);
+  :data:`NOT_IDENTITY`: names, paths, logging, progress, figures, the device, loader workers);
 - the backbone that is actually built (:class:`~feclip.models.provenance.WeightsSource`, with the
   weights file's SHA-256 or the seed of a random draw);
 - the adapter file evaluated (its SHA-256), for ``feclip-eval checkpoint=...``;
@@ -39,6 +39,7 @@ NOT_IDENTITY = (
     "logger",
     "train.progress",
     "train.resume",
+    "data.num_workers",  # how many processes decode the images: the same numbers
     "eval.save_figures",
 )
 # the files whose presence means a folder already holds (part of) a run

@@ -3,6 +3,16 @@
 Sections: setup (optimizer groups, resume) -> epochs (seeded order, step, NaN guard, fc_patch policy)
 -> checkpoint (adapters as safetensors + optimizer state, every epoch, atomically).
 
+The host never waits for the device inside a step: the losses of the steps are kept on the device and
+read every :data:`CHECK_EVERY` steps and at the end of each epoch (the NaN guard, the progress bar and
+the epoch's mean loss all use that one read), the map losses choose their images by 0/1 weights, and a
+prefix-cached epoch uploads its image order once (:meth:`PrefixCache.epoch`). A NaN loss still stops
+the run with the step it appeared at, and no checkpoint is written after it: the last good one stays.
+
+Precision is the model's (:attr:`FEClip.precision`; :func:`feclip.engine.run.run` builds it from
+``train.amp``). ``train.deterministic`` (:func:`deterministic_algorithms`) holds for the training
+alone and is switched off when it returns.
+
 Resuming a killed run restarts at the first unfinished epoch. The image order of epoch ``e`` depends
 only on ``(seed, e)`` and the optimizer state is restored, so on the CPU a resumed run ends with the
 same weights, bit for bit, as an uninterrupted one.
@@ -19,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from feclip.data.dataset import collate
 from feclip.engine import distributed as dist
+from feclip.engine import hostsync
 from feclip.engine.cache import PrefixCache, prefix_bytes
 from feclip.errors import ConfigError, FEClipError
 from feclip.losses import feclip_loss, mask_loss_images
@@ -37,6 +49,47 @@ log = logging.getLogger("feclip.train")
 ADAPTERS_FILE = "adapters.safetensors"
 STATE_FILE = "train_state.pt"
 FC_PATCH_LR_FACTOR = {"same": 1.0, "lr_div_10": 0.1, "lr_div_100": 0.01, "frozen_after": 0.01, "frozen": 0.0}
+CHECK_EVERY = 25  # steps between two reads of the losses (NaN guard, progress): one wait each
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for reproducible results (NVIDIA's cuBLAS docs)
+_LOSS_COLUMNS = ("batch", "cls", "focal", "dice", "total")  # one row per step, kept on the device
+
+
+def prepare_deterministic_cuda() -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` (unless already set) for deterministic cuBLAS. cuBLAS reads it
+    when its workspace is made: call this before the first matrix product on CUDA (``run`` does, before
+    the model is built); :func:`deterministic_algorithms` calls it too, for library users."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool, device: torch.device):
+    """``train.deterministic``: deterministic kernels for the block, the previous settings restored after.
+
+    On: ``torch.use_deterministic_algorithms(True)`` in its strict form (an op without a deterministic
+    kernel raises instead of warning: flash and memory-efficient attention then run their deterministic
+    backward, cuDNN attention is not chosen), cuDNN deterministic without autotuning, and
+    ``CUBLAS_WORKSPACE_CONFIG`` for cuBLAS. Nothing in FE-CLIP's training step lacks a deterministic
+    CUDA kernel (the loss upsamples with matrix products, not ``F.interpolate``; tested on the CPU by
+    listing the step's ops). Off: nothing changes.
+    """
+    if not enabled:
+        yield
+        return
+    if device.type == "cuda":
+        prepare_deterministic_cuda()
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 class TrainingDivergedError(FEClipError):
@@ -171,12 +224,11 @@ def _exported_epoch(path: Path) -> int | None:
         return None
 
 
-def make_prefix_cache(model, dataset, cfg, device: torch.device) -> PrefixCache | None:
+def make_prefix_cache(model, dataset, cfg, device: torch.device, num_workers: int = 0) -> PrefixCache | None:
     """The frozen-prefix cache when ``cfg.prefix_cache`` asks for it and it fits the memory budget."""
     if cfg.prefix_cache == "off":
         return None
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    size = prefix_bytes(model, len(dataset), dtype)
+    size = prefix_bytes(model, len(dataset), model.token_dtype)
     if size > cfg.prefix_cache_max_gb * 1e9:
         msg = f"the prefix cache needs {size / 1e9:.1f} GB, over train.prefix_cache_max_gb={cfg.prefix_cache_max_gb}"
         if cfg.prefix_cache == "on":
@@ -191,8 +243,7 @@ def make_prefix_cache(model, dataset, cfg, device: torch.device) -> PrefixCache 
         device,
         batch_size=cfg.batch_size,
         storage=cfg.prefix_cache_storage,
-        dtype=dtype,
-        amp=cfg.amp == "bf16" and device.type == "cuda",
+        num_workers=num_workers,
     )
 
 
@@ -205,15 +256,20 @@ def train(
     device: torch.device,
     fingerprint: str = "",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    num_workers: int = 0,
 ) -> TrainResult:
     """Train ``model``'s adapters and fc_patch on ``dataset`` (an :class:`~feclip.data.AnomalyDataset`).
 
     Args:
-        cfg: a :class:`feclip.config.TrainConfig`.
+        cfg: a :class:`feclip.config.TrainConfig`. The precision is the model's own
+            (:attr:`FEClip.precision`; ``run`` builds the model from ``cfg.amp``).
         run_dir: where the checkpoints go (and are resumed from when ``cfg.resume``).
         fingerprint: identifies the configuration; a checkpoint with another one is not resumed.
         on_epoch: called after each epoch's checkpoint with ``(epoch, {"loss": ..., "images_per_s": ...})``
             (on rank 0 only under torchrun).
+        num_workers: ``DataLoader`` processes that decode images (``data.num_workers``), for the prefix
+            cache's build and for uncached epochs (the dataset's image cache is filled first, in
+            threads, so that the workers inherit it).
 
     Under torchrun, ``cfg.batch_size`` is the global batch and ``device`` this rank's device; every rank
     reads the checkpoint when resuming, rank 0 alone writes them.
@@ -230,103 +286,160 @@ def train(
         for f in (ADAPTERS_FILE, STATE_FILE):
             (run_dir / f).unlink(missing_ok=True)
     dist.broadcast_parameters(params)  # also: no rank writes a checkpoint before every rank has read it
-    use_amp = cfg.amp == "bf16" and device.type == "cuda"
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    cache = make_prefix_cache(model, dataset, cfg, device) if start_epoch < cfg.epochs else None
-    forward = model.forward_from_prefix if cache is not None else model.forward
-    if cfg.compile != "off":
-        forward = torch.compile(forward, mode=cfg.compile)
-    model.train()
+    log.info(
+        "precision %s (tokens %s), deterministic %s", model.precision, model.token_dtype, cfg.deterministic
+    )
     epochs_run, last_loss = 0, math.nan
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-        # -- one epoch ----------------------------------------------------------------------------
-        # this rank's share of each global batch (alone: the batches themselves)
-        mine, batch_sizes = dist.micro_batches(epoch_order(len(dataset), seed, epoch), cfg.batch_size)
-        if cache is not None:  # tokens, masks and labels already on the device
-            loader = map(cache.batch, mine)
-        else:
-            loader = DataLoader(
-                dataset,
-                batch_sampler=mine,
-                collate_fn=_collate_share,
-                pin_memory=device.type == "cuda",
-            )
-        bar = _progress(loader, cfg.progress and dist.is_main(), f"epoch {epoch + 1}/{cfg.epochs}", len(mine))
-        loss_sum, n_images, t_epoch = torch.zeros((), device=device), 0, time.perf_counter()
-        for batch, n_batch in zip(bar, batch_sizes):
-            loss, parts = _batch_loss(forward, batch, cfg, device, use_amp)
-            batch_loss = dist.sum_over_ranks(loss.detach())  # of the global batch (``loss`` itself alone)
-            if not torch.isfinite(batch_loss):
-                kept = (
-                    f"the last good checkpoint (epoch {start_epoch + epochs_run}) is kept in {run_dir}"
-                    if (run_dir / ADAPTERS_FILE).exists()
-                    else "no checkpoint was written yet"
-                )
-                parts_txt = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                raise TrainingDivergedError(
-                    f"loss is {batch_loss.item()} at epoch {epoch + 1}, step {step + 1} ({parts_txt}); {kept}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:  # an empty share has no graph
-                loss.backward()
-            dist.all_reduce_gradients(params)
-            optimizer.step()
-            step += 1
-            loss_sum += batch_loss * n_batch
-            n_images += n_batch
-            if cfg.fc_patch.policy == "frozen_after" and step == cfg.fc_patch.frozen_after_batches:
-                model.fc_patch.requires_grad_(False)
-                log.info("fc_patch frozen after %d batches", step)
-            if bar is not loader and step % 5 == 0:
-                bar.set_postfix(
-                    loss=f"{batch_loss.item():.4f}",
-                    img_s=f"{n_images / (time.perf_counter() - t_epoch):.1f}",
-                )
+    with deterministic_algorithms(cfg.deterministic, device):
+        cache = None
+        if start_epoch < cfg.epochs:
+            cache = make_prefix_cache(model, dataset, cfg, device, num_workers)
+            if cache is None and num_workers > 0 and getattr(dataset, "cache", False):
+                dataset.preload(num_threads=num_workers)  # forked workers inherit the decoded images
+        forward = model.forward_from_prefix if cache is not None else model.forward
+        if cfg.compile != "off":
+            forward = torch.compile(forward, mode=cfg.compile)
+        model.train()
+        for epoch in range(start_epoch, cfg.epochs):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-        # -- checkpoint ---------------------------------------------------------------------------
-        last_loss = (loss_sum / max(n_images, 1)).item()
-        epochs_run += 1
-        if dist.is_main():
-            save_checkpoint(model, optimizer, run_dir, epoch, step, fingerprint)
-        speed = n_images / (time.perf_counter() - t_epoch)
-        log.info(
-            "epoch %d/%d: loss %.4f, %d images, %.1f images/s",
-            epoch + 1,
-            cfg.epochs,
-            last_loss,
-            n_images,
-            speed,
-        )
-        if on_epoch is not None and dist.is_main():
-            on_epoch(epoch + 1, {"loss": last_loss, "images_per_s": speed})
+            # -- one epoch ------------------------------------------------------------------------
+            # this rank's share of each global batch (alone: the batches themselves)
+            mine, batch_sizes = dist.micro_batches(epoch_order(len(dataset), seed, epoch), cfg.batch_size)
+            if cache is not None:  # tokens, masks and labels already on the device
+                loader = cache.epoch(mine)
+            else:
+                loader = DataLoader(
+                    dataset,
+                    batch_sampler=mine,
+                    collate_fn=_collate_share,
+                    num_workers=num_workers,
+                    pin_memory=device.type == "cuda",
+                )
+            bar = _progress(
+                loader, cfg.progress and dist.is_main(), f"epoch {epoch + 1}/{cfg.epochs}", len(mine)
+            )
+            guard = _LossGuard(len(mine), device, epoch, step, run_dir, start_epoch + epochs_run)
+            t_epoch = time.perf_counter()
+            for batch, n_batch in zip(bar, batch_sizes):
+                loss, parts = _batch_loss(forward, batch, cfg, device)
+                batch_loss = dist.sum_over_ranks(loss.detach())  # of the global batch (``loss`` itself alone)
+                guard.record(batch_loss, parts, n_batch)
+                optimizer.zero_grad(set_to_none=True)
+                if loss.requires_grad:  # an empty share has no graph
+                    loss.backward()
+                dist.all_reduce_gradients(params)
+                optimizer.step()
+                step += 1
+                if cfg.fc_patch.policy == "frozen_after" and step == cfg.fc_patch.frozen_after_batches:
+                    model.fc_patch.requires_grad_(False)
+                    log.info("fc_patch frozen after %d batches", step)
+                if guard.steps % CHECK_EVERY == 0:  # one read of the losses so far (raises on NaN)
+                    guard.check()
+                    if bar is not loader:
+                        bar.set_postfix(
+                            loss=f"{guard.last_loss:.4f}",
+                            img_s=f"{guard.n_images / (time.perf_counter() - t_epoch):.1f}",
+                        )
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+            # -- checkpoint (only after the epoch's losses were all read finite) ------------------
+            last_loss = guard.check()
+            epochs_run += 1
+            if dist.is_main():
+                save_checkpoint(model, optimizer, run_dir, epoch, step, fingerprint)
+            speed = guard.n_images / (time.perf_counter() - t_epoch)
+            log.info(
+                "epoch %d/%d: loss %.4f, %d images, %.1f images/s",
+                epoch + 1,
+                cfg.epochs,
+                last_loss,
+                guard.n_images,
+                speed,
+            )
+            if on_epoch is not None and dist.is_main():
+                on_epoch(epoch + 1, {"loss": last_loss, "images_per_s": speed})
     model.eval()
     return TrainResult(epochs_run, step, last_loss, time.perf_counter() - t_start)
 
 
-def _batch_loss(forward, batch: dict, cfg, device: torch.device, use_amp: bool):
+class _LossGuard:
+    """The losses of one epoch's steps, kept on the device (one row per step, :data:`_LOSS_COLUMNS`)
+    and read in one transfer by :meth:`check`, which raises :class:`TrainingDivergedError` naming the
+    first step whose global batch loss is not finite."""
+
+    def __init__(self, n_steps: int, device, epoch: int, first_step: int, run_dir: Path, good_epochs: int):
+        self.rows = torch.zeros(max(n_steps, 1), len(_LOSS_COLUMNS), device=device)
+        self.sizes: list[int] = []
+        self.epoch, self.first_step, self.run_dir, self.good_epochs = epoch, first_step, run_dir, good_epochs
+        self.checked = 0
+        self.mean = math.nan
+        self.last_loss = math.nan
+
+    @property
+    def steps(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_images(self) -> int:
+        return sum(self.sizes)
+
+    def record(self, batch_loss: torch.Tensor, parts: dict[str, torch.Tensor], n_batch: int) -> None:
+        row = torch.stack([batch_loss.float(), *(parts[k].float() for k in _LOSS_COLUMNS[1:])])
+        self.rows[self.steps].copy_(row)  # device to device: no wait
+        self.sizes.append(n_batch)
+
+    def check(self) -> float:
+        """Read the rows recorded so far (one wait); return the epoch's mean batch loss so far."""
+        if self.steps == 0:
+            return math.nan
+        if self.steps > self.checked:
+            (rows,) = hostsync.to_host(self.rows[: self.steps])
+            values = rows.tolist()
+            for j in range(self.checked, self.steps):
+                if not math.isfinite(values[j][0]):
+                    self._diverged(j, values[j])
+            self.checked = self.steps
+            self.last_loss = values[-1][0]
+            self.mean = sum(v[0] * n for v, n in zip(values, self.sizes)) / max(self.n_images, 1)
+        return self.mean
+
+    def _diverged(self, j: int, values: list[float]):
+        kept = (
+            f"the last good checkpoint (epoch {self.good_epochs}) is kept in {self.run_dir}"
+            if (self.run_dir / ADAPTERS_FILE).exists()
+            else "no checkpoint was written yet"
+        )
+        parts_txt = ", ".join(f"{k}={v:.4g}" for k, v in zip(_LOSS_COLUMNS[1:], values[1:]))
+        raise TrainingDivergedError(
+            f"loss is {values[0]} at epoch {self.epoch + 1}, step {self.first_step + j + 1} ({parts_txt}); {kept}"
+        )
+
+
+def _batch_loss(forward, batch: dict, cfg, device: torch.device):
     """Forward and loss of one batch (this rank's micro-batch under torchrun): ``(loss, parts)``.
 
-    ``batch`` holds prefix ``tokens`` (from :meth:`PrefixCache.batch`; ``forward`` is then the model's
-    ``forward_from_prefix``) or the ``image`` (``forward`` is the model's ``forward``). Under torchrun
-    the loss is weighted by this rank's share of the global batch, so that the ranks' losses sum to the
-    loss of the whole batch; an empty share gives a constant 0 (and still joins the all-reduce of the
-    shares).
+    ``batch`` holds prefix ``tokens`` (from :meth:`PrefixCache.epoch`; ``forward`` is then the model's
+    ``forward_from_prefix``) or the ``image`` (``forward`` is the model's ``forward``). How many images
+    the map losses see is counted from the labels on the host (``host_label`` of a cached batch, the
+    collated ``label`` otherwise): no wait on the device. Under torchrun the loss is weighted by this
+    rank's share of the global batch, so that the ranks' losses sum to the loss of the whole batch; an
+    empty share gives a constant 0 (and still joins the all-reduce of the shares).
     """
+    host_labels = batch.get("host_label", batch["label"])
     labels = batch["label"].to(device, non_blocking=True)
-    shares = dist.loss_shares(mask_loss_images(labels, cfg.loss))  # None alone
-    if len(labels) == 0:
+    shares = dist.loss_shares(mask_loss_images(labels, cfg.loss)) if dist.world_size() > 1 else None
+    if len(host_labels) == 0:
         zero = torch.zeros((), device=device)
         return zero, dict.fromkeys(("cls", "focal", "dice", "total"), zero)
+    if cfg.loss.mask_loss_on == "abnormal":
+        n_kept = int((host_labels > 0).sum())  # host tensor: no device synchronisation
+    else:
+        n_kept = len(host_labels)
     masks = batch["mask"].to(device, non_blocking=True)
     inputs = batch["tokens"] if "tokens" in batch else batch["image"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        out = forward(inputs)
-    return feclip_loss(out, masks, labels, cfg.loss, shares)
+    out = forward(inputs)  # at the model's precision (FEClip.precision)
+    return feclip_loss(out, masks, labels, cfg.loss, shares, n_kept=n_kept)
 
 
 def _collate_share(items: list[dict]) -> dict:

@@ -12,8 +12,10 @@ from torch import nn
 
 from feclip.models.frequency import (
     replicate_pad,
+    sliding_basis,
     sliding_coefficients,
     sliding_mean_kernel,
+    window_basis,
     window_inverse,
     window_transform,
 )
@@ -71,11 +73,13 @@ class FFEAdapter(nn.Module):
         super().__init__()
         self.p, self.transform = p, transform
         self.linear = nn.Linear(dim, dim)
+        # the transform's matrices: built once, moved with the module, never part of a checkpoint
+        self.register_buffer("basis", window_basis(p, transform), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        coeffs = window_transform(x, self.p, self.transform)  # (B, G, h, w, p*p, D)
+        coeffs = window_transform(x, self.p, self.transform, self.basis)  # (B, G, h, w, p*p, D)
         mixed = F.gelu(self.linear(coeffs))  # the Linear mixes channels, shared over frequencies and parts
-        return window_inverse(mixed, self.p, (x.shape[1], x.shape[2]), self.transform)
+        return window_inverse(mixed, self.p, (x.shape[1], x.shape[2]), self.transform, self.basis)
 
 
 class LFSAdapter(nn.Module):
@@ -95,12 +99,14 @@ class LFSAdapter(nn.Module):
         self.q, self.stat, self.transform = q, stat, transform
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2)
         self.register_buffer("mean_kernel", sliding_mean_kernel(q, transform), persistent=False)
+        self.register_buffer("basis", sliding_basis(q, transform), persistent=False)
 
     def statistic(self, x: torch.Tensor) -> torch.Tensor:
         """The per-token frequency statistic. Shape: ``(B, H, W, D) -> (B, H, W, D)``."""
         if self.stat == "mean":  # linear in the window: one fixed filter
             return filter2d_nhwc(x, self.mean_kernel)
-        coeffs = sliding_coefficients(x.permute(0, 3, 1, 2), self.q, self.transform)  # (B, G, D, Q*Q, H, W)
+        coeffs = sliding_coefficients(x.permute(0, 3, 1, 2), self.q, self.transform, self.basis)
+        # coeffs: (B, G, D, Q*Q, H, W)
         if self.stat == "abs":
             values = coeffs.abs()
         elif self.stat == "power":

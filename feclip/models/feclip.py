@@ -10,6 +10,26 @@ Forward pass (spec section 1), for images ``(B, 3, S, S)`` and a token grid ``h 
 4. the image score and the map are the means over taps of the abnormal probabilities (Eq. 3).
 
 Blocks after the last tap are never run: nothing downstream of the last tap is used.
+
+Precision (one policy for every path that produces a number: training with or without the prefix
+cache, evaluation, few-shot banks and test tokens, ``feclip-predict``): the model owns it
+(:attr:`FEClip.precision`, :meth:`FEClip.set_precision`) and applies it inside :meth:`FEClip.prefix`
+and :meth:`FEClip.forward_from_prefix`, whatever autocast the caller has open.
+
+* ``bf16`` (the default on CUDA): the matrix products, convolutions and attention of the frozen
+  blocks and of the adapters run in bf16 (autocast); the residual stream (the tokens between blocks,
+  each block's sums, the adapters' input and the fusion of Eq. 2, what the prefix cache stores) stays
+  fp32, and normalisations run in fp32: only the products' outputs are rounded to bf16, never the
+  running sum of 24 blocks (a bf16 residual stream moved the demo's image AUROC ten times more;
+  BENCHMARKS.md).
+  The frozen CLIP's matrices (every Linear, the packed attention projection, the patch embedding)
+  are stored in bf16, which gives the same numbers as casting fp32 weights on every forward (autocast
+  rounds them the same way) at half the memory and without the casts; LayerNorm weights, the class and
+  position embeddings, ``ln_post``, ``proj`` and the text embeddings stay fp32.
+* ``fp32`` (the default elsewhere): everything in fp32, autocast disabled inside the model.
+
+Under both, :meth:`FEClip.head` (ln_post, the projections to the text space, the logits, the softmax,
+the maps) runs in fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +47,18 @@ from feclip.models.frequency import TRANSFORMS
 from feclip.models.prompts import PAPER_PROMPTS, PROMPT_MODES, encode_states, prompt_sentences
 
 FC_PATCH_INITS = ("random", "clip_proj")
+PRECISIONS = ("fp32", "bf16")
+
+
+def default_precision(device: torch.device | str) -> str:
+    """The model precision when none is asked for: ``bf16`` on CUDA, ``fp32`` elsewhere."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def precision_for(amp: str, device: torch.device | str) -> str:
+    """``train.amp`` (``bf16`` | ``none``) on ``device`` -> the model precision: bf16 only on CUDA
+    (on the CPU ``train.amp=bf16`` is ignored, as documented in the config)."""
+    return "bf16" if amp == "bf16" and torch.device(device).type == "cuda" else "fp32"
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -146,9 +178,21 @@ class FEClip(nn.Module):
 
     Trainable: ``adapters`` (one :class:`TapAdapter` per tap) and ``fc_patch`` (Linear(D_vision, D_text),
     shared by all taps). The CLIP stays frozen and in eval mode whatever ``train()`` is called with.
+
+    ``precision``: ``fp32`` or ``bf16`` (see the module docstring); ``None`` = :func:`default_precision`
+    of the CLIP's device. With ``bf16`` and ``store_frozen`` (default) the CLIP's frozen matrices are
+    cast to bf16 in place (the CLIP object passed in changes; a CLIP stored that way cannot run at fp32
+    again: load it anew).
     """
 
-    def __init__(self, clip: nn.Module, config: FEClipConfig | None = None, tokenizer=None):
+    def __init__(
+        self,
+        clip: nn.Module,
+        config: FEClipConfig | None = None,
+        tokenizer=None,
+        precision: str | None = None,
+        store_frozen: bool = True,
+    ):
         super().__init__()
         self.config = cfg = config or FEClipConfig()
         visual = clip.visual
@@ -187,6 +231,56 @@ class FEClip(nn.Module):
 
         normal, abnormal = prompt_sentences(cfg.prompts, cfg.normal_prompt, cfg.abnormal_prompt)
         self.register_buffer("text_embeddings", encode_states(clip, normal, abnormal, tokenizer))
+        self.precision = "fp32"
+        self.set_precision(precision or default_precision(ref.device), store_frozen)
+
+    # -- precision ---------------------------------------------------------------------------------
+
+    def set_precision(self, precision: str, store_frozen: bool = True) -> FEClip:
+        """Choose the compute precision of every forward (module docstring); returns self.
+
+        ``bf16`` with ``store_frozen`` stores the frozen CLIP's matrices in bf16 (once; the same numbers
+        as autocast casting fp32 weights). Going back to ``fp32`` after that is refused: the fp32
+        weights are gone (load the CLIP again). Raises :class:`ConfigError`.
+        """
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        stored = getattr(self.clip.visual, "feclip_frozen_dtype", None)
+        if precision == "fp32" and stored == torch.bfloat16:
+            raise ConfigError(
+                "this CLIP's frozen weights are stored in bf16 (an FE-CLIP at precision=bf16 cast them); "
+                "precision=fp32 needs the CLIP loaded anew"
+            )
+        if precision == "bf16" and store_frozen and stored != torch.bfloat16:
+            with torch.no_grad():
+                for p in self._frozen_matrices():
+                    p.data = p.data.to(torch.bfloat16)
+            self.clip.visual.feclip_frozen_dtype = torch.bfloat16
+        self.precision = precision
+        return self
+
+    def _frozen_matrices(self) -> list[torch.Tensor]:
+        """The frozen visual parameters whose every use autocast casts to bf16: the weights and biases
+        of the Linear layers and convolutions and the packed attention projection. LayerNorm and
+        LayerScale weights and the class and position embeddings (added to the fp32 stream) stay."""
+        v = self.clip.visual
+        found = []
+        for m in [v.conv1, *v.transformer.modules()]:
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                found += [m.weight] + ([m.bias] if m.bias is not None else [])
+            elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                found += [m.in_proj_weight] + ([m.in_proj_bias] if m.in_proj_bias is not None else [])
+        return found
+
+    @property
+    def token_dtype(self) -> torch.dtype:
+        """The dtype of the residual stream between blocks (what :meth:`prefix` returns): fp32 under
+        both policies (the CLIP's own dtype for a CLIP loaded in bf16 or fp16 at ``precision=fp32``)."""
+        return torch.float32 if self.precision == "bf16" else self.clip.visual.conv1.weight.dtype
+
+    def _autocast(self, device_type: str):
+        """bf16 autocast under ``precision=bf16``; autocast disabled under fp32 (the caller's is not used)."""
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -237,10 +331,12 @@ class FEClip(nn.Module):
         weights (:func:`plain_block`): there ``nn.MultiheadAttention(batch_first=True)`` projects a
         transposed, non-contiguous view, which PyTorch runs as a batched matmul over a broadcast weight
         (1.6x slower forward + backward on the CPU for ViT-L). Without gradients open_clip's block runs
-        as it is (its inference fast path).
+        as it is (its inference fast path), except under ``precision=bf16``, where :func:`plain_block`
+        always runs (CUDA's autocast disables that fast path anyway): training and evaluation then run
+        the same kernels on the same tokens.
         """
         blk = self.clip.visual.transformer.resblocks[i]
-        if self._plain_blocks and x.requires_grad and torch.is_grad_enabled():
+        if self._plain_blocks and (self.precision == "bf16" or (x.requires_grad and torch.is_grad_enabled())):
             return plain_block(blk, x)
         if self.batch_first:
             return blk(x)
@@ -259,7 +355,7 @@ class FEClip(nn.Module):
             )
         v = self.clip.visual
         x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        x = x.flatten(2).transpose(1, 2).to(self.token_dtype)  # (B, h*w, D); the stream's dtype
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         return v.ln_pre(x)
@@ -267,11 +363,12 @@ class FEClip(nn.Module):
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens after the first tap block, before its adapter: independent of every trainable weight.
 
-        Shape: ``(B, 3, S, S) -> (B, 1 + h*w, D)``.
+        Shape: ``(B, 3, S, S) -> (B, 1 + h*w, D)``, dtype :attr:`token_dtype`.
         """
-        x = self.embed(images)
-        for i in range(self.config.taps[0] + 1):
-            x = self._block(i, x)
+        with self._autocast(images.device.type):
+            x = self.embed(images)
+            for i in range(self.config.taps[0] + 1):
+                x = self._block(i, x)
         return x
 
     def forward(self, images: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
@@ -279,19 +376,21 @@ class FEClip(nn.Module):
         return self.forward_from_prefix(self.prefix(images), return_tokens=return_tokens)
 
     def forward_from_prefix(self, x: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
-        """Continue from :meth:`prefix` tokens ``(B, 1 + h*w, D)`` (e.g. served by a cache)."""
+        """Continue from :meth:`prefix` tokens ``(B, 1 + h*w, D)`` (e.g. served by a cache, in the
+        :attr:`token_dtype` it stores them: then the numbers are those of :meth:`forward`)."""
         taps = self.config.taps
         h, w = self.grid
         cls_feats, patch_feats = [], []
-        for i in range(taps[0], taps[-1] + 1):
-            if i > taps[0]:
-                x = self._block(i, x)
-            if i in taps:
-                cls, patches = x[:, :1], x[:, 1:].reshape(x.shape[0], h, w, -1)
-                fused = self.adapters[str(i)](patches)
-                x = torch.cat([cls, fused.reshape(x.shape[0], h * w, -1)], dim=1)
-                cls_feats.append(cls[:, 0])
-                patch_feats.append(fused)
+        with self._autocast(x.device.type):
+            for i in range(taps[0], taps[-1] + 1):
+                if i > taps[0]:
+                    x = self._block(i, x)
+                if i in taps:
+                    cls, patches = x[:, :1], x[:, 1:].reshape(x.shape[0], h, w, -1)
+                    fused = self.adapters[str(i)](patches)
+                    x = torch.cat([cls, fused.reshape(x.shape[0], h * w, -1)], dim=1)
+                    cls_feats.append(cls[:, 0])
+                    patch_feats.append(fused)
         return self.head(torch.stack(cls_feats), torch.stack(patch_feats), return_tokens)
 
     def head(self, cls: torch.Tensor, patches: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
@@ -315,8 +414,10 @@ class FEClip(nn.Module):
             )
             cls_logits = scale * cls_emb @ text.T  # (N, B, 2)
             patch_logits = scale * patch_emb @ text.T  # (N, B, h, w, 2)
-        tap_scores = cls_logits.float().softmax(-1)[..., 1]
-        tap_maps = patch_logits.float().softmax(-1)[..., 1]
+        # the 2-way softmax's abnormal probability, as the sigmoid of the margin: the same operation
+        # as the loss and feclip.scoring, so every path gives the same bits
+        tap_scores = torch.sigmoid(cls_logits[..., 1] - cls_logits[..., 0])
+        tap_maps = torch.sigmoid(patch_logits[..., 1] - patch_logits[..., 0])
         mean_map = tap_maps.mean(0)[:, None]  # (B, 1, h, w)
         size = self.image_size
         anomaly_map = F.interpolate(mean_map, size=(size, size), mode="bilinear", align_corners=False)[:, 0]

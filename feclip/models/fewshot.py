@@ -170,7 +170,9 @@ class MemoryBank:
     ) -> MemoryBank:
         """Bank the tap features of reference images ``(k, 3, S, S)`` (CLIP-normalised, model input size).
 
-        The features stay on the model's device. Shape: ``features (N, k*h*w, D)``.
+        The features come from the model's own forward, at its precision (``FEClip.precision``), as the
+        test tokens they are compared with; they are stored in fp32 and stay on the model's device.
+        Shape: ``features (N, k*h*w, D)``.
         """
         if images.ndim != 4 or images.shape[0] < 1:
             raise ConfigError(f"few-shot references must be a (k, 3, S, S) batch, got {tuple(images.shape)}")

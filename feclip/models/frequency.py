@@ -92,25 +92,49 @@ def from_windows(y: torch.Tensor, p: int, size: tuple[int, int]) -> torch.Tensor
     return grid[:, : size[0], : size[1]]
 
 
-def window_transform(x: torch.Tensor, p: int, transform: str = "dct") -> torch.Tensor:
+def window_basis(p: int, transform: str = "dct", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The windowed transform as matrices on the window's flattened positions.
+
+    Shape: ``(G, p*p, p*p)``; ``G`` as in :func:`sliding_basis`. Modules keep it as a buffer (on the
+    device, built once) and pass it to :func:`window_transform` / :func:`window_inverse`.
+    """
+    return sliding_basis(p, transform, dtype).flatten(2)
+
+
+def _basis_for(x: torch.Tensor, basis: torch.Tensor | None, p: int, transform: str) -> torch.Tensor:
+    if basis is None:  # built on the host: functional use; the adapters pass their device buffer
+        return window_basis(p, transform, x.dtype).to(x.device)
+    return basis.to(x.dtype)  # a no-op when the dtypes agree; a device-side cast otherwise
+
+
+def window_transform(
+    x: torch.Tensor, p: int, transform: str = "dct", basis: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-window, per-channel 2-D transform of a grid (replicate-padded to multiples of ``p``).
 
     Shape: ``(B, H, W, D) -> (B, G, h, w, p*p, D)`` with ``h = ceil(H/p)``, ``w = ceil(W/p)``;
     coefficient ``k*p + l`` is frequency ``(k, l)``. ``G = 1`` for the DCT; ``G = 2`` for the DFT
-    (real part, imaginary part).
+    (real part, imaginary part). ``basis``: :func:`window_basis` ``(p, transform)``, e.g. a buffer on
+    ``x``'s device; ``None`` builds it.
     """
-    basis = sliding_basis(p, transform, x.dtype).to(x.device).flatten(2)  # (G, p*p, p*p)
+    basis = _basis_for(x, basis, p, transform)  # (G, p*p, p*p)
     windows = to_windows(x, p)  # (B, h, w, p*p, D)
     return torch.stack([k @ windows for k in basis], dim=1)
 
 
-def window_inverse(y: torch.Tensor, p: int, size: tuple[int, int], transform: str = "dct") -> torch.Tensor:
+def window_inverse(
+    y: torch.Tensor,
+    p: int,
+    size: tuple[int, int],
+    transform: str = "dct",
+    basis: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Inverse of :func:`window_transform` (real output), cropped to ``size = (H, W)``.
 
     Shape: ``(B, G, h, w, p*p, D) -> (B, H, W, D)``. For the DFT the inverse of ``Re + i Im`` is
     ``Kr^T Re + Ki^T Im`` (the basis is unitary), so the two parts recombine into a real grid.
     """
-    basis = sliding_basis(p, transform, y.dtype).to(y.device).flatten(2)  # (G, p*p, p*p)
+    basis = _basis_for(y, basis, p, transform)  # (G, p*p, p*p)
     windows = sum(k.T @ y[:, g] for g, k in enumerate(basis))
     return from_windows(windows, p, size)
 
@@ -145,15 +169,19 @@ def sliding_basis(q: int, transform: str = "dct", dtype: torch.dtype = torch.flo
     return basis.to(dtype)
 
 
-def sliding_coefficients(x: torch.Tensor, q: int, transform: str = "dct") -> torch.Tensor:
+def sliding_coefficients(
+    x: torch.Tensor, q: int, transform: str = "dct", basis: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dense ``Q x Q`` transform centred at every token (stride 1, replicate padding).
 
     Shape: ``(B, D, H, W) -> (B, G, D, Q*Q, H, W)``; ``G`` as in :func:`sliding_basis`.
     Computed as a depthwise convolution with the basis images, which equals unfolding the
-    neighbourhoods and transforming each one.
+    neighbourhoods and transforming each one. ``basis``: :func:`sliding_basis` ``(q, transform)``,
+    e.g. a buffer on ``x``'s device; ``None`` builds it.
     """
     b, d, h, w = x.shape
-    basis = sliding_basis(q, transform, x.dtype).to(x.device)  # (G, Q*Q, Q, Q)
+    basis = sliding_basis(q, transform, x.dtype).to(x.device) if basis is None else basis.to(x.dtype)
+    # basis: (G, Q*Q, Q, Q)
     g = basis.shape[0]
     xp = F.pad(x, (q // 2, (q - 1) // 2, q // 2, (q - 1) // 2), mode="replicate")
     weight = basis.reshape(g * q * q, 1, q, q).repeat(d, 1, 1, 1)  # (D*G*Q*Q, 1, Q, Q)
