@@ -3,10 +3,9 @@ evaluation; the numbers do not depend on it (nor does the run's identity or fold
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from test_engine import compose_run
 from torch.utils.data import DataLoader
 
-from feclip.cli import CONF_DIR, to_run_config
 from feclip.data import make_synthetic
 from feclip.engine import cache as cache_module
 from feclip.engine import evaluate as evaluate_module
@@ -21,11 +20,6 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("feed")
     make_synthetic(root / "synthetic", n_train_good=2, n_test_good=2, n_test_bad=2, image_size=64)
     return root
-
-
-def compose_run(overrides, name="train"):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_run_config(compose(config_name=name, overrides=overrides))
 
 
 def overrides(data_root, results, *extra):
