@@ -2,7 +2,7 @@
 
 The library takes these objects (never a DictConfig); :mod:`feclip.cli` registers them with Hydra's
 ConfigStore so that a misspelled key or a wrong type fails when the config is composed.
-Every default is the paper preset of DESIGN.md.
+Every default is the paper preset (docs/method.md).
 """
 
 from __future__ import annotations

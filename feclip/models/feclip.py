@@ -102,7 +102,7 @@ def plain_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FEClipConfig:
-    """Every architectural option of FE-CLIP (defaults: the paper preset of DESIGN.md)."""
+    """Every architectural option of FE-CLIP (defaults: the paper preset, docs/method.md)."""
 
     taps: tuple[int, ...] = (15, 18, 21, 23)  # 0-indexed resblocks after which adapters act
     lam: float = 0.1  # fusion weight of Eq. 2
