@@ -566,16 +566,12 @@ def _write_outputs(item: InputImage, image: Decoded, amap, out_dir: Path, args) 
 
 
 def _write_text(path: Path, text: str) -> None:
-    from feclip.models.checkpoint import unique_tmp
+    from feclip.results import atomic_write_text
 
-    tmp = unique_tmp(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as err:
         raise FEClipError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_scores_csv(path: Path, rows: Sequence[tuple[str, float]]) -> Path:

@@ -62,6 +62,7 @@ from feclip.results import (
     UNKNOWN,
     find_metrics,
     is_paper_backbone,
+    unique_tmp,
 )
 
 __all__ = [
@@ -1397,7 +1398,7 @@ def _write_files(out_dir: Path, files: dict[str, bytes]) -> list[Path]:
     staged: list[tuple[Path, Path]] = []
     try:
         for target, data in zip(targets, files.values()):
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp = unique_tmp(target)
             staged.append((tmp, target))
             _write_bytes(tmp, data)
     except OSError as err:

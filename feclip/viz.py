@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from feclip.results import unique_tmp
+
 __all__ = [
     "category_montage",
     "overlay",
@@ -55,10 +57,6 @@ def _as_rgb(image) -> np.ndarray:
     return arr
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_png(path: str | os.PathLike, array) -> Path:
     """Write ``array`` as a PNG atomically; returns the path (parent folders are created).
 
@@ -73,7 +71,7 @@ def save_png(path: str | os.PathLike, array) -> Path:
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
         raise ValueError(f"save_png needs a uint8 (H, W) or (H, W, 3) array, got {arr.dtype} {arr.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = unique_tmp(path)
     try:
         Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -89,7 +87,7 @@ def _save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = _tmp_name(path)
+    tmp = unique_tmp(path)
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)

@@ -42,7 +42,8 @@ from feclip.engine import hostsync
 from feclip.engine.cache import PrefixCache, prefix_bytes
 from feclip.errors import ConfigError, FEClipError
 from feclip.losses import feclip_loss, mask_loss_images
-from feclip.models.checkpoint import read_metadata, save_adapters, unique_tmp
+from feclip.models.checkpoint import read_metadata, save_adapters
+from feclip.results import unique_tmp
 
 log = logging.getLogger("feclip.train")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from feclip.errors import CheckpointMismatchError, FEClipError
+from feclip.results import unique_tmp
 
 
 def save_adapters(model, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -31,13 +32,6 @@ def save_adapters(model, path: str | os.PathLike, metadata: dict[str, str] | Non
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def unique_tmp(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other process or thread uses (hidden, ``.tmp``)."""
-    import uuid
-
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
