@@ -310,6 +310,15 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
     if not main and train_samples is None:
         return out_dir  # nothing to train: rank 0 evaluates alone
 
+    # the config as it ran, with what produced its numbers: config.yaml and the tracker's config
+    record = {
+        **_plain(cfg),
+        "provenance": {
+            "backbone": weights.describe(),
+            "checkpoint": checkpoint_id,
+            "identity": identity["hash"],
+        },
+    }
     lock = RunLock(out_dir).acquire() if main else None
     handler = None
     try:
@@ -319,17 +328,12 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
             _make_run_dir(out_dir)
             handler = _attach_file_log(out_dir / ("train.log" if do_train else "eval.log"))
             write_identity(out_dir, identity)
-            provenance = {
-                "backbone": weights.describe(),
-                "checkpoint": checkpoint_id,
-                "identity": identity["hash"],
-            }
-            atomic_write_text(out_dir / "config.yaml", _to_yaml({**_plain(cfg), "provenance": provenance}))
+            atomic_write_text(out_dir / "config.yaml", _to_yaml(record))
             atomic_write_text(out_dir / "env.txt", environment_text(device, weights))
         dist.barrier()  # force=true has cleared the folder before any rank looks for a checkpoint
         try:
             return _train_and_evaluate(
-                cfg, do_train, device, weights, checkpoint_id, train_samples, target_samples, out_dir
+                cfg, do_train, device, weights, checkpoint_id, train_samples, target_samples, out_dir, record
             )
         except BaseException as e:
             if handler is not None:  # the run's own log says why it stopped
@@ -403,7 +407,10 @@ def _train_and_evaluate(
     train_samples,
     target_samples,
     out_dir,
+    record: dict,
 ) -> Path:
+    """Build the model, train, evaluate every target and write metrics.csv (``record``: the config as
+    it ran, for the tracker)."""
     from feclip.engine.evaluate import evaluate
     from feclip.engine.train import train
     from feclip.models import FEClip, load_adapters
@@ -420,12 +427,7 @@ def _train_and_evaluate(
         log.info("adapters loaded from %s", cfg.checkpoint)
     workers = cfg.data.num_workers
     name = f"{cfg.study}/{cfg.variant}/seed={cfg.seed}"
-    provenance = {"backbone": weights.describe(), "checkpoint": checkpoint_id}
-    tracker = (
-        make_logger(cfg.logger, out_dir, name, {**_plain(cfg), "provenance": provenance})
-        if main
-        else NullLogger()
-    )
+    tracker = make_logger(cfg.logger, out_dir, name, record) if main else NullLogger()
 
     # -- train ----------------------------------------------------------------------------------
     if train_samples is not None:
