@@ -53,12 +53,17 @@ def _drop(tree: dict, dotted: str) -> None:
     tree.pop(leaf, None)
 
 
+def plain(obj) -> dict:
+    """Dataclass -> JSON-safe plain data (tuples become lists)."""
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
 def number_config(cfg) -> dict:
     """The config values that change a number, as plain JSON data (a :class:`RunConfig` in)."""
-    plain = json.loads(json.dumps(asdict(cfg), default=str))
+    plain_cfg = plain(cfg)
     for key in NOT_IDENTITY:
-        _drop(plain, key)
-    return plain
+        _drop(plain_cfg, key)
+    return plain_cfg
 
 
 def _stat_size(path: Path | None) -> int | None:

@@ -10,7 +10,6 @@ directory and evaluates, the other ranks return once training is done.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import random
@@ -24,7 +23,14 @@ import torch
 
 from feclip.config import BackboneConfig, DatasetRef, PathsConfig, RunConfig
 from feclip.engine import distributed as dist
-from feclip.engine.identity import RunLock, check_folder, data_fingerprint, make_identity, write_identity
+from feclip.engine.identity import (
+    RunLock,
+    check_folder,
+    data_fingerprint,
+    make_identity,
+    plain,
+    write_identity,
+)
 from feclip.errors import DatasetError, FEClipError, WeightsNotFoundError
 from feclip.loggers import NullLogger, make_logger
 from feclip.models.provenance import RANDOM, SHA_CHARS, WeightsSource, align_with_checkpoint, file_sha256
@@ -198,23 +204,18 @@ def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], o
     return banks
 
 
-def _plain(obj):
-    """Dataclass -> JSON-safe plain data (tuples become lists)."""
-    return json.loads(json.dumps(asdict(obj), default=str))
-
-
 def training_fingerprint(cfg: RunConfig, weights: WeightsSource | None = None) -> str:
     """What a resumable checkpoint must agree on (``weights``: the backbone built, when known)."""
-    train = _plain(cfg.train)
+    train = plain(cfg.train)
     for key in ("resume", "progress", "max_steps"):
         train.pop(key)
     return config_hash(
         {
             "seed": cfg.seed,
-            "backbone": _plain(cfg.backbone),
+            "backbone": plain(cfg.backbone),
             "weights": weights.describe() if weights is not None else None,
-            "model": _plain(cfg.model),
-            "data": _plain(cfg.data.train),
+            "model": plain(cfg.model),
+            "data": plain(cfg.data.train),
             "train": train,
         }
     )
@@ -312,7 +313,7 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
 
     # the config as it ran, with what produced its numbers: config.yaml and the tracker's config
     record = {
-        **_plain(cfg),
+        **plain(cfg),
         "provenance": {
             "backbone": weights.describe(),
             "checkpoint": checkpoint_id,
@@ -471,7 +472,7 @@ def _train_and_evaluate(
         "variant": cfg.variant,
         "seed": cfg.seed,
         "train_dataset": cfg.data.train.name if train_samples is not None else "none",
-        "config_hash": config_hash(_plain(cfg)),
+        "config_hash": config_hash(plain(cfg)),
         "git_sha": git_sha(),
         "backbone": weights.describe(),
         "checkpoint": checkpoint_id,
