@@ -237,19 +237,6 @@ def _saved_backbone(meta: dict[str, str]) -> str | None:
     return None if name in (None, "", "None") else name
 
 
-def plan_weights(backbone: str, pretrained: str | None, seed: int | None):
-    """The :class:`~feclip.models.provenance.WeightsSource` that ``load_clip(backbone, pretrained)``
-    would build, found without building anything: the weights file and its SHA-256, or random weights
-    drawn with ``seed``."""
-    from feclip.models.clip import locate_weights
-    from feclip.models.provenance import RANDOM, WeightsSource, file_sha256
-
-    path, source, _ = locate_weights(backbone, pretrained)
-    if path is None:
-        return WeightsSource(backbone, RANDOM, seed=seed)
-    return WeightsSource(backbone, source, sha256=file_sha256(path), path=str(path))
-
-
 def _recorded_image_size(meta: dict[str, str], path) -> int | None:
     """The input size the adapters were trained at (None for files that do not record it)."""
     value = meta.get("image_size")
@@ -299,7 +286,7 @@ def _checkpoint_weights(checkpoint: str, meta: dict[str, str], backbone: str, pr
     """The ``pretrained`` argument that rebuilds the recorded backbone, and the plan aligned with the
     record (:func:`~feclip.models.provenance.align_with_checkpoint`: another model, random vs loaded
     weights, another weights file or an unrecorded random seed are refused)."""
-    from feclip.models.provenance import SHA_CHARS, align_with_checkpoint, checkpoint_backbone
+    from feclip.models.provenance import SHA_CHARS, align_with_checkpoint, checkpoint_backbone, plan
 
     recorded = checkpoint_backbone(meta)
     if pretrained is not None or recorded is None or recorded.name != backbone:
@@ -314,7 +301,7 @@ def _checkpoint_weights(checkpoint: str, meta: dict[str, str], backbone: str, pr
         )
     else:
         weights = recorded.source
-    planned = align_with_checkpoint(plan_weights(backbone, weights, seed=None), meta, checkpoint)
+    planned = align_with_checkpoint(plan(backbone, weights, seed=None), meta, checkpoint)
     if planned.is_random and planned.seed is None:
         raise CheckpointMismatchError(
             f"{checkpoint}: trained on {recorded.describe() if recorded else 'a random backbone'}, drawn "
@@ -339,12 +326,12 @@ def build_model(checkpoint: str | None, backbone: str | None, pretrained: str | 
     block, ``fc_patch`` = ``visual.proj``), random weights drawn with seed :data:`BASELINE_SEED`.
     """
     from feclip.models import DEFAULT_MODEL, FEClip, FEClipConfig, load_adapters
-    from feclip.models.provenance import checkpoint_backbone
+    from feclip.models.provenance import checkpoint_backbone, plan
 
     if checkpoint is None:
         backbone = backbone or DEFAULT_MODEL
         weights = resolve_pretrained(backbone, pretrained)
-        clip = _load_clip(plan_weights(backbone, weights, seed=BASELINE_SEED), weights, device)
+        clip = _load_clip(plan(backbone, weights, seed=BASELINE_SEED), weights, device)
         source = clip.feclip_weights
         depth = len(clip.visual.transformer.resblocks)
         cfg = FEClipConfig(taps=(depth - 1,), lam=0.0, fc_patch_init="clip_proj")

@@ -33,7 +33,14 @@ from feclip.engine.identity import (
 )
 from feclip.errors import DatasetError, FEClipError, WeightsNotFoundError
 from feclip.loggers import NullLogger, make_logger
-from feclip.models.provenance import RANDOM, SHA_CHARS, WeightsSource, align_with_checkpoint, file_sha256
+from feclip.models.provenance import (
+    RANDOM,
+    SHA_CHARS,
+    WeightsSource,
+    align_with_checkpoint,
+    file_sha256,
+    plan,
+)
 from feclip.results import (
     METRICS_FILE,
     PARTIAL_METRICS_FILE,
@@ -68,10 +75,9 @@ def plan_backbone(cfg: BackboneConfig, seed: int) -> WeightsSource:
     or random weights drawn with ``seed``. With ``fallback_tiny`` missing weights give ``feclip-tiny``
     (random, ``seed``), said loudly and recorded as a fallback."""
     from feclip.models import TINY_MODEL
-    from feclip.models.clip import locate_weights
 
     try:
-        path, source, _ = locate_weights(cfg.name, cfg.pretrained)
+        return plan(cfg.name, cfg.pretrained, seed)
     except WeightsNotFoundError as e:
         if not cfg.fallback_tiny:
             raise
@@ -86,9 +92,6 @@ def plan_backbone(cfg: BackboneConfig, seed: int) -> WeightsSource:
             banner,
         )
         return WeightsSource(TINY_MODEL, RANDOM, seed=seed, fallback=True)
-    if path is None:
-        return WeightsSource(cfg.name, RANDOM, seed=seed)
-    return WeightsSource(cfg.name, source, sha256=file_sha256(path), path=str(path))
 
 
 def build_clip(cfg: BackboneConfig, weights: WeightsSource, device: torch.device):

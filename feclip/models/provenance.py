@@ -88,6 +88,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _HASH_CACHE[key]
 
 
+def plan(name: str, pretrained: str | os.PathLike | None, seed: int | None) -> WeightsSource:
+    """The :class:`WeightsSource` that ``load_clip(name, pretrained, seed=seed)`` would build, found
+    without building anything: the weights file and its SHA-256, or random weights drawn with ``seed``.
+
+    Raises what :func:`feclip.models.clip.locate_weights` raises (unknown name or tag, missing weights).
+    """
+    from feclip.models.clip import locate_weights
+
+    path, source, _ = locate_weights(name, pretrained)
+    if path is None:
+        return WeightsSource(name, RANDOM, seed=seed)
+    return WeightsSource(name, source, sha256=file_sha256(path), path=str(path))
+
+
 def checkpoint_backbone(meta: dict[str, str]) -> WeightsSource | None:
     """The backbone recorded in an adapter file's metadata (None for files written before it was)."""
     return parse(meta.get("backbone_weights", ""))
