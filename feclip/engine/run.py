@@ -383,8 +383,9 @@ def check_data(cfg: RunConfig, train_samples, target_samples) -> dict[str, str]:
         root = dataset_root(ref, cfg.paths)
         fingerprints[f"target{i}:{ref.name}"] = data_fingerprint(root, samples)
         if cfg.eval.fewshot_k:
-            pool = list_samples_of(ref, cfg.paths, "train", sorted({s.category for s in samples}))
-            check_fewshot(ref.name, pool, sorted({s.category for s in samples}), cfg.eval.fewshot_k)
+            categories = sorted({s.category for s in samples})
+            pool = list_samples_of(ref, cfg.paths, "train", categories)
+            check_fewshot(ref.name, pool, categories, cfg.eval.fewshot_k)
             fingerprints[f"fewshot{i}:{ref.name}"] = data_fingerprint(root, pool)
     return fingerprints
 
