@@ -1,8 +1,10 @@
 """Typed run configuration: plain dataclasses, the schema behind the Hydra configs in ``conf/``.
 
-The library takes these objects (never a DictConfig); :mod:`feclip.cli` registers them with Hydra's
+The library takes these objects (never a DictConfig); :mod:`feclip.apps.train` registers them with Hydra's
 ConfigStore so that a misspelled key or a wrong type fails when the config is composed.
-Every default is the paper preset (docs/method.md).
+Every default is the paper preset (docs/method.md), and this is its only home: ``conf/train.yaml``
+composes these dataclasses first, and the YAML files there set only what differs from them
+(tests/test_config_defaults.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from feclip.errors import ConfigError
 from feclip.models.feclip import FEClipConfig
 from feclip.scoring import ScoringConfig
 
-FC_PATCH_POLICIES = ("same", "lr_div_10", "lr_div_100", "frozen", "frozen_after")
+# Allowed values of the options below live here until the module that reads them defines them (as
+# feclip.data.transforms, feclip.metrics.aupro and feclip.models.fewshot do; validate() imports those).
 MASK_TARGETS = ("upsample", "nearest", "maxpool")
 MASK_LOSS_ON = ("all", "abnormal")
 MASK_LOSS_INPUTS = ("probability", "logit_margin")
@@ -58,6 +61,10 @@ class DataConfig:
     train: DatasetRef = field(default_factory=DatasetRef)
     targets: list[DatasetRef] = field(default_factory=list)
     cache_images: bool = True  # decode each image once, reuse across epochs
+    # keep the decoded, resized images and masks on disk under <paths.cache_dir>/decoded
+    # (feclip.data.decoded): the first run over a dataset decodes it once, every later run (any seed,
+    # variant or process) maps the arrays and never decodes; the same numbers either way
+    decoded_cache: bool = True
     num_workers: int = 0
     # how training and evaluation masks are resized to the input size: bilinear (AnomalyCLIP's
     # pipeline: antialiased bilinear on the 0/255 mask, then > 0.5) | nearest; original-resolution
@@ -129,13 +136,11 @@ class AuproConfig:
 
 
 @dataclass
-class EvalConfig:
-    map_kind: str = "prob_abnormal"
-    tap_aggregation: str = "mean"
-    map_taps: list[int] | None = None
-    score_taps: list[int] | None = None
-    tap_weights: list[float] | None = None
-    sigma: float = 4.0
+class EvalConfig(ScoringConfig):
+    """Evaluation options. The first six, ``map_kind``, ``tap_aggregation``, ``map_taps``,
+    ``score_taps``, ``tap_weights`` and ``sigma`` (keys ``eval.*``), are those of
+    :class:`~feclip.scoring.ScoringConfig`, their one home (defaults included); these follow."""
+
     resolution: str = "input"  # input (the model's square size) | original (each image's own size)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     aupro: AuproConfig = field(default_factory=AuproConfig)
@@ -146,16 +151,8 @@ class EvalConfig:
     save_figures: bool = False  # per category: best/worst montage and ROC/PRO curves under figures/
 
     def scoring(self) -> ScoringConfig:
-        cfg = ScoringConfig(
-            map_kind=self.map_kind,
-            tap_aggregation=self.tap_aggregation,
-            map_taps=tuple(self.map_taps) if self.map_taps else None,
-            score_taps=tuple(self.score_taps) if self.score_taps else None,
-            tap_weights=tuple(self.tap_weights) if self.tap_weights else None,
-            sigma=self.sigma,
-        )
-        cfg.validate()
-        return cfg
+        """The scoring options alone, validated (:meth:`ScoringConfig.of`)."""
+        return ScoringConfig.of(self)
 
 
 @dataclass
@@ -183,8 +180,14 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check option values the type system cannot; raises :class:`ConfigError` naming the field."""
+        # the lists the code that reads each option defines (imported here: they need torch, and
+        # feclip.engine.train imports this module)
+        from feclip.engine.train import FC_PATCH_LR_FACTOR
+        from feclip.metrics.aupro import AUPRO_METHODS
+        from feclip.models.fewshot import FEATURE_KINDS
+
         choices = [
-            ("train.fc_patch.policy", self.train.fc_patch.policy, FC_PATCH_POLICIES),
+            ("train.fc_patch.policy", self.train.fc_patch.policy, tuple(FC_PATCH_LR_FACTOR)),
             ("train.loss.mask_target", self.train.loss.mask_target, MASK_TARGETS),
             ("train.loss.mask_loss_on", self.train.loss.mask_loss_on, MASK_LOSS_ON),
             ("train.loss.mask_loss_input", self.train.loss.mask_loss_input, MASK_LOSS_INPUTS),
@@ -241,13 +244,13 @@ class RunConfig:
             raise ConfigError(f"eval.fewshot_k must be >= 0, got {self.eval.fewshot_k}")
         if self.eval.fewshot_k and self.eval.resolution != "input":
             raise ConfigError("eval.fewshot_k > 0 needs eval.resolution=input")
-        if self.eval.fewshot_bank not in ("fused", "plain"):
+        if self.eval.fewshot_bank not in FEATURE_KINDS:
             raise ConfigError(
-                f"eval.fewshot_bank must be one of ('fused', 'plain'), got {self.eval.fewshot_bank!r}"
+                f"eval.fewshot_bank must be one of {FEATURE_KINDS}, got {self.eval.fewshot_bank!r}"
             )
-        bad = [m for m in self.eval.aupro.methods if m not in ("exact", "zsad")]
+        bad = [m for m in self.eval.aupro.methods if m not in AUPRO_METHODS]
         if bad:
-            raise ConfigError(f"eval.aupro.methods must be chosen from ('exact', 'zsad'), got {bad}")
+            raise ConfigError(f"eval.aupro.methods must be chosen from {AUPRO_METHODS}, got {bad}")
         self.eval.scoring()
         self.model.validate()
 

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from feclip.fileio import atomic_write_text
+
 COLUMNS = (
     "study", "variant", "seed", "train_dataset", "dataset", "category", "metric", "value",
     "n_images", "git_sha", "config_hash", "finished_at", "backbone", "checkpoint",
@@ -81,27 +83,6 @@ def git_sha() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def unique_tmp(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other process or thread uses (hidden, ``.tmp``):
-    every file feclip writes goes there first and is renamed into place when complete."""
-    import uuid
-
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a unique temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_tmp(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_metrics(

@@ -1,41 +1,78 @@
-"""From per-tap logits to the image score and the anomaly map, with every option of the ablations.
+"""The one home of scoring: the model's raw per-tap outputs -> image scores and anomaly maps.
+
+Every score and map that reaches ``metrics.csv``, ``feclip-predict`` and the few-shot mode is made
+here, from what :class:`~feclip.models.FEClip` returns for ``B`` images, ``N`` taps and an ``h x w``
+token grid: ``tap_cls_logits`` ``(N, B, 2)``, ``tap_patch_logits`` ``(N, B, h, w, 2)`` (normal,
+abnormal) and, for the few-shot part, ``tap_tokens`` ``(N, B, h, w, D)``.
 
 * map kind (per tap, per token): ``prob_abnormal`` (softmax probability, the paper),
   ``logit_margin`` (logit_abnormal - logit_normal), ``cos_gap`` (cos_abnormal - cos_normal, the margin
   divided by the logit scale), ``sigmoid_margin`` (sigmoid of the margin, equal to the probability);
 * tap aggregation: ``mean`` (Eq. 3), ``max``, or ``weighted`` (normalised weights), over all taps or a
   chosen subset of them (block indices);
-* upsampling to the evaluation size (bilinear, ``align_corners=False``), then Gaussian smoothing with
-  ``sigma`` (0 = off), equal to ``scipy.ndimage.gaussian_filter(map, sigma)`` per image (mode
-  ``reflect``, truncate 4);
-* the image score: the CLS path only (FE-CLIP), aggregated over taps the same way.
+* upsampling to the evaluation size ``H x W`` (bilinear, ``align_corners=False``), then Gaussian
+  smoothing with ``sigma`` (0 = off), equal to ``scipy.ndimage.gaussian_filter(map, sigma)`` per image
+  (mode ``reflect``, truncate 4);
+* the image score: the CLS path only (FE-CLIP), aggregated over taps the same way;
+* the few-shot part (paper section 4.6, docs/fewshot.md), with the distances of
+  :meth:`feclip.models.fewshot.MemoryBank.distance_maps` ``d_n`` ``(N, B, h, w)``::
+
+      fewshot_map = blur_sigma( mean_n Up_HxW( d_n ) )        (B, H, W)
+      final_map   = zero_shot_map + fewshot_map                (B, H, W)
+      final_score = zero_shot_score + max_pixels fewshot_map   (B,)
+
+  The few-shot map gets the zero-shot map's ``sigma`` (the blur is linear: the final map is the blur
+  of the raw sum), and the score adds the maximum of that smoothed map, the map actually added.
+
+One module, not a package (about 400 lines): the tests replace :func:`upsample` here to watch every
+resize that :func:`anomaly_maps` and ``feclip-predict`` make.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from feclip.errors import ConfigError
 
+if TYPE_CHECKING:
+    from feclip.models.fewshot import MemoryBank
+
 MAP_KINDS = ("prob_abnormal", "logit_margin", "cos_gap", "sigmoid_margin")
 TAP_AGGREGATIONS = ("mean", "max", "weighted")
+_TAP_LISTS = ("map_taps", "score_taps", "tap_weights")  # lists in the YAML, tuples once validated
 
 
 @dataclass
 class ScoringConfig:
-    """How scores and maps are derived from a model output (evaluation options)."""
+    """How scores and maps are derived from a model output: the home of these options and their
+    defaults. :class:`feclip.config.EvalConfig` extends it, so the keys are ``eval.map_kind`` etc.
+
+    The tap lists are ``list`` for Hydra's schema; :meth:`of` gives the validated copy with tuples.
+    """
 
     map_kind: str = "prob_abnormal"
     tap_aggregation: str = "mean"
-    map_taps: tuple[int, ...] | None = None  # block indices used for the map; None = all taps
-    score_taps: tuple[int, ...] | None = None  # block indices used for the image score; None = all taps
-    tap_weights: tuple[float, ...] | None = None  # for tap_aggregation="weighted": one weight per model tap
+    map_taps: list[int] | None = None  # block indices used for the map; None = all taps
+    score_taps: list[int] | None = None  # block indices used for the image score; None = all taps
+    tap_weights: list[float] | None = None  # for tap_aggregation="weighted": one weight per model tap
     sigma: float = 4.0  # Gaussian smoothing of the map at the evaluation size; 0 = off
+
+    @classmethod
+    def of(cls, options: ScoringConfig) -> ScoringConfig:
+        """A validated copy of the scoring fields of ``options`` (an :class:`feclip.config.EvalConfig`
+        or a ScoringConfig): tap lists become tuples, an empty one ``None`` (all taps)."""
+        values = {f.name: getattr(options, f.name) for f in fields(cls)}
+        for name in _TAP_LISTS:
+            values[name] = tuple(values[name]) if values[name] else None
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
 
     def validate(self) -> None:
         if self.map_kind not in MAP_KINDS:
@@ -50,19 +87,36 @@ class ScoringConfig:
             raise ConfigError(f"eval.sigma must be >= 0, got {self.sigma}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Per-tap values
+# ----------------------------------------------------------------------------------------------------
+
+
+def abnormal_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The 2-way softmax's abnormal probability, as the sigmoid of the margin (the operation of the
+    loss too, so every path gives the same bits). Shape: ``(..., 2) -> (...)``, fp32."""
+    logits = logits.float()
+    return torch.sigmoid(logits[..., 1] - logits[..., 0])
+
+
 def map_values(
     patch_logits: torch.Tensor, kind: str, logit_scale: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
     """Per-tap map values from normal/abnormal logits. Shape: ``(..., 2) -> (...)``."""
+    if kind in ("prob_abnormal", "sigmoid_margin"):
+        return abnormal_probability(patch_logits)  # == softmax(logits)[..., 1]
     logits = patch_logits.float()
     margin = logits[..., 1] - logits[..., 0]
-    if kind in ("prob_abnormal", "sigmoid_margin"):
-        return torch.sigmoid(margin)  # == softmax(logits)[..., 1]
     if kind == "logit_margin":
         return margin
     if kind == "cos_gap":
         return margin / logit_scale
     raise ConfigError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Taps
+# ----------------------------------------------------------------------------------------------------
 
 
 def select_taps(values: torch.Tensor, taps: Sequence[int], subset: Sequence[int] | None) -> torch.Tensor:
@@ -94,6 +148,28 @@ def aggregate_taps(
         total = float(sum(weights))  # Python floats: no weight tensor copied to the device
         return sum(float(w) / total * values[i] for i, w in enumerate(weights))
     raise ConfigError(f"tap aggregation must be one of {TAP_AGGREGATIONS}, got {how!r}")
+
+
+def combine_taps(
+    values: torch.Tensor, taps: Sequence[int], subset: Sequence[int] | None, cfg: ScoringConfig
+) -> torch.Tensor:
+    """Select the ``subset`` of taps and aggregate them as ``cfg`` says. Shape: ``(N, ...) -> (...)``.
+
+    ``cfg.tap_weights`` (one per model tap) are selected along with the taps.
+    """
+    weights = cfg.tap_weights
+    if weights is not None:
+        if len(weights) != len(taps):
+            raise ConfigError(
+                f"eval.tap_weights needs one weight per model tap {list(taps)}, got {list(weights)}"
+            )
+        weights = select_taps(torch.as_tensor(weights, dtype=torch.float32), taps, subset).tolist()
+    return aggregate_taps(select_taps(values, taps, subset), cfg.tap_aggregation, weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resizing and smoothing
+# ----------------------------------------------------------------------------------------------------
 
 
 def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -147,21 +223,9 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     return x[:, 0]
 
 
-def combine_taps(
-    values: torch.Tensor, taps: Sequence[int], subset: Sequence[int] | None, cfg: ScoringConfig
-) -> torch.Tensor:
-    """Select the ``subset`` of taps and aggregate them as ``cfg`` says. Shape: ``(N, ...) -> (...)``.
-
-    ``cfg.tap_weights`` (one per model tap) are selected along with the taps.
-    """
-    weights = cfg.tap_weights
-    if weights is not None:
-        if len(weights) != len(taps):
-            raise ConfigError(
-                f"eval.tap_weights needs one weight per model tap {list(taps)}, got {list(weights)}"
-            )
-        weights = select_taps(torch.as_tensor(weights, dtype=torch.float32), taps, subset).tolist()
-    return aggregate_taps(select_taps(values, taps, subset), cfg.tap_aggregation, weights)
+# ----------------------------------------------------------------------------------------------------
+# Zero-shot scores and maps
+# ----------------------------------------------------------------------------------------------------
 
 
 def image_scores(cls_logits: torch.Tensor, taps: Sequence[int], cfg: ScoringConfig) -> torch.Tensor:
@@ -195,18 +259,155 @@ def score_output(
     )
 
 
+def scores_and_maps(
+    model,
+    out,
+    cfg: ScoringConfig,
+    size: int | tuple[int, int] | None = None,
+    banks: dict[str, MemoryBank] | None = None,
+    categories: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What evaluation, ``feclip-predict`` and the few-shot mode report for one output of ``model``.
+
+    Image scores ``(B,)`` and maps ``(B, H, W)`` at ``size`` (default: the model input size), with
+    the model's taps and logit scale. ``banks`` (per category) with the images' ``categories`` add
+    the few-shot part (:func:`add_fewshot_by_category`; ``out`` taken with ``return_tokens=True``).
+    """
+    scores, maps = score_output(
+        out, model.config.taps, cfg, model.image_size if size is None else size, model.logit_scale
+    )
+    if banks is not None:
+        scores, maps = add_fewshot_by_category(out.tap_tokens, categories, banks, scores, maps, cfg.sigma)
+    return scores, maps
+
+
+def maps_at_sizes(model, out, cfg: ScoringConfig, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each image's map at its own size (original-resolution evaluation): ``sizes[j]`` = ``(H_j, W_j)``.
+
+    Shape: ``out.tap_patch_logits`` ``(N, B, h, w, 2)`` -> ``B`` maps ``(H_j, W_j)``.
+    """
+    taps, scale = model.config.taps, model.logit_scale
+    return [
+        anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, cfg, size, scale)[0]
+        for j, size in enumerate(sizes)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The few-shot part (the formula in the module docstring)
+# ----------------------------------------------------------------------------------------------------
+
+
+def fewshot_maps(
+    tokens: torch.Tensor, bank: MemoryBank, size: int | tuple[int, int], sigma: float = 0.0
+) -> torch.Tensor:
+    """The few-shot map: mean over taps of the upsampled distance maps, then Gaussian ``sigma``.
+
+    Shape: tokens ``(N, B, h, w, D)`` -> ``(B, H, W)`` with ``size = H`` or ``(H, W)``.
+    """
+    dist = bank.distance_maps(tokens)  # (N, B, h, w)
+    n, b, h, w = dist.shape
+    up = upsample(dist.reshape(n * b, h, w), size)  # (N*B, H, W)
+    return gaussian_blur(up.reshape(n, b, *up.shape[-2:]).mean(0), sigma)
+
+
+def combine(
+    zero_shot_scores: torch.Tensor, zero_shot_maps: torch.Tensor, few_maps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final score ``zs_score + max(few_map)`` and map ``zs_map + few_map``.
+
+    Shape: ``(B,), (B, H, W), (B, H, W) -> (B,), (B, H, W)``.
+    """
+    if zero_shot_maps.shape != few_maps.shape:
+        raise ConfigError(
+            f"zero-shot maps {tuple(zero_shot_maps.shape)} and few-shot maps {tuple(few_maps.shape)} differ"
+        )
+    few_maps = few_maps.to(zero_shot_maps.device)
+    scores = zero_shot_scores.float() + few_maps.flatten(1).amax(1).to(zero_shot_scores.device)
+    return scores, zero_shot_maps.float() + few_maps
+
+
+def add_fewshot(
+    tokens: torch.Tensor, bank: MemoryBank, scores: torch.Tensor, maps: torch.Tensor, sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-shot ``scores (B,)`` and ``maps (B, H, W)`` (smoothed with ``sigma``) plus the few-shot part
+    of ``tokens (N, B, h, w, D)`` against one ``bank``. Shape: ``-> (B,), (B, H, W)``."""
+    return combine(scores, maps, fewshot_maps(tokens.float(), bank, tuple(maps.shape[-2:]), sigma))
+
+
+def add_fewshot_by_category(
+    tokens: torch.Tensor,
+    categories: Sequence[str],
+    banks: dict[str, MemoryBank],
+    scores: torch.Tensor,
+    maps: torch.Tensor,
+    sigma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_fewshot` with each image against its own category's bank (``categories``: ``B``
+    names). The images of a category are picked by index, never by a boolean mask: no device
+    synchronisation. Shape: ``-> (B,), (B, H, W)``."""
+    groups = {c: [j for j, x in enumerate(categories) if x == c] for c in dict.fromkeys(categories)}
+    if len(groups) == 1:  # the usual case: a dataset is ordered by category
+        (category,) = groups
+        return add_fewshot(tokens, banks[category], scores, maps, sigma)
+    parts_scores, parts_maps, order = [], [], []
+    for category, idx in groups.items():
+        at = torch.tensor(idx).to(maps.device, non_blocking=True)
+        s, m = add_fewshot(
+            tokens.index_select(1, at),
+            banks[category],
+            scores.index_select(0, at),
+            maps.index_select(0, at),
+            sigma,
+        )
+        parts_scores.append(s)
+        parts_maps.append(m)
+        order += idx
+    back = torch.tensor(sorted(range(len(order)), key=order.__getitem__)).to(maps.device, non_blocking=True)
+    return torch.cat(parts_scores).index_select(0, back), torch.cat(parts_maps).index_select(0, back)
+
+
+def fewshot_scores(
+    out, bank: MemoryBank, size: int | tuple[int, int], sigma: float = 4.0, tokens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Few-shot scores and maps from one model output, with the paper's zero-shot part (the default
+    :class:`ScoringConfig` with ``sigma``).
+
+    ``tokens`` defaults to ``out.tap_tokens`` (``model(images, return_tokens=True)``); a ``plain`` bank
+    needs the features of :func:`feclip.models.fewshot.tap_features`. Shape: ``-> (B,), (B, H, W)``.
+    """
+    if tokens is None:
+        if bank.which != "fused":
+            raise ConfigError(
+                "a 'plain' memory bank needs the tokens of tap_features(model, images, 'plain')"
+            )
+        tokens = out.tap_tokens
+    if tokens is None:
+        raise ConfigError("the model output has no tap_tokens: call model(images, return_tokens=True)")
+    scores, maps = score_output(out, bank.taps, ScoringConfig(sigma=sigma), size)
+    return add_fewshot(tokens, bank, scores, maps, sigma)
+
+
 __all__ = [
     "MAP_KINDS",
     "TAP_AGGREGATIONS",
     "ScoringConfig",
+    "abnormal_probability",
+    "add_fewshot",
+    "add_fewshot_by_category",
     "aggregate_taps",
-    "combine_taps",
     "anomaly_maps",
+    "combine",
+    "combine_taps",
+    "fewshot_maps",
+    "fewshot_scores",
     "gaussian_blur",
     "gaussian_kernel1d",
     "image_scores",
     "map_values",
+    "maps_at_sizes",
     "score_output",
+    "scores_and_maps",
     "select_taps",
     "upsample",
 ]

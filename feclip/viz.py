@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feclip.results import unique_tmp
+from feclip.fileio import atomic_write
 
 __all__ = [
     "category_montage",
@@ -70,30 +70,15 @@ def save_png(path: str | os.PathLike, array) -> Path:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
         raise ValueError(f"save_png needs a uint8 (H, W) or (H, W, 3) array, got {arr.dtype} {arr.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_tmp(path)
-    try:
-        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG"))
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
     """Render a matplotlib Figure with the Agg canvas and write it atomically as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = unique_tmp(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ Sections (``--only`` picks some):
            prefix cache's index lookups (no model).
   pipeline eval images/s of the full evaluation (decode 1024x1024 PNGs -> model -> maps -> metrics)
            relative to the model alone on pre-loaded tensors, interleaved, batch 4, with 0 and 2
-           DataLoader workers; for ViT-L-14-336 on 8 PNGs (the model bound on a CPU) and feclip-tiny
-           on 32 (the host bound, as on a GPU).
+           DataLoader workers, from the files and from a warm decoded-image cache (disk_cache, built
+           beforehand); for ViT-L-14-336 on 8 PNGs (the model bound on a CPU) and feclip-tiny on 32
+           (the host bound, as on a GPU); plus the feed alone from the warm cache (no model).
   syncs    host-device synchronisations per training step and per evaluation batch (counted on the
            CPU by feclip.engine.hostsync; feclip-tiny).
   precision the demo (feclip-tiny, synthetic set A, 30 epochs) evaluated on set B in fp32 and in
@@ -267,14 +268,18 @@ def bench_pipeline(
 
     Model alone: ``model(images)`` over pre-decoded, pre-collated batches (what a GPU could do if the
     host were free). Pipeline: :func:`feclip.engine.evaluate.evaluate` from the PNG files (a fresh
-    dataset every round, so every image is decoded), maps with sigma 4 and every metric. The ratio of
-    the two throughputs is measured in interleaved rounds (median of the paired ratios, 95 % CI)."""
+    dataset every round, so every image is decoded), maps with sigma 4 and every metric. Cached
+    pipeline: the same with ``disk_cache`` (a fresh dataset every round over an entry written before the
+    timed rounds: what every run after the first one does). Feed: the evaluation ``DataLoader`` alone
+    over the warm cache, 0 workers (memory map -> normalise -> collate), to see whether it bounds the
+    main process. The ratio of each to the model alone is measured in interleaved rounds (median of the
+    paired ratios, 95 % CI)."""
     import tempfile
 
     from feclip.config import EvalConfig
     from feclip.data import AnomalyDataset
     from feclip.data.dataset import collate
-    from feclip.engine.evaluate import evaluate
+    from feclip.engine.evaluate import _loader, evaluate
     from feclip.models import FEClip, FEClipConfig, load_clip
 
     figures: dict = {}
@@ -282,6 +287,7 @@ def bench_pipeline(
     cfg = EvalConfig(batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         all_samples = _png_category(Path(tmp) / "part", n_images, size)
+        disk = Path(tmp) / "decoded"  # one entry per model's input size
         for spec in model_names:  # "name" or "name:images"
             name, _, count = spec.partition(":")
             samples = all_samples[: int(count)] if count else all_samples
@@ -300,10 +306,29 @@ def bench_pipeline(
                     for x in batches:
                         model(x)
 
-            fns = {"model": model_alone}
+            t0 = time.perf_counter()
+            AnomalyDataset(samples, image_size=s, disk_cache=disk).preload()  # the first run's build
+            build_s = time.perf_counter() - t0
+
+            def feed(files=samples, s=s):
+                ds = AnomalyDataset(files, image_size=s, disk_cache=disk)
+                for _ in _loader(ds, cfg.batch_size, device, 0, original=False):
+                    pass
+
+            fns = {"model": model_alone, "feed_cached": feed}
             for workers in (0, 2):
                 fns[f"pipeline_w{workers}"] = lambda w=workers, model=model, s=s, files=samples: evaluate(
                     model, "bench", AnomalyDataset(files, image_size=s), cfg, device, num_workers=w
+                )
+                fns[f"pipeline_cached_w{workers}"] = lambda w=workers, model=model, s=s, files=samples: (
+                    evaluate(
+                        model,
+                        "bench",
+                        AnomalyDataset(files, image_size=s, disk_cache=disk),
+                        cfg,
+                        device,
+                        num_workers=w,
+                    )
                 )
             for fn in fns.values():
                 fn()  # warm-up (and the workers' first start)
@@ -311,17 +336,32 @@ def bench_pipeline(
             short = "vitl" if "ViT" in name else "tiny"
             model_ips = n_images / statistics.median(times["model"])
             figures[f"eval_model_images_per_s_{short}"] = model_ips
+            figures[f"decoded_cache_build_seconds_{short}"] = build_s
+            feed_ratio = paired_ratio(times, "model", "feed_cached")
+            figures[f"eval_feed_images_per_s_{short}_cached_w0"] = n_images / statistics.median(
+                times["feed_cached"]
+            )
+            figures[f"eval_feed_ratio_{short}_cached_w0"] = feed_ratio[0]
+            figures[f"eval_feed_ratio_{short}_cached_w0_ci95"] = [feed_ratio[1], feed_ratio[2]]
+            print(
+                f"[pipeline] {name}: decoded-image cache of {n_images} PNGs written in {build_s:.2f} s; "
+                f"the feed alone from it (0 workers, no model) "
+                f"{figures[f'eval_feed_images_per_s_{short}_cached_w0']:.1f} images/s: "
+                f"{_ci_text(feed_ratio)} x the model alone"
+            )
             for workers in (0, 2):
-                key = f"pipeline_w{workers}"
-                ratio = paired_ratio(times, "model", key)  # = pipeline images/s / model images/s
-                figures[f"eval_images_per_s_{short}_w{workers}"] = n_images / statistics.median(times[key])
-                figures[f"eval_pipeline_ratio_{short}_w{workers}"] = ratio[0]
-                figures[f"eval_pipeline_ratio_{short}_w{workers}_ci95"] = [ratio[1], ratio[2]]
-                print(
-                    f"[pipeline] {name}, {n_images} PNGs of {size}x{size}, batch {cfg.batch_size}, "
-                    f"{workers} workers: pipeline {figures[f'eval_images_per_s_{short}_w{workers}']:.2f} "
-                    f"images/s, model alone {model_ips:.2f} images/s: ratio {_ci_text(ratio)}"
-                )
+                for cached in ("", "_cached"):
+                    key, tag = f"pipeline{cached}_w{workers}", f"{short}{cached}_w{workers}"
+                    ratio = paired_ratio(times, "model", key)  # = pipeline images/s / model images/s
+                    figures[f"eval_images_per_s_{tag}"] = n_images / statistics.median(times[key])
+                    figures[f"eval_pipeline_ratio_{tag}"] = ratio[0]
+                    figures[f"eval_pipeline_ratio_{tag}_ci95"] = [ratio[1], ratio[2]]
+                    source = "from the warm cache" if cached else "from the PNGs"
+                    print(
+                        f"[pipeline] {name}, {n_images} PNGs of {size}x{size}, batch {cfg.batch_size}, "
+                        f"{workers} workers, {source}: pipeline {figures[f'eval_images_per_s_{tag}']:.2f} "
+                        f"images/s, model alone {model_ips:.2f} images/s: ratio {_ci_text(ratio)}"
+                    )
     return figures
 
 

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from feclip.cli import CONF_DIR, to_run_config, variant_name
+from feclip.apps.train import CONF_DIR, to_run_config, variant_name
 from feclip.config import RunConfig
 
 GROUPS = ["backbone", "model", "taps", "protocol", "train", "eval", "logger"]

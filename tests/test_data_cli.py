@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feclip.data.cli import check_dataset, main
+from feclip.apps.data import main
+from feclip.data.check import check_dataset
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -120,7 +121,7 @@ def test_usage_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
 
 def test_entry_point_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "feclip.data.cli", "check", str(tmp_path / "nope"), "--dataset", "visa"],
+        [sys.executable, "-m", "feclip.apps.data", "check", str(tmp_path / "nope"), "--dataset", "visa"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -290,8 +290,8 @@ def test_failed_download_leaves_nothing_behind(server, tmp_path, data_root_exist
 def test_download_hint_gives_a_command_producing_the_layout_the_run_reads(
     server, tmp_path, monkeypatch, capsys
 ):
+    from feclip.apps import data as cli
     from feclip.config import DatasetRef, PathsConfig
-    from feclip.data import cli
     from feclip.data.download import download_hint
     from feclip.engine.run import dataset_root, list_dataset
     from feclip.errors import DatasetError

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from feclip.apps.data import main
 from feclip.data import DATASETS, AnomalyDataset, Sample, dataset_info, list_samples
-from feclip.data.cli import check_dataset, main
+from feclip.data.check import check_dataset
 from feclip.data.transforms import load_mask, load_rgb
 from feclip.errors import ConfigError, DatasetError, FEClipError
 

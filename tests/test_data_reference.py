@@ -15,7 +15,7 @@ from PIL import Image
 
 from feclip.config import DatasetRef, PathsConfig, RunConfig
 from feclip.data import AnomalyDataset, Sample, dataset_info, list_samples
-from feclip.data.cli import check_dataset
+from feclip.data.check import check_dataset
 from feclip.data.transforms import MASK_RESIZE_METHODS, load_mask, resize_mask
 from feclip.data.validate import check_target, jpeg_mask_warnings
 from feclip.errors import ConfigError

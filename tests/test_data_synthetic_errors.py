@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import feclip.data.synthetic as synthetic
+from feclip.apps.data import main
 from feclip.data import list_samples, make_synthetic
-from feclip.data.cli import main
 from feclip.errors import DatasetError
 
 TINY = dict(n_train_good=1, n_test_good=1, n_test_bad=1, image_size=32)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from feclip.apps.data import main
 from feclip.data import Sample, list_samples
-from feclip.data.cli import check_dataset, main
+from feclip.data.check import check_dataset
 from feclip.data.validate import check_fewshot, check_target, check_train
 from feclip.errors import ConfigError, DatasetError
 

@@ -62,7 +62,7 @@ def test_torchrun_on_two_processes_matches_one_process(data_root, tmp_path):
             "--no-python",
             sys.executable,
             "-c",
-            "from feclip.cli import train_main; train_main()",
+            "from feclip.apps.train import train_main; train_main()",
             *args,
         ],
         capture_output=True,

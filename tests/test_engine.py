@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from feclip.cli import CONF_DIR, to_run_config
+from feclip.apps.train import CONF_DIR, to_run_config
 from feclip.data import make_synthetic
 from feclip.engine import train as train_module
 from feclip.engine.run import run
@@ -229,7 +229,7 @@ def test_missing_dataset_names_the_path_and_the_commands(tmp_path):
 def _cli(args, env_extra=None, timeout=120):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-c", "from feclip.cli import train_main; train_main()", *args],
+        [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -255,7 +255,7 @@ def test_a_killed_run_leaves_no_metrics_and_resumes(data_root, tmp_path):
     args = smoke_overrides(data_root, tmp_path, "train.epochs=40", "study=kill", "variant=v")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from feclip.cli import train_main; train_main()", *args],
+        [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -7,8 +7,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
-from feclip.cli import CONF_DIR, to_run_config
+from feclip.apps.train import CONF_DIR, to_run_config
 
 SEEDS = [42, 123, 456, 789, 1024]
 # runs per experiment = (values of its axis) x (protocols) x (5 seeds)
@@ -36,9 +37,15 @@ EXPECTED_RUNS = {
 SINGLE_RUN = {"demo", "clip_baseline"}
 
 
+def composed_params(name):
+    """The experiment's ``hydra.sweeper.params`` as composed (its own axis, then the shared conf/sweep/)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.sweeper.params) or {}
+
+
 def sweep_params(name):
-    data = yaml.safe_load((Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text())
-    params = (data.get("hydra") or {}).get("sweeper", {}).get("params", {})
+    params = composed_params(name)
     parser = OverridesParser.create()
     return {
         k: [str(v) for v in parser.parse_override(f"{k}={v}").sweep_string_iterator()]
@@ -62,9 +69,24 @@ def test_sweep_expands_to_the_intended_number_of_runs(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_RUNS))
+def test_the_shared_axes_come_last_and_have_one_home(name):
+    """Seeds (and the ablations' two directions) come from conf/sweep/, after the study's own axis, so
+    that the jobs of a sweep run in the same order (seed the fastest-varying axis)."""
+    own = yaml.safe_load((Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text())
+    own_params = ((own.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    assert "seed" not in own_params, "the seeds live in conf/sweep/seeds.yaml"
+    keys = list(composed_params(name))
+    assert keys[-1] == "seed"
+    assert keys[: len(own_params)] == list(own_params)
+    shared = yaml.safe_load((Path(CONF_DIR) / "sweep" / "ablation.yaml").read_text())["protocol"]
+    assert own_params.get("protocol") != shared, "include /sweep/ablation instead"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_RUNS))
 def test_every_value_of_the_axis_composes(name):
+    params = sweep_params(name)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for key, values in sweep_params(name).items():
+        for key, values in params.items():
             for value in values[:1] if key == "seed" else values:
                 cfg = to_run_config(
                     compose(config_name="train", overrides=[f"+experiment={name}", f"{key}={value}"])

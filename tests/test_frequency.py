@@ -46,7 +46,7 @@ def test_dct2_equals_scipy_dctn_and_idct2_inverts():
 
 
 def test_signed_mean_filter_matches_the_spec_numbers():
-    # spec A3: w = C^T 1 = [1.6927, -0.2391, 0.2785]; kernel = w w^T / 9, sum 1/3, corner 0.318
+    # docs/method.md, A3 (the signed mean is a fixed linear filter): w = C^T 1 = [1.6927, -0.2391, 0.2785]; kernel = w w^T / 9, sum 1/3, corner 0.318
     w = dct_matrix(3, torch.float64).sum(0)
     np.testing.assert_allclose(w.numpy(), [1.6927, -0.2391, 0.2785], atol=1e-4)
     k = sliding_mean_kernel(3, "dct", torch.float64)

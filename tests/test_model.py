@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from feclip.errors import CheckpointMismatchError, ConfigError
 from feclip.models import FEClip, FEClipConfig, load_adapters, load_clip, save_adapters
 from feclip.models.prompts import PAPER_PROMPTS
+from feclip.scoring import ScoringConfig, score_output
 
 TINY_TAPS = (15, 18, 21, 23)
 
@@ -43,21 +44,29 @@ def randomize_adapters(model, scale=0.5):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def scored(model, out):
+    """Image scores (B,) and unsmoothed maps (B, S, S) of a model output (feclip.scoring's defaults)."""
+    return score_output(out, model.config.taps, ScoringConfig(sigma=0.0), model.image_size, model.logit_scale)
+
+
 def test_output_shapes_match_the_design(clip, images):
     model = make(clip)
     out = model(images)
-    assert out.image_score.shape == (3,)
-    assert out.anomaly_map.shape == (3, 84, 84)
+    # the model returns its raw per-tap outputs only; feclip.scoring makes the scores and maps
+    assert {f.name for f in dataclasses.fields(out)} == {"tap_cls_logits", "tap_patch_logits", "tap_tokens"}
+    image_score, anomaly_map = scored(model, out)
+    assert image_score.shape == (3,)
+    assert anomaly_map.shape == (3, 84, 84)
     assert out.tap_scores.shape == (4, 3)
     assert out.tap_maps.shape == (4, 3, 6, 6)
     assert model.text_embeddings.shape == (2, 32)
     assert torch.allclose(model.text_embeddings.norm(dim=-1), torch.ones(2))
-    assert torch.allclose(out.image_score, out.tap_scores.mean(0))
+    assert torch.allclose(image_score, out.tap_scores.mean(0))
     assert ((out.tap_maps > 0) & (out.tap_maps < 1)).all()
     up = F.interpolate(out.tap_maps.mean(0)[:, None], size=(84, 84), mode="bilinear", align_corners=False)[
         :, 0
     ]
-    assert torch.allclose(out.anomaly_map, up)
+    assert torch.allclose(anomaly_map, up)
 
 
 def test_last_tap_with_lambda_zero_equals_open_clip_zero_shot(clip, images):
@@ -147,7 +156,8 @@ def test_every_option_builds_runs_and_changes_the_output(clip, images, options):
     model = make(clip, **options)
     out = model(images)
     assert out.tap_maps.shape == (len(model.config.taps), 3, 6, 6)
-    assert torch.isfinite(out.anomaly_map).all() and torch.isfinite(out.image_score).all()
+    image_score, anomaly_map = scored(model, out)
+    assert torch.isfinite(anomaly_map).all() and torch.isfinite(image_score).all()
     out.tap_maps.mean().backward()
     ref = base(images)
     if options.get("taps") == (5, 11, 17, 23) or "taps" not in options:
@@ -232,7 +242,7 @@ def test_checkpoint_round_trip(clip, images, tmp_path):
     assert meta["seed"] == "42" and meta["backbone"] == "feclip-tiny"
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(v, fresh.trainable_state_dict()[k]), k
-    assert torch.equal(model(images).anomaly_map, fresh(images).anomaly_map)
+    assert torch.equal(scored(model, model(images))[1], scored(fresh, fresh(images))[1])
     assert set(model.trainable_state_dict()) == {
         k for k, _ in model.named_parameters() if not k.startswith("clip.")
     }
@@ -268,8 +278,8 @@ def test_batch_first_flag_is_read_from_open_clip(clip, images):
     model = make(clip)
     assert model.batch_first == clip.visual.transformer.batch_first
     # feeding (L, B, D) to a batch-first block would mix images: results must not depend on batch peers
-    one = model(images[:1]).anomaly_map
-    assert torch.allclose(one, model(images).anomaly_map[:1], atol=1e-5)
+    one = scored(model, model(images[:1]))[1]
+    assert torch.allclose(one, scored(model, model(images))[1][:1], atol=1e-5)
 
 
 def test_option_grid_runs_quickly(clip, images):

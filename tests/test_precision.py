@@ -19,6 +19,7 @@ from feclip.errors import ConfigError
 from feclip.losses import feclip_loss
 from feclip.models import FEClip, FEClipConfig, load_clip
 from feclip.models.feclip import default_precision, precision_for
+from feclip.scoring import ScoringConfig, scores_and_maps
 
 
 def fresh_clip():
@@ -77,8 +78,10 @@ def test_bf16_stores_the_frozen_matrices_with_the_numbers_of_autocast_over_fp32_
     assert kept.clip.visual.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float32
     with torch.no_grad():
         a, b = stored(images), kept(images)
-    for name in ("tap_cls_logits", "tap_patch_logits", "anomaly_map", "image_score"):
+    for name in ("tap_cls_logits", "tap_patch_logits"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for x, y in zip(scores_and_maps(stored, a, ScoringConfig()), scores_and_maps(kept, b, ScoringConfig())):
+        assert torch.equal(x, y)
     # and the gradients of a training step
     grads = []
     for model in (stored, kept):
@@ -108,7 +111,8 @@ def test_bf16_runs_the_products_in_bf16_the_residual_stream_and_the_head_in_fp32
     assert set(products) == {torch.bfloat16}  # the matrix products (blocks and adapters)
     assert tokens.dtype == model.token_dtype == torch.float32  # the residual stream between blocks
     assert out.tap_tokens.dtype == torch.float32
-    assert out.tap_cls_logits.dtype == out.tap_patch_logits.dtype == out.anomaly_map.dtype == torch.float32
+    _, anomaly_map = scores_and_maps(model, out, ScoringConfig())
+    assert out.tap_cls_logits.dtype == out.tap_patch_logits.dtype == anomaly_map.dtype == torch.float32
     fp32 = make(fresh_clip(), "fp32")
     with torch.no_grad():
         ref = fp32(images)
@@ -168,7 +172,8 @@ def test_fewshot_banks_are_built_at_the_precision_of_the_test_tokens(data):
     """A reference image among the test images is at distance 0 from the bank: the bank and the test
     tokens come from the same forward, in the same precision (a bank in fp32 against bf16 tokens
     would leave the rounding as a distance)."""
-    from feclip.models.fewshot import MemoryBank, fewshot_maps
+    from feclip.models.fewshot import MemoryBank
+    from feclip.scoring import fewshot_maps
 
     model = make(fresh_clip(), "bf16")
     refs = [s for s in list_samples("synthetic", data["set_b"], split="train") if s.category == "cat"][:1]

@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import feclip.predict as predict
+import feclip.apps.predict as app
 import feclip.scoring
+from feclip.apps.predict import main
 from feclip.data.transforms import load_rgb, normalize, resize_rgb
 from feclip.models import FEClip, FEClipConfig, load_clip, save_adapters
-from feclip.predict import decode, find_inputs, main, output_size
+from feclip.predict import decode, find_inputs, output_size
+from feclip.scoring import ScoringConfig, image_scores
 
 SEED = 7  # the backbone seed of the test checkpoint: not feclip-predict's baseline seed 0
 
@@ -42,7 +44,7 @@ def python_score(model, path):
     """The image score of ``model`` in Python, preprocessed as in evaluation."""
     with torch.inference_mode():
         x = normalize(resize_rgb(load_rgb(path), model.image_size))[None]
-        return model(x).image_score.item()
+        return image_scores(model(x).tap_cls_logits, model.config.taps, ScoringConfig()).item()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the error was found")
 
-    monkeypatch.setattr(predict, "build_model", refuse)
+    monkeypatch.setattr(app, "build_model", refuse)
 
 
 # -- the model: exactly the one trained, or refused ----------------------------------------------------
@@ -433,7 +435,7 @@ def test_existing_outputs_survive_and_are_replaced_only_by_complete_ones(
     (out / "notes.txt").write_text("mine")
     (out / "scores.csv").write_text("path,score\nold.png,0.5\n")
     # Ctrl-C during the run: exit 130, one line, the previous scores.csv untouched
-    monkeypatch.setattr(predict, "score_batch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(app, "score_batch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["--checkpoint", str(ckpt), "--out", str(out), str(good_folder)]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("feclip-predict: interrupted after 0 of 2 image(s)")

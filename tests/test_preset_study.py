@@ -43,7 +43,7 @@ def test_center_crop_by_hand():
 
 def test_images_and_masks_stay_aligned_through_the_dataset(tmp_path):
     from feclip.data import AnomalyDataset
-    from feclip.data.samples import Sample
+    from feclip.data.sample import Sample
 
     image = np.zeros((48, 80, 3), np.uint8)
     image[20:30, 35:45] = 255  # a white square at the centre of a wide image

@@ -19,7 +19,9 @@ import pytest
 from scipy import stats
 
 from feclip import report
+from feclip.apps import report as report_app
 from feclip.metrics import macro_average
+from feclip.report import backbones, write
 
 NAN = float("nan")
 HEADER = [
@@ -473,7 +475,7 @@ def test_paired_differences_stay_within_a_backbone(tmp_path):
 
 def test_backbone_labels_keep_a_hash_prefix_only_when_needed():
     other = "ViT-L-14-336-quickgelu:openai@sha256=999999999999"
-    labels = report._backbone_labels([PAPER_BB, other, "feclip-tiny:random", "unknown"])
+    labels = backbones._backbone_labels([PAPER_BB, other, "feclip-tiny:random", "unknown"])
     assert labels[PAPER_BB] == "ViT-L-14-336-quickgelu:openai@3f2a9c0b"
     assert labels[other] == "ViT-L-14-336-quickgelu:openai@99999999"
     assert labels["feclip-tiny:random"] == "feclip-tiny:random" and labels["unknown"] == "unknown"
@@ -773,7 +775,7 @@ def test_study_columns_in_the_tables(bench_tree, study_file):
 def test_cli_study_numbers(bench_tree, study_file, paper_file, tmp_path, capsys):
     out = tmp_path / "report"
     argv = [str(bench_tree), "--out", str(out), "--paper", str(paper_file), "--no-plots"]
-    assert report.main(argv + ["--study-numbers", str(study_file)]) == 0
+    assert report_app.main(argv + ["--study-numbers", str(study_file)]) == 0
     capsys.readouterr()
     summary = pd.read_csv(out / "summary.csv", keep_default_na=False, na_values=["nan"])
     assert list(summary.columns) == report.SUMMARY_COLUMNS
@@ -788,7 +790,7 @@ def test_cli_study_numbers(bench_tree, study_file, paper_file, tmp_path, capsys)
     assert "| 88.2 ± 0.3 (2) | 84.6 | +3.6 | 87.8 ± 0.3 | +0.4 |" in markdown
     assert "study gap" in (out / "summary.tex").read_text()
     # off by default: the columns exist, empty, and the tables have no study columns
-    assert report.main(argv) == 0
+    assert report_app.main(argv) == 0
     capsys.readouterr()
     summary = pd.read_csv(out / "summary.csv", keep_default_na=False, na_values=["nan"])
     assert list(summary.columns) == report.SUMMARY_COLUMNS
@@ -814,7 +816,7 @@ def test_cli_writes_every_output(tree, paper_file, tmp_path, capsys):
 
     write_complete(tree)  # a study with complete macros: the paper bars have something to show
     out = tmp_path / "report"
-    assert report.main([str(tree), "--out", str(out), "--paper", str(paper_file)]) == 0
+    assert report_app.main([str(tree), "--out", str(out), "--paper", str(paper_file)]) == 0
     printed = capsys.readouterr().out
     assert (
         "## Study `taps`" in printed and "## Study `bench`" in printed and "### Paired differences" in printed
@@ -851,7 +853,7 @@ def test_cli_writes_every_output(tree, paper_file, tmp_path, capsys):
 
 
 def test_default_out_dir_and_markdown_dash_for_one_seed(tree):
-    assert report.main([str(tree), "--no-paper", "--no-plots"]) == 0
+    assert report_app.main([str(tree), "--no-paper", "--no-plots"]) == 0
     markdown = (tree / "report" / "summary.md").read_text()
     assert "84.0 ± – (1)†‡" in markdown  # last3: one seed, std undefined (and 2 of VisA's 12 categories)
     assert "nan ± – (3)‡" in markdown  # spread3 pixel_aupro_zsad: a nan category
@@ -864,8 +866,8 @@ def test_report_does_not_import_torch(tmp_path):
     write_run(root, "s", "v", 42, "visa", {("mvtec", "bottle", "image_auroc"): 0.9})
     # the whole report, with the dataset registry's category lists and the plots
     code = (
-        "import sys; from feclip import report; "
-        f"assert report.main([{str(root)!r}, '--no-paper']) == 0; "
+        "import sys; from feclip import report; from feclip.apps.report import main; "
+        f"assert main([{str(root)!r}, '--no-paper']) == 0; "
         "assert report.official_categories('mvtec'); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
@@ -879,7 +881,7 @@ def test_report_does_not_import_torch(tmp_path):
 
 def fails(capsys, *argv) -> str:
     """Run the CLI in-process; it must return 2 with a single error line on stderr and print nothing else."""
-    assert report.main([str(a) for a in argv]) == 2
+    assert report_app.main([str(a) for a in argv]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("feclip-report: error: "), captured.err
@@ -1029,7 +1031,7 @@ def test_unknown_baseline_and_metrics_are_errors(tree, capsys):
     assert "--metrics: image_aurc not in" in message and "image_auroc" in message
     assert "--metrics: none given" in fails(capsys, tree, "--metrics", ",", "--no-paper")
     # a known metric the runs did not compute is fine (shown where present), and so is "all"
-    assert report.main([str(tree), "--metrics", "all", "--no-paper", "--no-plots"]) == 0
+    assert report_app.main([str(tree), "--metrics", "all", "--no-paper", "--no-plots"]) == 0
 
 
 def test_output_folder_that_is_a_file(tree, tmp_path, capsys):
@@ -1044,7 +1046,7 @@ def test_output_folder_that_is_a_file(tree, tmp_path, capsys):
 def test_output_folder_that_is_not_writable(tree, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ro"
     out.mkdir()
-    monkeypatch.setattr(report.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(write.os, "access", lambda path, mode: False)
     assert f"output folder {out}: {out} is not writable" in fails(capsys, tree, "--out", out)
 
 
@@ -1062,14 +1064,14 @@ def test_output_folder_that_is_read_only(tree, tmp_path, capsys):
 
 def test_a_failed_write_leaves_the_previous_report_intact(tree, tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
-    assert report.main([str(tree), "--out", str(out), "--no-paper", "--no-plots"]) == 0
+    assert report_app.main([str(tree), "--out", str(out), "--no-paper", "--no-plots"]) == 0
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"summary.csv", "paired.csv", "summary.md", "summary.tex"}
 
     # a new run changes every table; the disk fills up while the third file is written
     write_run(tree, "taps", "spread3", 789, "mvtec", RUNS[("spread3", 42)])
-    real, calls = report._write_bytes, []
+    real, calls = write._write_bytes, []
 
     def disk_full(path, data):
         calls.append(path)
@@ -1078,13 +1080,13 @@ def test_a_failed_write_leaves_the_previous_report_intact(tree, tmp_path, capsys
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(report, "_write_bytes", disk_full)
+    monkeypatch.setattr(write, "_write_bytes", disk_full)
     message = fails(capsys, tree, "--out", out, "--no-paper", "--no-plots")
     assert f"cannot write {out / 'summary.md'}: No space left on device" in message
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing changed
 
     # bad input on the next run: the report is not touched either
-    monkeypatch.setattr(report, "_write_bytes", real)
+    monkeypatch.setattr(write, "_write_bytes", real)
     (tree / "taps" / "last4" / "seed=42" / "metrics.csv").write_text(HEAD + csv_line(value="x"))
     assert "malformed metrics file" in fails(capsys, tree, "--out", out, "--no-paper", "--no-plots")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -61,7 +61,7 @@ def test_a_missing_checkpoint_is_an_error_before_anything_is_built(data_root, tm
         [
             sys.executable,
             "-c",
-            "from feclip.cli import eval_main; eval_main()",
+            "from feclip.apps.train import eval_main; eval_main()",
             *smoke_overrides(data_root, tmp_path),
         ]
         + [f"checkpoint={tmp_path}/nope.safetensors"],
@@ -360,7 +360,7 @@ def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(data_root, tmp_path):  # noqa: F811
     args = smoke_overrides(data_root, tmp_path, "train.epochs=60", "study=int", "variant=v")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from feclip.cli import train_main; train_main()", *args],
+        [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", *args],
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.DEVNULL,
@@ -380,7 +380,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(data_root, tmp_path):  # noqa:
 
 
 def test_hydra_outputs_move_aside_when_the_results_folder_cannot_be_written(tmp_path):
-    from feclip.cli import hydra_dir
+    from feclip.apps.train import hydra_dir
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

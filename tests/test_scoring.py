@@ -15,6 +15,7 @@ from feclip.scoring import (
     image_scores,
     map_values,
     score_output,
+    scores_and_maps,
     select_taps,
     upsample,
 )
@@ -65,13 +66,16 @@ def test_sigma_zero_is_identity_and_upsample_shapes():
     assert torch.allclose(upsample(const, 50), torch.full((1, 50, 50), 0.3))
 
 
-def test_default_scoring_reproduces_the_model_output():
+def test_default_scoring_is_the_paper_mean_of_the_tap_probabilities():
     torch.manual_seed(0)
     model = FEClip(load_clip("feclip-tiny"), FEClipConfig())
     out = model(torch.randn(2, 3, 84, 84))
     scores, maps = score_output(out, model.config.taps, ScoringConfig(sigma=0.0), 84)
-    assert torch.allclose(scores, out.image_score, atol=1e-6)
-    assert torch.allclose(maps, out.anomaly_map, atol=1e-6)
+    assert torch.allclose(scores, out.tap_scores.mean(0), atol=1e-6)
+    assert torch.allclose(maps, upsample(out.tap_maps.mean(0), 84), atol=1e-6)
+    # the model-level entry point gives the same bits, at the model input size by default
+    same = scores_and_maps(model, out, ScoringConfig(sigma=0.0))
+    assert torch.equal(same[0], scores) and torch.equal(same[1], maps)
     # a single-tap map is that tap's upsampled probability
     one = anomaly_maps(out.tap_patch_logits, model.config.taps, ScoringConfig(sigma=0.0, map_taps=(21,)), 84)
     assert torch.allclose(one, upsample(out.tap_maps[2], 84), atol=1e-6)
@@ -95,3 +99,14 @@ def test_config_validation():
         ScoringConfig(tap_aggregation="weighted").validate()
     with pytest.raises(ConfigError, match="eval.sigma"):
         ScoringConfig(sigma=-1).validate()
+
+
+def test_eval_config_is_the_scoring_config_with_its_defaults():
+    from feclip.config import EvalConfig
+
+    assert issubclass(EvalConfig, ScoringConfig)
+    assert EvalConfig().scoring() == ScoringConfig()
+    cfg = EvalConfig(map_taps=[21, 23], score_taps=[], tap_weights=[1.0, 2.0]).scoring()
+    assert cfg.map_taps == (21, 23) and cfg.score_taps is None and cfg.tap_weights == (1.0, 2.0)
+    with pytest.raises(ConfigError, match="eval.sigma"):
+        EvalConfig(sigma=-1.0).scoring()

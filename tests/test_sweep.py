@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from feclip.cli import CONF_DIR
+from feclip.apps.train import CONF_DIR
 from feclip.data import make_synthetic
 from feclip.report import aggregate_seeds, load_results, macro_per_seed
 from feclip.results import MICRO, find_metrics, read_metrics
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _multirun(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-c", "from feclip.cli import train_main; train_main()", "-m", *args],
+        [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", "-m", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

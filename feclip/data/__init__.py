@@ -4,20 +4,18 @@
 >>> samples = list_samples("mvtec", "/data/mvtec", split="test")   # list[Sample], sorted
 >>> ds = AnomalyDataset(samples, image_size=336)                     # ds[i]["image"]: (3, 336, 336)
 
-Dataset names: :data:`DATASETS`; default folders under ``DATA_ROOT``: :data:`DEFAULT_DIRS`.
-The command line is ``feclip-data`` (:mod:`feclip.data.cli`); sources and licences are in
-:mod:`feclip.data.download`; the checks a run makes before training are in :mod:`feclip.data.validate`.
+Dataset names: :data:`DATASETS`; default folders under ``DATA_ROOT``: :data:`DEFAULT_DIRS`; both, the
+download sources and the reader lookup are derived in :mod:`feclip.data.catalogue` from the declarations
+of the reader modules. The ground-truth check is :mod:`feclip.data.check` (command line ``feclip-data``,
+:mod:`feclip.apps.data`); downloads are :mod:`feclip.data.download`; the checks a run makes before
+training are in :mod:`feclip.data.validate`.
 """
 
-from feclip.data.samples import (
-    DATASETS,
-    DEFAULT_DIRS,
-    DatasetInfo,
-    EmptyDatasetError,
-    Sample,
-    dataset_info,
-    list_samples,
-)
+from feclip.data.catalogue import DATASETS, DEFAULT_DIRS, dataset_info
+from feclip.data.layout import EmptyDatasetError
+from feclip.data.listing import list_samples
+from feclip.data.sample import Sample
+from feclip.data.spec import DatasetInfo
 from feclip.data.synthetic import make_synthetic
 from feclip.data.transforms import CLIP_MEAN, CLIP_STD
 from feclip.data.validate import check_fewshot, check_target, check_train

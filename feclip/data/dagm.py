@@ -21,6 +21,8 @@ Two test protocols (reader option ``protocol``):
   same folder; the remaining normal images form ``train``. AdaCLIP takes the first normal images in
   ``os.listdir`` order (arbitrary); this reader takes them in file-name order, so the counts match
   AdaCLIP's and the normal images chosen are the same only where ``os.listdir`` happened to be sorted.
+
+The dataset is declared at the end of the module (:data:`DAGM`).
 """
 
 from __future__ import annotations
@@ -28,20 +30,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from feclip.data.samples import (
-    MaskFinder,
-    Sample,
-    image_files_under,
-    layout_error,
-    list_images,
-    report,
-    report_empty_categories,
-    select_categories,
-    subdirs,
-)
+from feclip.data.layout import Listing, MaskFinder, image_files_under, list_images, subdirs
+from feclip.data.sample import Sample
+from feclip.data.spec import DatasetInfo, Source, kaggle_steps
 from feclip.errors import ConfigError
 
-__all__ = ["PROTOCOLS", "list_dagm", "mask_files"]
+__all__ = ["DAGM", "PROTOCOLS", "list_dagm", "mask_files"]
 
 _CLASS = re.compile(r"^Class\d+$")
 
@@ -76,20 +70,14 @@ def _labels_txt(path: Path) -> dict[str, int] | None:
     return flags or None
 
 
-def list_dagm(
-    root: Path,
-    split: str,
-    categories: list[str] | None,
-    problems: list[str] | None,
-    *,
-    protocol: str = "anomalyclip",
-) -> list[Sample]:
-    """DAGM 2007 (Wieler & Hahn), competition terms (non-commercial research use; verify).
+def list_dagm(job: Listing, *, protocol: str = PROTOCOLS[0]) -> list[Sample]:
+    """List one split of the 10 texture classes ``Class1`` .. ``Class10``.
 
-    10 texture classes ``Class1`` .. ``Class10`` with Train/Test folders; defective images are a minority
-    (roughly one in eight). Exact counts are not quoted here (not verified); run ``feclip-data check``.
+    Defective images are a minority (roughly one in eight). Exact counts are not quoted here (not
+    verified); run ``feclip-data check``.
 
     Args:
+        job: the listing request (see :class:`~feclip.data.layout.Listing`).
         protocol: ``"anomalyclip"`` (default: ``Test/`` is the test split) or ``"adaclip"`` (every
             defective image of ``Train/`` and ``Test/`` plus as many normal images; see the module
             docstring).
@@ -99,36 +87,33 @@ def list_dagm(
             f"dagm: reader option protocol must be one of {', '.join(PROTOCOLS)} "
             f"(anomalyclip: Test/ as AnomalyCLIP; adaclip: AdaCLIP's dagm-pre.py test set), got {protocol!r}"
         )
+    root, split = job.root, job.split
     found = _class_dirs(root)
     if not found:
         hint = ""
         inner = [d for d in subdirs(root) if _class_dirs(d)]
         if len(inner) == 1:
             hint = f"; the Class folders are in {inner[0]}: pass that as the root"
-        raise layout_error("dagm", root, f"no Class<N> folder{hint}")
+        raise job.layout_error(f"no Class<N> folder{hint}")
     folders = ("Train", "Test") if protocol == "adaclip" else ("Train" if split == "train" else "Test",)
     samples: list[Sample] = []
     finder = MaskFinder(("_label",))
-    selected = select_categories(list(found), categories, "dagm", root)
+    selected = job.select(list(found))
     for category in selected:
         for folder_name in folders:
             split_dir = found[category] / folder_name
             if not split_dir.is_dir():
-                raise layout_error("dagm", root, f"{category} has no {folder_name}/ folder ({split_dir})")
-            listed = _list_folder(split_dir, category, finder, problems)
+                raise job.layout_error(f"{category} has no {folder_name}/ folder ({split_dir})")
+            listed = _list_folder(job, split_dir, category, finder)
             if protocol == "adaclip":
                 listed = _adaclip_split(listed, split)
             samples.extend(listed)
     where = "/".join(folders)
-    report_empty_categories(
-        "dagm", split, selected, samples, problems, lambda c: f"no image in {found[c] / where}"
-    )
+    job.report_empty(selected, samples, lambda c: f"no image in {found[c] / where}")
     return samples
 
 
-def _list_folder(
-    split_dir: Path, category: str, finder: MaskFinder, problems: list[str] | None
-) -> list[Sample]:
+def _list_folder(job: Listing, split_dir: Path, category: str, finder: MaskFinder) -> list[Sample]:
     """Every image of one ``Class<N>/{Train,Test}/`` folder, labelled by its mask (and Labels.txt)."""
     label_dir = split_dir / "Label"
     flags = _labels_txt(label_dir / "Labels.txt")
@@ -138,16 +123,14 @@ def _list_folder(
         label = int(mask is not None)
         flag = flags.get(image.name) if flags else None
         if flag == 1 and mask is None:
-            report(
-                problems,
-                f"dagm: {image} is flagged defective in {label_dir / 'Labels.txt'} but its mask "
+            job.report(
+                f"{job.name}: {image} is flagged defective in {label_dir / 'Labels.txt'} but its mask "
                 f"{label_dir / (image.stem + '_label.PNG')} is missing",
             )
             label = 1
         elif flag == 0 and mask is not None:
-            report(
-                problems,
-                f"dagm: {image} is flagged normal in {label_dir / 'Labels.txt'} but has a mask {mask}",
+            job.report(
+                f"{job.name}: {image} is flagged normal in {label_dir / 'Labels.txt'} but has a mask {mask}",
             )
         samples.append(Sample(image, mask, label, category, "defect" if label else "good"))
     return samples
@@ -163,7 +146,28 @@ def _adaclip_split(samples: list[Sample], split: str) -> list[Sample]:
     return normal[len(defective) :]
 
 
-def mask_files(root: Path, **options) -> list[Path]:
+def mask_files(job: Listing, **options) -> list[Path]:
     """Every ``*_label.*`` file under ``Class<N>/{Train,Test}/Label/``."""
-    folders = [d / split / "Label" for d in _class_dirs(root).values() for split in ("Train", "Test")]
+    folders = [d / split / "Label" for d in _class_dirs(job.root).values() for split in ("Train", "Test")]
     return [p for p in image_files_under(folders) if p.stem.endswith("_label")]
+
+
+#: DAGM 2007 (Wieler & Hahn), the Kaggle copy of the competition dataset.
+DAGM = DatasetInfo(
+    name="dagm",
+    reader=list_dagm,
+    splits=("train", "test"),
+    pixel_masks=True,
+    categories=tuple(f"Class{i}" for i in range(1, 11)),
+    layout="<root>/Class<N>/{Train,Test}/*.PNG with masks "
+    "<root>/Class<N>/{Train,Test}/Label/<stem>_label.PNG",
+    default_dir="dagm",
+    mask_files=mask_files,
+    source=Source(
+        title="DAGM 2007 competition dataset (Wieler & Hahn)",
+        homepage="https://www.kaggle.com/datasets/mhskjelvareid/dagm-2007-competition-dataset-optical-inspection",
+        licence="competition terms, non-commercial research use; verify",
+        manual=kaggle_steps("mhskjelvareid/dagm-2007-competition-dataset-optical-inspection")
+        + "\n   If the Class folders end up one level deeper, pass that folder as the root.",
+    ),
+)

@@ -1,4 +1,4 @@
-"""``AnomalyDataset``: a torch Dataset over a list of :class:`~feclip.data.samples.Sample`.
+"""``AnomalyDataset``: a torch Dataset over a list of :class:`~feclip.data.sample.Sample`.
 
 Each item is a dict::
 
@@ -19,20 +19,33 @@ are kept in memory (about 3*S*S + S*S bytes per image, ~0.45 MB at S = 336), so 
 on PNG/JPEG decoding. :meth:`AnomalyDataset.preload` fills the cache up front (threads), which also
 validates every file before training starts; do it before creating a multi-worker DataLoader so that
 forked workers inherit the filled cache (or use ``persistent_workers=True``).
+
+With ``disk_cache=ROOT`` the decoded, resized arrays live on disk instead (:mod:`feclip.data.decoded`):
+the first dataset over a list of files decodes them all once, in threads, and writes one entry under
+``ROOT``; every later dataset over the same files and options (any process, seed or variant) maps that
+entry read-only and never decodes. Items are bit-identical to those decoded in memory. The entry is
+opened (or built) by :meth:`AnomalyDataset.preload` or on first access, in whichever process comes
+first (a build in ``DataLoader`` workers is done by one of them while the others wait). When ``ROOT``
+cannot be written (and holds no entry yet) the dataset logs one warning per process and decodes in
+memory as without ``disk_cache``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from feclip.data.samples import Sample, natural_key
+from feclip.data.decoded import DecodedEntry, open_or_build
+from feclip.data.sample import Sample, natural_key
 from feclip.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -40,7 +53,6 @@ from feclip.data.transforms import (
     RESIZE_MODES,
     load_mask,
     load_rgb,
-    normalize,
     resize_mask,
     resize_rgb,
 )
@@ -48,6 +60,20 @@ from feclip.data.transforms import image_size as read_image_size
 from feclip.errors import ConfigError, DatasetError
 
 __all__ = ["AnomalyDataset"]
+
+log = logging.getLogger(__name__)
+
+
+def _normalize_chw(image: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(S, S, 3) uint8 -> (3, S, S) float32 ``(x / 255 - mean) / std``, contiguous.
+
+    The arithmetic of :func:`feclip.data.transforms.normalize` (the same float32 operations in the same
+    order, so bit-identical; tested), written straight into a channels-first tensor: about 4x faster per
+    item at S = 336, and the batch's ``torch.stack`` becomes a plain copy. ``mean`` and ``std``: (3, 1, 1).
+    """
+    out = torch.empty((3, *image.shape[:2]), dtype=torch.float32)
+    out.copy_(torch.from_numpy(image).permute(2, 0, 1))
+    return out.div_(255.0).sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)
@@ -74,6 +100,10 @@ class AnomalyDataset(Dataset):
             ``"nearest"``. :meth:`original_mask` is never resized.
         resize: ``"square"`` (default) or ``"center_crop"``, for images and masks alike
             (:func:`~feclip.data.transforms.resize_rgb`).
+        disk_cache: a folder for the on-disk cache of decoded, resized arrays
+            (:mod:`feclip.data.decoded`; runs use ``<paths.cache_dir>/decoded``), or None (default):
+            decode in this process, kept in memory as ``cache`` says. With it, ``cache`` is not used
+            (the memory map is the cache) unless the folder cannot be written.
 
     Raises:
         DatasetError: no samples, or a category where some anomalous images have masks and others do not.
@@ -90,6 +120,7 @@ class AnomalyDataset(Dataset):
         mask_threshold: int | None = None,
         mask_resize: str = "bilinear",
         resize: str = "square",
+        disk_cache: str | os.PathLike | None = None,
     ) -> None:
         self.samples: list[Sample] = list(samples)
         if not self.samples:
@@ -101,6 +132,8 @@ class AnomalyDataset(Dataset):
         self.image_size = int(image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         self.cache = bool(cache)
         if mask_threshold is not None and (
             isinstance(mask_threshold, bool)
@@ -119,7 +152,11 @@ class AnomalyDataset(Dataset):
         if resize not in RESIZE_MODES:
             raise ConfigError(f"AnomalyDataset: resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.resize = resize
+        self.disk_cache: Path | None = None if disk_cache is None else Path(disk_cache)
         self._cache: dict[int, _Decoded] = {}
+        self._entry: DecodedEntry | None = None  # the opened disk-cache entry
+        self._disk_failed = False  # disk_cache could not be written: decode in memory
+        self._disk_lock = threading.Lock()
         self.category_has_masks: dict[str, bool] = self._masks_per_category()
 
     # -- properties ---------------------------------------------------------------------------------
@@ -165,7 +202,9 @@ class AnomalyDataset(Dataset):
         return (
             f"AnomalyDataset({len(self)} images, {n_bad} anomalous, {len(self.categories)} categories, "
             f"S={self.image_size}, masks={'yes' if self.has_masks else 'no'} ({self.mask_resize} resize), "
-            f"cached={len(self._cache)})"
+            f"cached={len(self._cache)}"
+            + (f", disk cache {self._entry.path}" if self._entry is not None else "")
+            + ")"
         )
 
     def threshold_of(self, sample: Sample) -> int:
@@ -176,10 +215,70 @@ class AnomalyDataset(Dataset):
 
     # -- decoding -----------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict:
+        # pickled for spawned DataLoader workers: the lock cannot travel, and a memory map would
+        # travel as a full copy of its arrays; the worker opens the entry again instead
+        state = self.__dict__.copy()
+        state["_entry"] = None
+        del state["_disk_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._disk_lock = threading.Lock()
+
+    def _disk_entry(self, num_threads: int | None = None) -> DecodedEntry | None:
+        """The disk-cache entry, opened or built on first use; None without ``disk_cache`` or when its
+        folder cannot be written (one warning). A bad file raises :class:`DatasetError` naming it."""
+        if self.disk_cache is None or self._disk_failed:
+            return None
+        if self._entry is not None:
+            return self._entry
+        with self._disk_lock:  # preload's or the DataLoader's threads: one opener
+            if self._entry is None and not self._disk_failed:
+                thresholds = [None if s.mask_path is None else self.threshold_of(s) for s in self.samples]
+                try:
+                    self._entry = open_or_build(
+                        self.disk_cache,
+                        self.samples,
+                        thresholds,
+                        self.image_size,
+                        self.resize,
+                        self.mask_resize,
+                        self._decode_file,
+                        num_threads or min(8, os.cpu_count() or 1),
+                    )
+                except OSError as e:
+                    self._disk_failed = True
+                    log.warning(
+                        "decoded-image cache: cannot use %s (%s); decoding in memory instead "
+                        "(set paths.cache_dir to a writable folder, or data.decoded_cache=false)",
+                        self.disk_cache,
+                        e.strerror or e,
+                    )
+        return self._entry
+
     def _decode(self, index: int) -> _Decoded:
         hit = self._cache.get(index)
         if hit is not None:
             return hit
+        entry = self._disk_entry()
+        if entry is not None:  # copies: writable arrays for torch.from_numpy, nothing tied to the map
+            has_mask = self.samples[index].mask_path is not None
+            return _Decoded(
+                np.array(entry.images[index]),
+                np.array(entry.masks[index]) if has_mask else None,
+                (int(entry.sizes[index, 0]), int(entry.sizes[index, 1])),
+            )
+        image, mask, original = self._decode_file(index)
+        decoded = _Decoded(image, mask, original)
+        if self.cache:
+            self._cache[index] = decoded
+        return decoded
+
+    def _decode_file(self, index: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+        """Decode and resize sample ``index`` from its files: ((S, S, 3) uint8, (S, S) bool or None,
+        (H0, W0)). Raises :class:`DatasetError` naming a bad file."""
         sample = self.samples[index]
         rgb = load_rgb(sample.image_path)
         original = (int(rgb.shape[0]), int(rgb.shape[1]))
@@ -192,17 +291,17 @@ class AnomalyDataset(Dataset):
                     f"{sample.image_path} is {original[0]}x{original[1]}"
                 )
             mask = resize_mask(full, self.image_size, self.mask_resize, self.resize)
-        decoded = _Decoded(resize_rgb(rgb, self.image_size, self.resize), mask, original)
-        if self.cache:
-            self._cache[index] = decoded
-        return decoded
+        return resize_rgb(rgb, self.image_size, self.resize), mask, original
 
     def preload(self, num_threads: int | None = None) -> AnomalyDataset:
         """Decode every image now (in threads), filling the cache; raises the first bad file.
 
-        Without ``cache=True`` this only validates the files. Returns self.
+        Without ``cache=True`` this only validates the files. With ``disk_cache`` it opens the entry,
+        or builds it (decoding in ``num_threads`` threads). Returns self.
         """
         threads = num_threads or min(8, os.cpu_count() or 1)
+        if self._disk_entry(threads) is not None:
+            return self
         todo = [i for i in range(len(self)) if i not in self._cache]
         if threads <= 1:
             for i in todo:
@@ -226,7 +325,7 @@ class AnomalyDataset(Dataset):
         else:
             mask = torch.from_numpy(decoded.mask.astype(np.float32))
         return {
-            "image": normalize(decoded.image, self.mean, self.std),
+            "image": _normalize_chw(decoded.image, self._mean_t, self._std_t),
             "mask": mask,
             "has_mask": self.category_has_masks[sample.category],
             "label": int(sample.label),
@@ -250,7 +349,13 @@ class AnomalyDataset(Dataset):
         """
         sample = self.samples[index]
         hit = self._cache.get(index)
-        size = hit.original_size if hit is not None else read_image_size(sample.image_path)
+        entry = self._entry
+        if hit is not None:
+            size = hit.original_size
+        elif entry is not None:
+            size = (int(entry.sizes[index, 0]), int(entry.sizes[index, 1]))
+        else:
+            size = read_image_size(sample.image_path)
         if sample.mask_path is None:
             return np.zeros(size, dtype=np.uint8)
         mask = load_mask(sample.mask_path, self.threshold_of(sample))

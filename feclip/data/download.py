@@ -1,13 +1,16 @@
-"""Where each benchmark comes from, and a resumable, verified download for those with a public archive.
+"""Downloads: a resumable, verified download, the extraction in place, and the source table's views.
 
-:data:`SOURCES` is the dataset source table: homepage, licence, archive URL (when one is public),
-size and sha256 (None when not known: then completeness is checked against the server's
-Content-Length only; no checksum is ever guessed), manual steps (for datasets behind a form, Kaggle
-or a file-sharing page) and the layout expected under ``$DATA_ROOT/<DEFAULT_DIRS[name]>``.
+The source table, :data:`SOURCES` (homepage, licence, archive URL when one is public, size and sha256
+(None when not known: then completeness is checked against the server's Content-Length only; no checksum
+is ever guessed), manual steps for datasets behind a form, Kaggle or a file-sharing page, and the layout
+expected under ``$DATA_ROOT/<DEFAULT_DIRS[name]>``), is declared by the reader modules and derived in
+:mod:`feclip.data.catalogue`; this module reads it.
 
 :func:`download_file` writes to ``<file>.part``, resumes it with an HTTP ``Range`` request, verifies
 the size and the sha256, and only then renames it to ``<file>``; a file that fails verification is
-deleted and never taken as complete. :func:`fetch` downloads and extracts one dataset in place.
+deleted and never taken as complete. (The ``.part`` name is fixed, not a unique temporary name as
+:mod:`feclip.fileio` gives, because a later run resumes it.) :func:`fetch` downloads and extracts one
+dataset in place.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from feclip.data.samples import DEFAULT_DIRS, dataset_info
+from feclip.data.catalogue import DATASETS, DEFAULT_DIRS, SOURCES, dataset_info
+from feclip.data.spec import Source
 from feclip.errors import ConfigError, DatasetError
+from feclip.fileio import atomic_write_text
 
 __all__ = [
     "SOURCES",
@@ -37,6 +41,7 @@ __all__ = [
     "download_hint",
     "extract_archive",
     "fetch",
+    "source_table",
 ]
 
 
@@ -44,203 +49,9 @@ class DownloadError(DatasetError):
     """A download failed or its file does not verify (size, checksum, archive format)."""
 
 
-@dataclass(frozen=True)
-class Source:
-    """One row of the dataset source table.
-
-    Attributes:
-        name: dataset name (a key of :data:`feclip.data.samples.DEFAULT_DIRS`).
-        title: the dataset's full name and citation.
-        homepage: where it is described and (officially) obtained.
-        licence: as stated by the source; "verify" where only a secondary source states it.
-        url: a public archive URL, or None when there is none (form, Kaggle, file-sharing page).
-        filename: the archive's file name.
-        size: archive size in bytes, or None when not known (then the server's Content-Length is used).
-        sha256: archive sha256, or None when not known (then the size alone is verified).
-        checksum_source: where ``sha256`` comes from.
-        manual: the manual steps (the only way when ``url`` is None; a fallback otherwise).
-        layout: what must be under ``$DATA_ROOT/<dir>`` afterwards.
-    """
-
-    name: str
-    title: str
-    homepage: str
-    licence: str
-    layout: str
-    manual: str
-    url: str | None = None
-    filename: str | None = None
-    size: int | None = None
-    sha256: str | None = None
-    checksum_source: str = ""
-
-
-def _kaggle(slug: str, name: str) -> str:
-    return (
-        f"1. Sign in to Kaggle and accept the dataset's terms at https://www.kaggle.com/datasets/{slug}\n"
-        "2. With the Kaggle CLI (pip install kaggle; API token in ~/.kaggle/kaggle.json):\n"
-        f"   kaggle datasets download -d {slug} -p $DATA_ROOT/{DEFAULT_DIRS[name]} --unzip\n"
-        f"   (or download the zip in the browser and unzip it into $DATA_ROOT/{DEFAULT_DIRS[name]})\n"
-        f"3. feclip-data check $DATA_ROOT/{DEFAULT_DIRS[name]} --dataset {name}"
-    )
-
-
-_ANOMALIB = "anomalib's DownloadInfo (openvinotoolkit/anomalib, src/anomalib/data/datamodules/image/)"
-
-SOURCES: dict[str, Source] = {
-    s.name: s
-    for s in (
-        Source(
-            name="mvtec",
-            title="MVTec AD (Bergmann et al., CVPR 2019)",
-            homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
-            licence="CC BY-NC-SA 4.0",
-            # anomalib's current mirror; its earlier share (.../shares/38536/...) answers HTTP 404
-            # (anomalib issues #3121, #3441). Same archive, same sha256.
-            url="https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/"
-            "420938113-1629960298/mvtec_anomaly_detection.tar.xz",
-            filename="mvtec_anomaly_detection.tar.xz",
-            sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
-            checksum_source=_ANOMALIB + "mvtecad.py",
-            manual=(
-                "The archive URL above is the mirror anomalib uses now (its earlier mydrive link answers\n"
-                "HTTP 404); if this one stops answering too:\n"
-                "1. Fill in the form at https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads\n"
-                "2. Download mvtec_anomaly_detection.tar.xz (about 4.9 GB)\n"
-                "3. mkdir -p $DATA_ROOT/mvtec && tar -xf mvtec_anomaly_detection.tar.xz -C $DATA_ROOT/mvtec\n"
-                "4. feclip-data check $DATA_ROOT/mvtec --dataset mvtec"
-            ),
-            layout="$DATA_ROOT/mvtec/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}",
-        ),
-        Source(
-            name="visa",
-            title="VisA, Visual Anomaly (Zou et al., ECCV 2022)",
-            homepage="https://github.com/amazon-science/spot-diff",
-            licence="CC BY 4.0 (official README; anomalib's docstring says CC BY-NC-SA 4.0)",
-            url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
-            filename="VisA_20220922.tar",
-            sha256="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
-            checksum_source=_ANOMALIB + "visa.py",
-            manual=(
-                "1. Download https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar\n"
-                "2. mkdir -p $DATA_ROOT/visa && tar -xf VisA_20220922.tar -C $DATA_ROOT/visa\n"
-                "3. feclip-data check $DATA_ROOT/visa --dataset visa"
-            ),
-            layout="$DATA_ROOT/visa/{split_csv/1cls.csv, <category>/Data/{Images,Masks}/...}",
-        ),
-        Source(
-            name="btad",
-            title="BTAD / BTech (Mishra et al., 2021)",
-            homepage="http://avires.dimi.uniud.it/papers/btad/",
-            licence="CC BY-NC-SA 4.0 (per anomalib's btech.py; verify)",
-            url="https://avires.dimi.uniud.it/papers/btad/btad.zip",
-            filename="btad.zip",
-            sha256="461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
-            checksum_source=_ANOMALIB + "btech.py",
-            manual=(
-                "1. Download https://avires.dimi.uniud.it/papers/btad/btad.zip\n"
-                "2. mkdir -p $DATA_ROOT/btad && unzip btad.zip -d $DATA_ROOT/btad\n"
-                "3. feclip-data check $DATA_ROOT/btad --dataset btad"
-            ),
-            layout="$DATA_ROOT/btad/BTech_Dataset_transformed/<01|02|03>/{train/ok, test/ok, test/ko, ground_truth/ko}",
-        ),
-        Source(
-            name="mpdd",
-            title="MPDD, Metal Parts Defect Detection (Jezek et al., 2021)",
-            homepage="https://github.com/stepanje/MPDD",
-            licence="CC BY-NC-SA 4.0 (per anomalib's mpdd.py; verify)",
-            manual=(
-                "No direct archive URL is known here (the files are on a university SharePoint).\n"
-                "1. Open https://github.com/stepanje/MPDD and follow its download link\n"
-                "2. Unpack so that $DATA_ROOT/mpdd/<category>/{train,test,ground_truth} exist\n"
-                "   (categories bracket_black, bracket_brown, bracket_white, connector, metal_plate, tubes)\n"
-                "3. feclip-data check $DATA_ROOT/mpdd --dataset mpdd"
-            ),
-            layout="$DATA_ROOT/mpdd/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}",
-        ),
-        Source(
-            name="dtd_synthetic",
-            title="DTD-Synthetic (Aota et al., WACV 2023), derived from DTD (Cimpoi et al., CVPR 2014)",
-            homepage="https://drive.google.com/drive/folders/10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1",
-            licence="derived from DTD, research use; verify",
-            manual=(
-                "Google Drive folder (linked in the AnomalyCLIP README):\n"
-                "1. Open https://drive.google.com/drive/folders/10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1 and download it\n"
-                "2. Unpack so that $DATA_ROOT/dtd_synthetic/<category>/{train,test,ground_truth} exist\n"
-                "   (12 categories: Blotchy_099, Fibrous_183, ..., Woven_127)\n"
-                "3. feclip-data check $DATA_ROOT/dtd_synthetic --dataset dtd_synthetic"
-            ),
-            layout="$DATA_ROOT/dtd_synthetic/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}",
-        ),
-        Source(
-            name="dagm",
-            title="DAGM 2007 competition dataset (Wieler & Hahn)",
-            homepage="https://www.kaggle.com/datasets/mhskjelvareid/dagm-2007-competition-dataset-optical-inspection",
-            licence="competition terms, non-commercial research use; verify",
-            manual=_kaggle("mhskjelvareid/dagm-2007-competition-dataset-optical-inspection", "dagm")
-            + "\n   If the Class folders end up one level deeper, pass that folder as the root.",
-            layout="$DATA_ROOT/dagm/Class<N>/{Train,Test}/*.PNG with Label/<stem>_label.PNG",
-        ),
-        Source(
-            name="brainmri",
-            title="Brain MRI Images for Brain Tumor Detection (Kaggle, navoneel)",
-            homepage="https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection",
-            licence="Kaggle dataset terms; verify",
-            manual=_kaggle("navoneel/brain-mri-images-for-brain-tumor-detection", "brainmri"),
-            layout="$DATA_ROOT/brainmri/[brain_tumor_dataset/]{yes,no}/*.jpg",
-        ),
-        Source(
-            name="br35h",
-            title="Br35H: Brain Tumor Detection 2020 (Kaggle, ahmedhamada0)",
-            homepage="https://www.kaggle.com/datasets/ahmedhamada0/brain-tumor-detection",
-            licence="Kaggle dataset terms; verify",
-            manual=_kaggle("ahmedhamada0/brain-tumor-detection", "br35h")
-            + "\n   The unlabeled pred/ folder is ignored.",
-            layout="$DATA_ROOT/br35h/{yes,no}/*.jpg",
-        ),
-        Source(
-            name="clinicdb",
-            title="CVC-ClinicDB (Bernal et al., 2015)",
-            homepage="https://polyp.grand-challenge.org/CVCClinicDB/",
-            licence="research use; cite Bernal et al. 2015",
-            manual=(
-                "No direct archive URL is known here. The polyp bundle linked in the AnomalyCLIP README:\n"
-                "1. Download https://figshare.com/articles/figure/Polyp_DataSet_zip/21221579\n"
-                "2. Put the CVC-ClinicDB frames in $DATA_ROOT/clinicdb/images and their masks (same file\n"
-                "   stems) in $DATA_ROOT/clinicdb/masks (the original release's Original/ and\n"
-                "   'Ground Truth'/ folders are accepted too)\n"
-                "3. feclip-data check $DATA_ROOT/clinicdb --dataset clinicdb"
-            ),
-            layout="$DATA_ROOT/clinicdb/{images,masks}/<stem>.<ext>",
-        ),
-        Source(
-            name="kvasir",
-            title="Kvasir-SEG (Jha et al., MMM 2020)",
-            homepage="https://datasets.simula.no/kvasir-seg/",
-            licence="research and educational use (see the homepage); cite Jha et al. 2020",
-            url="https://datasets.simula.no/downloads/kvasir-seg.zip",
-            filename="kvasir-seg.zip",
-            manual=(
-                "1. Download https://datasets.simula.no/downloads/kvasir-seg.zip\n"
-                "2. mkdir -p $DATA_ROOT/kvasir && unzip kvasir-seg.zip -d $DATA_ROOT/kvasir\n"
-                "3. feclip-data check $DATA_ROOT/kvasir --dataset kvasir"
-            ),
-            layout="$DATA_ROOT/kvasir/[Kvasir-SEG/]{images,masks}/<stem>.jpg",
-        ),
-        Source(
-            name="synthetic",
-            title="feclip's embedded synthetic sets (scikit-image's bundled photos)",
-            homepage="feclip.data.synthetic",
-            licence="the scikit-image data licences (public domain / CC0 / CC BY; see skimage.data)",
-            manual="Nothing to download: feclip-data synth $DATA_ROOT/synthetic",
-            layout="$DATA_ROOT/synthetic/{set_a,set_b}/<category>/{train,test,ground_truth}",
-        ),
-    )
-}
-
-
 def describe(name: str) -> str:
-    """A readable block: title, homepage, licence, archive (with what is verified), layout, manual steps."""
+    """A readable block: title, homepage, licence, archive (with what is verified), folder, layout,
+    manual steps."""
     src = _source(name)
     lines = [f"{src.name}: {src.title}", f"  homepage: {src.homepage}", f"  licence:  {src.licence}"]
     if src.url:
@@ -250,9 +61,25 @@ def describe(name: str) -> str:
         lines += [f"  archive:  {src.url}", f"  verify:   {check}"]
     else:
         lines.append("  archive:  none public; manual steps below")
+    lines.append(f"  folder:   $DATA_ROOT/{DEFAULT_DIRS.get(src.name, src.name)} (default)")
     lines.append(f"  layout:   {src.layout}")
     lines.append("  manual steps:")
     lines += ["    " + line for line in src.manual.splitlines()]
+    return "\n".join(lines)
+
+
+def source_table() -> str:
+    """One line per dataset: its folder under ``DATA_ROOT``, how it is obtained, its licence."""
+    lines = [f"{'dataset':<14} {'folder under DATA_ROOT':<24} {'download':<10} licence"]
+    for name in DATASETS:
+        src = SOURCES.get(name)
+        kind = (
+            "-"
+            if src is None
+            else ("archive" if src.url else "generated" if name == "synthetic" else "manual")
+        )
+        licence = src.licence if src else "yours"
+        lines.append(f"{name:<14} {DEFAULT_DIRS.get(name, '(your path)'):<24} {kind:<10} {licence}")
     return "\n".join(lines)
 
 
@@ -496,7 +323,7 @@ def fetch(
         raise DownloadError(f"{err}\nIf the URL no longer works, the manual steps:\n{src.manual}") from None
     log(f"{src.name}: extracting {archive} into {target}")
     extract_archive(archive, target)
-    marker.write_text(json.dumps({"url": src.url, "sha256": src.sha256, "time": time.time()}))
+    atomic_write_text(marker, json.dumps({"url": src.url, "sha256": src.sha256, "time": time.time()}))
     if not keep_archive:
         archive.unlink()
     return target

@@ -11,42 +11,37 @@ Several categories: ``<root>/<category>/`` each holding the above.
 Masks are all-or-nothing per category: with a ``ground_truth/`` (or ``masks/``) folder every
 anomalous image needs its mask (an error otherwise); without one the category is image-level only.
 There is a single split, ``test``. Images directly in ``<root>`` are not read (``feclip-data check``
-notes them).
+notes them). The dataset is declared at the end of the module (:data:`FOLDER`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from feclip.data.samples import (
-    MaskFinder,
-    Sample,
-    child_dir,
-    image_files_under,
-    layout_error,
-    list_images,
-    report,
-    report_empty_categories,
-    select_categories,
-    subdirs,
-)
+from feclip.data.layout import Listing, MaskFinder, child_dir, image_files_under, list_images, subdirs
+from feclip.data.sample import Sample
+from feclip.data.spec import DatasetInfo
 from feclip.errors import DatasetError
 
-__all__ = ["folder_notes", "list_folder", "mask_files"]
+__all__ = ["FOLDER", "folder_notes", "list_folder", "mask_files"]
 
 _MASK_DIR_NAMES = ("ground_truth", "masks")
 
+#: Default of the reader option ``good_dir``: the folder of normal images.
+GOOD_DIR = "good"
 
-def _categories(root: Path, good_dir: str, category: str | None) -> dict[str, Path]:
+
+def _categories(job: Listing, good_dir: str, category: str | None) -> dict[str, Path]:
+    """The category folders by name: the root itself when it holds ``good_dir/``, else its sub-folders
+    that do."""
+    root = job.root
     if child_dir(root, good_dir):
         return {category or root.resolve().name: root}
     found = {d.name: d for d in subdirs(root) if child_dir(d, good_dir)}
     if not found:
-        raise layout_error("folder", root, f"no {good_dir}/ folder in the root or in any sub-folder of it")
+        raise job.layout_error(f"no {good_dir}/ folder in the root or in any sub-folder of it")
     if category is not None:
-        raise layout_error(
-            "folder", root, "category= names a single-category root, but this root has several"
-        )
+        raise job.layout_error("category= names a single-category root, but this root has several")
     return found
 
 
@@ -58,25 +53,18 @@ def _mask_root(cat_dir: Path) -> Path | None:
     return None
 
 
-def list_folder(
-    root: Path,
-    split: str,
-    categories: list[str] | None,
-    problems: list[str] | None,
-    *,
-    good_dir: str = "good",
-    category: str | None = None,
-) -> list[Sample]:
+def list_folder(job: Listing, *, good_dir: str = GOOD_DIR, category: str | None = None) -> list[Sample]:
     """List a user's folder; counts are whatever is on disk.
 
     Args:
+        job: the listing request (see :class:`~feclip.data.layout.Listing`).
         good_dir: the folder of normal images (``"good"``; e.g. ``"ok"`` or ``"normal"``).
         category: the category name of a single-category root (default: the root folder's name).
     """
-    found = _categories(root, good_dir, category)
+    found = _categories(job, good_dir, category)
     samples: list[Sample] = []
     finder = MaskFinder(("_mask", ""))
-    selected = select_categories(list(found), categories, "folder", root)
+    selected = job.select(list(found))
     for name in selected:
         cat_dir = found[name]
         mask_root = _mask_root(cat_dir)
@@ -91,44 +79,60 @@ def list_folder(
                 if mask_root is not None:
                     mask = finder.find(mask_root / defect_dir.name, image.stem)
                     if mask is None:
-                        report(
-                            problems,
-                            f"folder: anomalous image {image} has no mask; expected "
+                        job.report(
+                            f"{job.name}: anomalous image {image} has no mask; expected "
                             f"{mask_root / defect_dir.name / (image.stem + '_mask.png')} (or {image.stem}.<ext>); "
                             f"masks are all-or-nothing: remove {mask_root} for image-level only",
                         )
                 samples.append(Sample(image, mask, 1, name, defect_dir.name))
-    report_empty_categories(
-        "folder", split, selected, samples, problems, lambda c: f"no image in {found[c]}/<{good_dir}|defect>/"
-    )
+    job.report_empty(selected, samples, lambda c: f"no image in {found[c]}/<{good_dir}|defect>/")
     return samples
 
 
-def folder_notes(root: Path, *, good_dir: str = "good", category: str | None = None) -> list[str]:
+def folder_notes(job: Listing, *, good_dir: str = GOOD_DIR, category: str | None = None) -> list[str]:
     """Image files the reader does not read: those directly in the root (or in a category folder)."""
+    root = job.root
     try:
-        found = _categories(root, good_dir, category)
+        found = _categories(job, good_dir, category)
     except DatasetError:
         return []
     notes = []
     if root not in found.values():  # several categories: a sub-folder without good_dir/ is not one
         for d in subdirs(root):
             if d.name not in found:
-                notes.append(f"folder: ignored {d} (no {good_dir}/ folder inside, so it is not a category)")
+                notes.append(
+                    f"{job.name}: ignored {d} (no {good_dir}/ folder inside, so it is not a category)"
+                )
     for folder in dict.fromkeys([root, *found.values()]):
         loose = list_images(folder)
         if loose:
             notes.append(
-                f"folder: ignored {len(loose)} image file(s) directly in {folder} (e.g. {loose[0].name}); "
+                f"{job.name}: ignored {len(loose)} image file(s) directly in {folder} "
+                f"(e.g. {loose[0].name}); "
                 f"images go in {good_dir}/ or a defect folder"
             )
     return notes
 
 
-def mask_files(root: Path, *, good_dir: str = "good", category: str | None = None) -> list[Path]:
+def mask_files(job: Listing, *, good_dir: str = GOOD_DIR, category: str | None = None) -> list[Path]:
     """Every file under each category's ground_truth/ (or masks/) folder."""
     try:
-        found = _categories(root, good_dir, category)
+        found = _categories(job, good_dir, category)
     except DatasetError:
         return []
     return image_files_under(m for m in (_mask_root(d) for d in found.values()) if m is not None)
+
+
+#: A user's own folder of images (no default folder, no download).
+FOLDER = DatasetInfo(
+    name="folder",
+    reader=list_folder,
+    splits=("test",),
+    pixel_masks=None,
+    categories=(),
+    layout="<root>/good/*.png and <root>/<defect>/*.png, optional masks in "
+    "<root>/{ground_truth,masks}/<defect>/<stem>[_mask].png; or <root>/<category>/ holding that",
+    mask_files=mask_files,
+    notes=folder_notes,
+    takes_mask_threshold=True,
+)

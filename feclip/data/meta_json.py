@@ -7,11 +7,12 @@ Format::
             "specie_name": <defect or "">, "anomaly": 0 | 1}
 
 Keys ``Train``/``Test`` (AnomalyCLIP's DAGM script) are accepted; a file may hold only one of them
-(listing the other split raises :class:`~feclip.data.samples.EmptyDatasetError`). An anomalous item
+(listing the other split raises :class:`~feclip.data.layout.EmptyDatasetError`). An anomalous item
 whose ``mask_path`` is empty or a folder has no mask (image-level item, as in AnomalyCLIP's loader); a
 ``mask_path`` naming a file that does not exist is an error. Every item is type-checked: ``anomaly`` must
 be 0 or 1 (``"0"``/``"1"`` and booleans accepted), ``img_path`` a non-empty string, ``mask_path`` a string
-or null; a wrong item is an error naming the file, the key path and the item's index.
+or null; a wrong item is an error naming the file, the key path and the item's index. The dataset is
+declared at the end of the module (:data:`META_JSON`).
 """
 
 from __future__ import annotations
@@ -19,17 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from feclip.data.samples import (
-    EmptyDatasetError,
-    Sample,
-    dataset_info,
-    layout_error,
-    report,
-    report_empty_categories,
-    select_categories,
-)
+from feclip.data.layout import EmptyDatasetError, Listing
+from feclip.data.sample import Sample
+from feclip.data.spec import DatasetInfo
 
-__all__ = ["list_meta_json"]
+__all__ = ["META_JSON", "list_meta_json"]
 
 
 def _label(value) -> int | None:
@@ -45,101 +40,84 @@ def _label(value) -> int | None:
     return None
 
 
-def list_meta_json(
-    root: Path,
-    split: str,
-    categories: list[str] | None,
-    problems: list[str] | None,
-    *,
-    meta_file: str = "meta.json",
-) -> list[Sample]:
+def list_meta_json(job: Listing, *, meta_file: str = "meta.json") -> list[Sample]:
     """List the ``split`` entries of ``<root>/<meta_file>``; counts are whatever the file lists.
 
     Args:
+        job: the listing request (see :class:`~feclip.data.layout.Listing`).
         meta_file: the json file name, relative to the root.
     """
+    root, split = job.root, job.split
     path = root / meta_file
     if not path.is_file():
-        raise layout_error("meta_json", root, f"{path} not found")
+        raise job.layout_error(f"{path} not found")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise layout_error("meta_json", root, f"{path} is not valid JSON ({err})") from None
+        raise job.layout_error(f"{path} is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
-        raise layout_error(
-            "meta_json",
-            root,
-            f"{path} holds a JSON {type(meta).__name__}, not an object with 'train'/'test' keys",
+        raise job.layout_error(
+            f"{path} holds a JSON {type(meta).__name__}, not an object with 'train'/'test' keys"
         )
     key = split if split in meta else split.capitalize() if split.capitalize() in meta else None
     if key is None:
         raise EmptyDatasetError(
-            f"meta_json: {path} has no {split!r} key (keys: {', '.join(map(str, meta)) or 'none'}): "
-            f"no {split} split; expected layout: {dataset_info('meta_json').layout}"
+            f"{job.name}: {path} has no {split!r} key (keys: {', '.join(map(str, meta)) or 'none'}): "
+            f"no {split} split; expected layout: {job.info.layout}"
         )
     by_class = meta[key]
     if not isinstance(by_class, dict):
-        raise layout_error(
-            "meta_json",
-            root,
-            f"{path}: {key!r} holds a JSON {type(by_class).__name__}, not an object of class -> list of items",
+        raise job.layout_error(
+            f"{path}: {key!r} holds a JSON {type(by_class).__name__}, not an object of class -> list of items"
         )
-    selected = select_categories([str(c) for c in by_class], categories, "meta_json", root)
+    selected = job.select([str(c) for c in by_class])
     wanted = set(selected)
     samples: list[Sample] = []
     for cls, items in by_class.items():
         if str(cls) not in wanted:
             continue
         if not isinstance(items, list):
-            raise layout_error(
-                "meta_json",
-                root,
-                f"{path}: [{key}][{cls}] holds a JSON {type(items).__name__}, not a list of items",
+            raise job.layout_error(
+                f"{path}: [{key}][{cls}] holds a JSON {type(items).__name__}, not a list of items"
             )
         for n, item in enumerate(items):
-            sample = _item(root, path, f"[{key}][{cls}][{n}]", item, str(cls), problems)
+            sample = _item(job, path, f"[{key}][{cls}][{n}]", item, str(cls))
             if sample is not None:
                 samples.append(sample)
     # the category of an item is its cls_name (the class key when absent): count by the key here
     listed = {str(cls) for cls, items in by_class.items() if isinstance(items, list) and items}
-    report_empty_categories(
-        "meta_json",
-        split,
-        [c for c in selected if c not in listed],
-        [],
-        problems,
-        lambda c: f"[{key}][{c}] is an empty list in {path}",
+    job.report_empty(
+        [c for c in selected if c not in listed], [], lambda c: f"[{key}][{c}] is an empty list in {path}"
     )
     return samples
 
 
-def _item(root: Path, path: Path, index: str, item, cls: str, problems: list[str] | None) -> Sample | None:
+def _item(job: Listing, path: Path, index: str, item, cls: str) -> Sample | None:
     """The sample of one item, or None after reporting what is wrong with it."""
-    where = f"{path} {index}"
+    root = job.root
+    where = f"{job.name}: {path} {index}"
     if not isinstance(item, dict):
-        report(problems, f"meta_json: {where}: the item is a JSON {type(item).__name__}, not an object")
+        job.report(f"{where}: the item is a JSON {type(item).__name__}, not an object")
         return None
     missing = [k for k in ("img_path", "anomaly") if k not in item]
     if missing:
-        report(problems, f"meta_json: {where}: the item lacks {' and '.join(repr(k) for k in missing)}")
+        job.report(f"{where}: the item lacks {' and '.join(repr(k) for k in missing)}")
         return None
     label = _label(item["anomaly"])
     if label is None:
-        report(problems, f"meta_json: {where}: 'anomaly' is {item['anomaly']!r}, expected 0 or 1")
+        job.report(f"{where}: 'anomaly' is {item['anomaly']!r}, expected 0 or 1")
         return None
     img_rel = item["img_path"]
     if not isinstance(img_rel, str) or not img_rel.strip():
-        report(
-            problems, f"meta_json: {where}: 'img_path' is {img_rel!r}, expected a path (a non-empty string)"
-        )
+        job.report(f"{where}: 'img_path' is {img_rel!r}, expected a path (a non-empty string)")
         return None
     image = root / img_rel
     if not image.is_file():
-        report(problems, f"meta_json: {where}: image {image} not found")
+        job.report(f"{where}: image {image} not found")
         return None
     mask_rel = item.get("mask_path")
     if mask_rel is not None and not isinstance(mask_rel, str):
-        report(problems, f"meta_json: {where}: 'mask_path' is {mask_rel!r}, expected a path (a string) or ''")
+        job.report(f"{where}: 'mask_path' is {mask_rel!r}, expected a path (a string) or ''")
         return None
     mask = None
     if label == 1 and mask_rel and mask_rel.strip():
@@ -147,7 +125,7 @@ def _item(root: Path, path: Path, index: str, item, cls: str, problems: list[str
         if candidate.is_file():
             mask = candidate
         elif not candidate.is_dir():
-            report(problems, f"meta_json: {where}: mask {candidate} of anomalous image {image} not found")
+            job.report(f"{where}: mask {candidate} of anomalous image {image} not found")
     category = item.get("cls_name")
     category = str(category) if isinstance(category, (str, int)) and str(category) else cls
     defect = item.get("specie_name")
@@ -155,3 +133,17 @@ def _item(root: Path, path: Path, index: str, item, cls: str, problems: list[str
         str(defect) if isinstance(defect, (str, int)) and str(defect) else ("anomaly" if label else "good")
     )
     return Sample(image, mask, label, category, defect)
+
+
+#: Any dataset already converted to the AnomalyCLIP / APRIL-GAN ``meta.json`` convention (the user's own
+#: path: no default folder, no download).
+META_JSON = DatasetInfo(
+    name="meta_json",
+    reader=list_meta_json,
+    splits=("train", "test"),
+    pixel_masks=None,
+    categories=(),
+    layout='<root>/meta.json = {"train"|"test": {<cls>: [{"img_path", "mask_path", "cls_name", '
+    '"specie_name", "anomaly"}]}} with paths relative to <root>',
+    takes_mask_threshold=True,
+)

@@ -1,4 +1,4 @@
-"""Readers for the MVTec-AD layout family: ``mvtec``, ``mpdd``, ``dtd_synthetic``, ``btad``, ``synthetic``.
+"""The MVTec-AD layout family: ``mvtec``, ``btad``, ``mpdd``, ``dtd_synthetic`` and ``synthetic``.
 
 Layout (one folder per category)::
 
@@ -9,72 +9,59 @@ Layout (one folder per category)::
 
 Masks are paired by name: ``<stem>_mask.<ext>`` first, then ``<stem>.<ext>`` (BTAD and some DTD copies),
 any image extension. An anomalous image without a mask is an error naming both paths.
+
+The five datasets are declared at the end of the module (:data:`MVTEC`, :data:`BTAD`, :data:`MPDD`,
+:data:`DTD_SYNTHETIC`, :data:`SYNTHETIC`): categories, published counts, download source and licence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from feclip.data.samples import (
-    MaskFinder,
-    Sample,
-    image_files_under,
-    layout_error,
-    list_images,
-    reject_options,
-    report,
-    report_empty_categories,
-    select_categories,
-    subdirs,
-)
+from feclip.data.layout import Listing, MaskFinder, image_files_under, list_images, subdirs
+from feclip.data.sample import Sample
+from feclip.data.spec import ANOMALIB_DOWNLOAD_INFO, DatasetInfo, OfficialCounts, Source
+from feclip.data.synthetic import MARKER as SYNTHETIC_MARKER
 
 __all__ = [
+    "BTAD",
+    "DTD_SYNTHETIC",
+    "MPDD",
+    "MVTEC",
+    "MVTEC_CATEGORIES",
+    "SYNTHETIC",
     "list_btad",
-    "list_dtd_synthetic",
-    "list_mpdd",
     "list_mvtec",
     "list_mvtec_like",
     "list_synthetic",
     "mask_files",
 ]
 
-SYNTHETIC_MARKER = ".feclip_synthetic.json"
 
-
-def list_mvtec_like(
-    name: str,
-    root: Path,
-    split: str,
-    categories: list[str] | None,
-    problems: list[str] | None,
-    *,
-    good: str = "good",
-) -> list[Sample]:
+def list_mvtec_like(job: Listing, good: str = "good") -> list[Sample]:
     """List ``<root>/<category>/<split>/<defect>/*`` with masks from ``ground_truth/<defect>``.
 
     Args:
-        name: dataset name, for messages.
-        root: the folder holding the category folders.
-        split: ``"train"`` or ``"test"``.
-        categories: categories to keep, or None for all.
-        problems: collect per-image problems instead of raising (see :func:`list_samples`).
+        job: the listing request (see :class:`~feclip.data.layout.Listing`).
         good: the folder name of normal images (``"good"``; BTAD ``"ok"``).
     """
+    root, split = job.root, job.split
     found = {d.name: d for d in subdirs(root) if (d / "test").is_dir() or (d / "train").is_dir()}
     if not found:
         if (root / "test").is_dir() or (root / "train").is_dir():
-            raise layout_error(
-                name, root, f"{root} looks like a single category folder; pass its parent folder as the root"
+            raise job.layout_error(
+                f"{root} looks like a single category folder; pass its parent folder as the root"
             )
-        raise layout_error(name, root, "no category folder with a train/ or test/ sub-folder")
+        raise job.layout_error("no category folder with a train/ or test/ sub-folder")
     samples: list[Sample] = []
     finder = MaskFinder(("_mask", ""))
-    selected = select_categories(list(found), categories, name, root)
+    selected = job.select(list(found))
     for category in selected:
         cat_dir = found[category]
         split_dir = cat_dir / split
         if not split_dir.is_dir():
-            raise layout_error(name, root, f"category {category!r} has no {split}/ folder ({split_dir})")
+            raise job.layout_error(f"category {category!r} has no {split}/ folder ({split_dir})")
         for defect_dir in subdirs(split_dir):
             defect = defect_dir.name
             label = 0 if defect == good else 1
@@ -84,87 +71,239 @@ def list_mvtec_like(
                 if label == 1:
                     mask = finder.find(gt_dir, image.stem)
                     if mask is None:
-                        report(
-                            problems,
-                            f"{name}: anomalous image {image} has no mask; expected "
+                        job.report(
+                            f"{job.name}: anomalous image {image} has no mask; expected "
                             f"{gt_dir / (image.stem + '_mask.png')} (or {image.stem}.<ext> in {gt_dir})",
                         )
                 samples.append(Sample(image, mask, label, category, defect))
-    report_empty_categories(
-        name, split, selected, samples, problems, lambda c: f"no image in {found[c] / split}/<defect>/"
-    )
+    job.report_empty(selected, samples, lambda c: f"no image in {found[c] / split}/<defect>/")
     return samples
 
 
-def list_mvtec(root: Path, split: str, categories, problems, **options) -> list[Sample]:
-    """MVTec AD (Bergmann et al., CVPR 2019), CC BY-NC-SA 4.0.
-
-    Real counts: 15 categories; train 3,629 images (all good); test 1,725 images = 467 good + 1,258
-    anomalous, e.g. bottle 83 (20 good), cable 150 (58), capsule 132 (23), carpet 117 (28), grid 78 (21),
-    hazelnut 110 (40), leather 124 (32), metal_nut 115 (22), pill 167 (26), screw 160 (41),
-    tile 117 (33), toothbrush 42 (12), transistor 100 (60), wood 79 (19), zipper 151 (32).
-    Masks ``<stem>_mask.png`` (0/255); grayscale images in grid, screw and zipper.
-    """
-    reject_options("mvtec", options)
-    return list_mvtec_like("mvtec", root, split, categories, problems)
+def list_mvtec(job: Listing) -> list[Sample]:
+    """The MVTec layout as released (MVTec AD, MPDD, DTD-Synthetic): normal images in ``good/``."""
+    return list_mvtec_like(job)
 
 
-def list_mpdd(root: Path, split: str, categories, problems, **options) -> list[Sample]:
-    """MPDD, Metal Parts Defect Detection (Jezek et al., 2021), CC BY-NC-SA 4.0; MVTec layout.
-
-    6 categories: bracket_black, bracket_brown, bracket_white, connector, metal_plate, tubes.
-    Counts are not quoted here (not verified); run ``feclip-data check ROOT --dataset mpdd``.
-    """
-    reject_options("mpdd", options)
-    return list_mvtec_like("mpdd", root, split, categories, problems)
-
-
-def list_dtd_synthetic(root: Path, split: str, categories, problems, **options) -> list[Sample]:
-    """DTD-Synthetic (Aota et al., WACV 2023); MVTec layout.
-
-    12 texture categories (Blotchy_099, Fibrous_183, Marbled_078, Matted_069, Mesh_114, Perforated_037,
-    Stratified_154, Woven_001, Woven_068, Woven_104, Woven_125, Woven_127). Counts are not quoted here
-    (not verified); run ``feclip-data check``. Masks ``<stem>_mask.png`` or ``<stem>.png``.
-    """
-    reject_options("dtd_synthetic", options)
-    return list_mvtec_like("dtd_synthetic", root, split, categories, problems)
+def list_btad(job: Listing) -> list[Sample]:
+    """BTAD: normal folder ``ok``, anomalous ``ko``; images ``.bmp`` or ``.png`` depending on the product,
+    masks in ``ground_truth/ko/`` with the same stem (either extension). The root may be the folder
+    holding ``BTech_Dataset_transformed/`` (as unzipped) or that folder itself."""
+    inner = job.root / "BTech_Dataset_transformed"
+    if inner.is_dir() and not any((job.root / c).is_dir() for c in BTAD.categories):
+        job = dataclasses.replace(job, root=inner)
+    return list_mvtec_like(job, good="ok")
 
 
-def list_btad(root: Path, split: str, categories, problems, **options) -> list[Sample]:
-    """BTAD / BTech (Mishra et al., 2021), CC BY-NC-SA 4.0.
-
-    3 products ``01``, ``02``, ``03``; normal folder ``ok``, anomalous ``ko``; images ``.bmp`` or ``.png``
-    depending on the product, masks in ``ground_truth/ko/`` with the same stem (either extension).
-    The root may be the folder holding ``BTech_Dataset_transformed/`` (as unzipped) or that folder itself.
-    Counts are not quoted here (not verified); run ``feclip-data check``.
-    """
-    reject_options("btad", options)
-    inner = root / "BTech_Dataset_transformed"
-    if inner.is_dir() and not any((root / c).is_dir() for c in ("01", "02", "03")):
-        root = inner
-    return list_mvtec_like("btad", root, split, categories, problems, good="ok")
-
-
-def list_synthetic(root: Path, split: str, categories, problems, **options) -> list[Sample]:
-    """The embedded synthetic sets (:mod:`feclip.data.synthetic`): the MVTec reader on one set root.
+def list_synthetic(job: Listing) -> list[Sample]:
+    """One embedded synthetic set (:mod:`feclip.data.synthetic`): the MVTec reader on one set root.
 
     Counts follow the generator's parameters: per category ``n_train_good`` train images and
     ``n_test_good`` + ``n_test_bad`` test images (defaults 10, 12 and 24).
     """
-    reject_options("synthetic", options)
-    sets = [d.name for d in subdirs(root) if (d / SYNTHETIC_MARKER).is_file()]
+    sets = [d.name for d in subdirs(job.root) if (d / SYNTHETIC_MARKER).is_file()]
     if sets:
-        raise layout_error(
-            "synthetic",
-            root,
-            f"{root} holds the synthetic sets {', '.join(sets)}; pass one set root, e.g. {root / sets[0]}",
+        raise job.layout_error(
+            f"{job.root} holds the synthetic sets {', '.join(sets)}; pass one set root, "
+            f"e.g. {job.root / sets[0]}"
         )
-    return list_mvtec_like("synthetic", root, split, categories, problems)
+    return list_mvtec_like(job)
 
 
-def mask_files(root: Path, **options) -> list[Path]:
+def mask_files(job: Listing, **options) -> list[Path]:
     """Every file under ``<root>/<category>/ground_truth/`` (for the masks-without-images check)."""
+    root = job.root
     inner = root / "BTech_Dataset_transformed"
     if inner.is_dir():
         root = inner
     return image_files_under(d / "ground_truth" for d in subdirs(root))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The datasets
+# ----------------------------------------------------------------------------------------------------
+
+MVTEC_LAYOUT = (
+    "<root>/<category>/{train/good, test/good, test/<defect>}/*.png and "
+    "<root>/<category>/ground_truth/<defect>/<stem>_mask.png"
+)
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
+    "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
+
+#: MVTec AD (Bergmann et al., CVPR 2019). Train 3,629 images (all good); test 1,725 = 467 good + 1,258
+#: anomalous (the dataset paper's table). Masks ``<stem>_mask.png`` (0/255); grayscale images in grid,
+#: screw and zipper.
+MVTEC = DatasetInfo(
+    name="mvtec",
+    reader=list_mvtec,
+    splits=("train", "test"),
+    pixel_masks=True,
+    categories=MVTEC_CATEGORIES,
+    layout=MVTEC_LAYOUT,
+    default_dir="mvtec",
+    mask_files=mask_files,
+    test_counts=OfficialCounts(
+        467,
+        1258,
+        (
+            ("bottle", 20, 63),
+            ("cable", 58, 92),
+            ("capsule", 23, 109),
+            ("carpet", 28, 89),
+            ("grid", 21, 57),
+            ("hazelnut", 40, 70),
+            ("leather", 32, 92),
+            ("metal_nut", 22, 93),
+            ("pill", 26, 141),
+            ("screw", 41, 119),
+            ("tile", 33, 84),
+            ("toothbrush", 12, 30),
+            ("transistor", 60, 40),
+            ("wood", 19, 60),
+            ("zipper", 32, 119),
+        ),
+        "MVTec AD paper (Bergmann et al., CVPR 2019)",
+    ),
+    source=Source(
+        title="MVTec AD (Bergmann et al., CVPR 2019)",
+        homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
+        licence="CC BY-NC-SA 4.0",
+        # anomalib's current mirror; its earlier share (.../shares/38536/...) answers HTTP 404
+        # (anomalib issues #3121, #3441). Same archive, same sha256.
+        url="https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/"
+        "420938113-1629960298/mvtec_anomaly_detection.tar.xz",
+        filename="mvtec_anomaly_detection.tar.xz",
+        sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
+        checksum_source=ANOMALIB_DOWNLOAD_INFO + "mvtecad.py",
+        manual=(
+            "The archive URL above is the mirror anomalib uses now (its earlier mydrive link answers\n"
+            "HTTP 404); if this one stops answering too:\n"
+            "1. Fill in the form at https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads\n"
+            "2. Download mvtec_anomaly_detection.tar.xz (about 4.9 GB)\n"
+            "3. mkdir -p <folder> && tar -xf mvtec_anomaly_detection.tar.xz -C <folder>\n"
+            "4. feclip-data check <folder> --dataset <name>"
+        ),
+    ),
+)
+
+#: BTAD / BTech (Mishra et al., 2021): 3 products ``01``, ``02``, ``03``.
+BTAD = DatasetInfo(
+    name="btad",
+    reader=list_btad,
+    splits=("train", "test"),
+    pixel_masks=True,
+    categories=("01", "02", "03"),
+    layout="<root>[/BTech_Dataset_transformed]/<01|02|03>/{train/ok, test/ok, test/ko}/*.{bmp,png} and "
+    "<root>/<category>/ground_truth/ko/<stem>.{bmp,png}",
+    default_dir="btad",
+    mask_files=mask_files,
+    test_counts=OfficialCounts(
+        451,
+        290,
+        source="third-party tables only (not from the dataset's authors); per product not quoted",
+    ),
+    source=Source(
+        title="BTAD / BTech (Mishra et al., 2021)",
+        homepage="http://avires.dimi.uniud.it/papers/btad/",
+        licence="CC BY-NC-SA 4.0 (per anomalib's btech.py; verify)",
+        url="https://avires.dimi.uniud.it/papers/btad/btad.zip",
+        filename="btad.zip",
+        sha256="461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
+        checksum_source=ANOMALIB_DOWNLOAD_INFO + "btech.py",
+        manual=(
+            "1. Download https://avires.dimi.uniud.it/papers/btad/btad.zip\n"
+            "2. mkdir -p <folder> && unzip btad.zip -d <folder>\n"
+            "3. feclip-data check <folder> --dataset <name>"
+        ),
+    ),
+)
+
+#: MPDD, Metal Parts Defect Detection (Jezek et al., 2021); the MVTec layout.
+MPDD = DatasetInfo(
+    name="mpdd",
+    reader=list_mvtec,
+    splits=("train", "test"),
+    pixel_masks=True,
+    categories=("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"),
+    layout=MVTEC_LAYOUT,
+    default_dir="mpdd",
+    mask_files=mask_files,
+    test_counts=OfficialCounts(
+        176,
+        282,
+        source="third-party tables only (not from the dataset's authors); per category not quoted",
+    ),
+    source=Source(
+        title="MPDD, Metal Parts Defect Detection (Jezek et al., 2021)",
+        homepage="https://github.com/stepanje/MPDD",
+        licence="CC BY-NC-SA 4.0 (per anomalib's mpdd.py; verify)",
+        manual=(
+            "No direct archive URL is known here (the files are on a university SharePoint).\n"
+            "1. Open https://github.com/stepanje/MPDD and follow its download link\n"
+            "2. Unpack so that <folder>/<category>/{train,test,ground_truth} exist\n"
+            "   (categories bracket_black, bracket_brown, bracket_white, connector, metal_plate, tubes)\n"
+            "3. feclip-data check <folder> --dataset <name>"
+        ),
+    ),
+)
+
+#: DTD-Synthetic (Aota et al., WACV 2023); the MVTec layout, masks ``<stem>_mask.png`` or ``<stem>.png``.
+#: Counts are not known here (not verified): run ``feclip-data check``.
+DTD_SYNTHETIC = DatasetInfo(
+    name="dtd_synthetic",
+    reader=list_mvtec,
+    splits=("train", "test"),
+    pixel_masks=True,
+    categories=(
+        "Blotchy_099",
+        "Fibrous_183",
+        "Marbled_078",
+        "Matted_069",
+        "Mesh_114",
+        "Perforated_037",
+        "Stratified_154",
+        "Woven_001",
+        "Woven_068",
+        "Woven_104",
+        "Woven_125",
+        "Woven_127",
+    ),  # fmt: skip
+    layout=MVTEC_LAYOUT,
+    default_dir="dtd_synthetic",
+    mask_files=mask_files,
+    source=Source(
+        title="DTD-Synthetic (Aota et al., WACV 2023), derived from DTD (Cimpoi et al., CVPR 2014)",
+        homepage="https://drive.google.com/drive/folders/10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1",
+        licence="derived from DTD, research use; verify",
+        manual=(
+            "Google Drive folder (linked in the AnomalyCLIP README):\n"
+            "1. Open https://drive.google.com/drive/folders/10OyPzvI3H6llCZBxKxFlKWt1Pw1tkMK1 and download it\n"
+            "2. Unpack so that <folder>/<category>/{train,test,ground_truth} exist\n"
+            "   (12 categories: Blotchy_099, Fibrous_183, ..., Woven_127)\n"
+            "3. feclip-data check <folder> --dataset <name>"
+        ),
+    ),
+)
+
+#: The embedded synthetic sets: ``$DATA_ROOT/synthetic`` holds two set roots, ``set_a`` and ``set_b``;
+#: the reader takes one set root.
+SYNTHETIC = DatasetInfo(
+    name="synthetic",
+    reader=list_synthetic,
+    splits=("train", "test"),
+    pixel_masks=True,
+    categories=(),
+    layout="a set root written by feclip-data synth (e.g. <DATA_ROOT>/synthetic/set_a), MVTec layout: "
+    + MVTEC_LAYOUT,
+    default_dir="synthetic",
+    mask_files=mask_files,
+    source=Source(
+        title="feclip's embedded synthetic sets (scikit-image's bundled photos)",
+        homepage="feclip.data.synthetic",
+        licence="the scikit-image data licences (public domain / CC0 / CC BY; see skimage.data)",
+        manual="Nothing to download: feclip-data synth <folder>",
+    ),
+)

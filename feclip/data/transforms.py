@@ -1,6 +1,6 @@
 """Image and mask loading, square resize and CLIP normalisation.
 
-Conventions (the peers' "squash" preprocessing, spec section 2 / A8):
+Conventions (the peers' "squash" preprocessing, docs/method.md, A8):
 
 - images: decoded to RGB uint8 (grayscale, palette, RGBA and 16-bit inputs converted; alpha dropped),
   resized to (S, S) with bicubic interpolation, then ``(x / 255 - mean) / std`` with the OpenAI CLIP

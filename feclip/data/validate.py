@@ -28,6 +28,10 @@ these checks a wrong category would only show as ``nan`` hours later):
   option ``mask_threshold: 127``); the training set gets the same warning;
 - an image or mask whose header cannot be read, an empty or cut-off file, a mask whose size differs from
   its image's: error (headers only, in threads: a few thousand files take about a second).
+
+Why one module of about 400 lines: these rules are the one statement of what a listing must satisfy,
+shared by the run and ``feclip-data check`` (:mod:`feclip.data.check`); split up, the per-category
+grouping, the file checks and the one-line messages they share would be imported back and forth.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from feclip.data.samples import _REGISTRY, Sample, natural_key
+from feclip.data.catalogue import BY_NAME
+from feclip.data.sample import Sample, natural_key
 from feclip.errors import ConfigError, DatasetError, FEClipError
 
 __all__ = [
@@ -91,7 +96,7 @@ def jpeg_mask_warnings(name: str, samples: Sequence[Sample]) -> list[str]:
     ]
     if not jpeg:
         return []
-    info = _REGISTRY.get(name)
+    info = BY_NAME.get(name)
     if info is not None and "mask_threshold" in info.options:
         fix = (
             f"set the reader option mask_threshold (run config: options: {{mask_threshold: 127}} on the "
@@ -131,7 +136,7 @@ def target_problems(name: str, samples: Sequence[Sample]) -> tuple[list[str], li
     warnings: list[str] = []
     if not samples:
         return [f"{name}: no images to evaluate"], []
-    info = _REGISTRY.get(name)
+    info = BY_NAME.get(name)
     image_level: list[str] = []
     with_masks: list[str] = []
     for category, group in _by_category(samples).items():

@@ -1,8 +1,9 @@
 """Evaluation: a model over a target dataset -> scores and maps -> metric rows of the CSV schema.
 
-Maps are computed on the device in batches (tap selection, aggregation, upsampling and Gaussian
-smoothing as :class:`~feclip.scoring.ScoringConfig` says), then optionally post-processed on the CPU
-(:func:`postprocess`), and the metrics are computed per category and pooled (``__micro__``).
+Scores and maps are made on the device in batches by :mod:`feclip.scoring` (tap selection,
+aggregation, upsampling and Gaussian smoothing as :class:`~feclip.scoring.ScoringConfig` says, and the
+few-shot part), then the maps are optionally post-processed on the CPU (:func:`postprocess`), and the
+metrics are computed per category and pooled (``__micro__``).
 
 The host keeps the device busy: ``DataLoader`` workers (``data.num_workers``) decode and collate the
 next batches (into pinned memory on CUDA, copied without blocking), and each batch's scores and maps
@@ -27,7 +28,7 @@ from feclip.errors import DatasetError
 from feclip.metrics import aupro, compute_category_metrics
 from feclip.metrics.aggregate import AUPRO_METRIC_NAMES
 from feclip.results import MICRO, MetricRow
-from feclip.scoring import anomaly_maps, image_scores
+from feclip.scoring import image_scores, maps_at_sizes, scores_and_maps
 
 log = logging.getLogger("feclip.eval")
 
@@ -120,7 +121,6 @@ def predict(
     was_training = model.training
     model.eval()
     scoring = cfg.scoring()
-    taps = model.config.taps
     original = cfg.resolution != "input"
     scores, maps, masks, labels = [], [], [], []
 
@@ -128,24 +128,16 @@ def predict(
         """Queue one batch's work on the device; its results start travelling to the host."""
         images = batch["image"].to(device, non_blocking=True)
         out = model(images, return_tokens=banks is not None)
-        batch_scores = image_scores(out.tap_cls_logits, taps, scoring)
         if not original:
-            batch_maps = anomaly_maps(
-                out.tap_patch_logits, taps, scoring, model.image_size, model.logit_scale
-            )
+            cats = None
             if banks is not None:
                 cats = [dataset.samples[i].category for i in batch["index"].tolist()]  # host tensor
-                batch_scores, batch_maps = _add_fewshot(
-                    out.tap_tokens, cats, banks, batch_scores, batch_maps, cfg.sigma
-                )
+            batch_scores, batch_maps = scores_and_maps(model, out, scoring, banks=banks, categories=cats)
             results = [batch_scores.float(), batch_maps.float()]
         else:  # each image at its own size
-            results = [batch_scores.float()] + [
-                anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, scoring, size, model.logit_scale)[
-                    0
-                ].float()
-                for j, size in enumerate(batch["original_size"])
-            ]
+            batch_scores = image_scores(out.tap_cls_logits, model.config.taps, scoring)
+            sizes = batch["original_size"]
+            results = [batch_scores.float()] + [m.float() for m in maps_at_sizes(model, out, scoring, sizes)]
         return hostsync.HostCopy(results), batch
 
     def collect(pending) -> None:
@@ -179,28 +171,6 @@ def predict(
         labels=torch.cat(labels).numpy().astype(np.int64),
         categories=[s.category for s in dataset.samples],
     )
-
-
-def _add_fewshot(tokens, categories: list[str], banks: dict, scores, maps, sigma: float):
-    """Few-shot scores and maps of one batch, each image against its own category's bank (the images
-    of a category picked by index, never by a boolean mask: no device synchronisation)."""
-    from feclip.models.fewshot import combine, fewshot_maps
-
-    size = tuple(maps.shape[-2:])
-    groups = {c: [j for j, x in enumerate(categories) if x == c] for c in dict.fromkeys(categories)}
-    if len(groups) == 1:  # the usual case: a dataset is ordered by category
-        (category,) = groups
-        return combine(scores, maps, fewshot_maps(tokens.float(), banks[category], size, sigma))
-    parts_scores, parts_maps, order = [], [], []
-    for category, idx in groups.items():
-        at = torch.tensor(idx).to(maps.device, non_blocking=True)
-        few = fewshot_maps(tokens.index_select(1, at).float(), banks[category], size, sigma)
-        s, m = combine(scores.index_select(0, at), maps.index_select(0, at), few)
-        parts_scores.append(s)
-        parts_maps.append(m)
-        order += idx
-    back = torch.tensor(sorted(range(len(order)), key=order.__getitem__)).to(maps.device, non_blocking=True)
-    return torch.cat(parts_scores).index_select(0, back), torch.cat(parts_maps).index_select(0, back)
 
 
 def save_figures(out_dir, dataset_name: str, dataset, preds: Predictions) -> None:

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from feclip.errors import FEClipError
-from feclip.results import atomic_write_text
+from feclip.fileio import atomic_write_text
 
 IDENTITY_FILE = "identity.json"
 # config keys that do not change a number (dotted; a key names its whole sub-tree)
@@ -40,6 +40,7 @@ NOT_IDENTITY = (
     "train.progress",
     "train.resume",
     "data.num_workers",  # how many processes decode the images: the same numbers
+    "data.decoded_cache",  # decoded images read from the disk cache are bit-identical to fresh ones
     "eval.save_figures",
 )
 # the files whose presence means a folder already holds (part of) a run

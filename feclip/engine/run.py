@@ -32,6 +32,7 @@ from feclip.engine.identity import (
     write_identity,
 )
 from feclip.errors import DatasetError, FEClipError, WeightsNotFoundError
+from feclip.fileio import atomic_write_text
 from feclip.loggers import NullLogger, make_logger
 from feclip.models.provenance import (
     RANDOM,
@@ -45,7 +46,6 @@ from feclip.results import (
     METRICS_FILE,
     PARTIAL_METRICS_FILE,
     MetricRow,
-    atomic_write_text,
     config_hash,
     git_sha,
     is_complete,
@@ -185,25 +185,15 @@ def list_samples_of(ref: DatasetRef, paths: PathsConfig, split: str, categories)
 
 
 def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], out_dir: Path) -> dict:
-    """Few-shot memory banks, one per category, from ``k`` normal training images drawn by the run seed.
-
-    The chosen images are recorded in ``fewshot_references.csv`` beside metrics.csv.
-    """
-    from feclip.models.fewshot import MemoryBank, pick_reference_samples
+    """Few-shot memory banks, one per category, from ``k`` normal training images drawn by the run seed
+    (:func:`feclip.models.fewshot.category_banks`), recorded in ``fewshot_references.csv`` beside
+    metrics.csv."""
+    from feclip.models.fewshot import category_banks, record_references
 
     pool = list_samples_of(ref, cfg.paths, "train", categories)
-    banks, lines = {}, ["dataset,category,k,seed,image_path"]
-    for category in categories:
-        chosen = pick_reference_samples(pool, cfg.eval.fewshot_k, cfg.seed, category)
-        banks[category] = MemoryBank.from_samples(
-            model, chosen, which=cfg.eval.fewshot_bank, resize=cfg.data.resize
-        )
-        lines += [f"{ref.name},{category},{cfg.eval.fewshot_k},{cfg.seed},{s.image_path}" for s in chosen]
-    path = out_dir / "fewshot_references.csv"
-    old = path.read_text().splitlines()[1:] if path.exists() else []
-    atomic_write_text(
-        path, "\n".join(lines[:1] + [x for x in old if not x.startswith(f"{ref.name},")] + lines[1:]) + "\n"
-    )
+    k, seed = cfg.eval.fewshot_k, cfg.seed
+    banks = category_banks(model, pool, categories, k, seed, cfg.eval.fewshot_bank, cfg.data.resize)
+    record_references(out_dir / "fewshot_references.csv", ref.name, k, seed, banks)
     return banks
 
 
@@ -400,6 +390,8 @@ def _dataset(samples, cfg: RunConfig, model):
         cache=cfg.data.cache_images,
         mask_resize=cfg.data.mask_resize,
         resize=cfg.data.resize,
+        # paths.cache_dir as given (relative: to the working folder; Hydra does not chdir)
+        disk_cache=Path(cfg.paths.cache_dir) / "decoded" if cfg.data.decoded_cache else None,
     )
 
 

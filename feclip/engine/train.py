@@ -41,9 +41,9 @@ from feclip.engine import distributed as dist
 from feclip.engine import hostsync
 from feclip.engine.cache import PrefixCache, prefix_bytes
 from feclip.errors import ConfigError, FEClipError
+from feclip.fileio import atomic_write
 from feclip.losses import feclip_loss, mask_loss_images
 from feclip.models.checkpoint import read_metadata, save_adapters
-from feclip.results import unique_tmp
 
 log = logging.getLogger("feclip.train")
 
@@ -139,17 +139,13 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
     A failure (disk full, ...) removes the temporary file and raises :class:`FEClipError`.
     """
-    tmp = unique_tmp(path)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except OSError as e:
         raise FEClipError(
             f"could not write {path} ({e.strerror or e}); the previous checkpoint is kept, "
             "free space and run the same command again to resume"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, step: int, fingerprint: str) -> None:

@@ -14,24 +14,16 @@ from pathlib import Path
 import torch
 
 from feclip.errors import CheckpointMismatchError, FEClipError
-from feclip.results import unique_tmp
+from feclip.fileio import atomic_write
 
 
 def save_adapters(model, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model.trainable_state_dict()`` to ``path`` (temporary name, then rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     meta = {**model.checkpoint_metadata(), **(metadata or {})}
-    tmp = unique_tmp(path)
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -6,8 +6,11 @@ Forward pass (spec section 1), for images ``(B, 3, S, S)`` and a token grid ``h 
 2. run the frozen resblocks; after each tap block ``n`` replace the patch tokens by
    ``lam * (FFE(f) + LFS(f)) + (1 - lam) * f`` (Eq. 2), the class token untouched;
 3. at each tap, the patch path ``fc_patch(ln_post(tokens))`` and the CLS path ``ln_post(cls) @ proj``
-   are compared with the normal/abnormal text embeddings (cosine / temperature, 2-way softmax, Eq. 1);
-4. the image score and the map are the means over taps of the abnormal probabilities (Eq. 3).
+   are compared with the normal/abnormal text embeddings (cosine / temperature: the logits of Eq. 1).
+
+The model returns these per-tap logits (and, on request, the fused tap tokens) and nothing derived
+from them: :mod:`feclip.scoring` alone turns them into image scores and maps (the 2-way softmax of
+Eq. 1, the means over taps of Eq. 3, upsampling, smoothing, the few-shot part).
 
 Blocks after the last tap are never run: nothing downstream of the last tap is used.
 
@@ -28,8 +31,10 @@ and :meth:`FEClip.forward_from_prefix`, whatever autocast the caller has open.
   position embeddings, ``ln_post``, ``proj`` and the text embeddings stay fp32.
 * ``fp32`` (the default elsewhere): everything in fp32, autocast disabled inside the model.
 
-Under both, :meth:`FEClip.head` (ln_post, the projections to the text space, the logits, the softmax,
-the maps) runs in fp32.
+Under both, :meth:`FEClip.head` (ln_post, the projections to the text space, the logits) runs in fp32.
+
+Over 400 lines for a reason: the model, its config and the precision policy it applies inside every
+forward are one unit (split, each part would need the others' invariants to be read).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from feclip.errors import ConfigError
 from feclip.models.adapters import ADAPTER_SETS, LFS_STATS, TapAdapter
 from feclip.models.frequency import TRANSFORMS
 from feclip.models.prompts import PAPER_PROMPTS, PROMPT_MODES, encode_states, prompt_sentences
+from feclip.scoring import abnormal_probability
 
 FC_PATCH_INITS = ("random", "clip_proj")
 PRECISIONS = ("fp32", "bf16")
@@ -162,15 +168,22 @@ class FEClipConfig:
 
 @dataclass
 class FEClipOutput:
-    """What :class:`FEClip` returns. ``N`` taps, ``B`` images, ``h x w`` token grid, ``S`` input size."""
+    """What :class:`FEClip` returns: the raw per-tap outputs. ``N`` taps, ``B`` images, ``h x w`` token
+    grid. Scores and maps are made from them by :mod:`feclip.scoring`."""
 
-    image_score: torch.Tensor  # (B,) mean over taps of the CLS abnormal probability
-    anomaly_map: torch.Tensor  # (B, S, S) mean over taps of the abnormal map, bilinear to the input size
-    tap_scores: torch.Tensor  # (N, B) per-tap CLS abnormal probability
-    tap_maps: torch.Tensor  # (N, B, h, w) per-tap abnormal probability on the token grid
-    tap_cls_logits: torch.Tensor  # (N, B, 2) normal/abnormal logits of the CLS path
-    tap_patch_logits: torch.Tensor  # (N, B, h, w, 2) normal/abnormal logits of the patch path
+    tap_cls_logits: torch.Tensor  # (N, B, 2) normal/abnormal logits of the CLS path, fp32
+    tap_patch_logits: torch.Tensor  # (N, B, h, w, 2) normal/abnormal logits of the patch path, fp32
     tap_tokens: torch.Tensor | None = field(default=None)  # (N, B, h, w, D) fused patch tokens, on request
+
+    @property
+    def tap_scores(self) -> torch.Tensor:
+        """``(N, B)`` per-tap CLS abnormal probability (:func:`feclip.scoring.abnormal_probability`)."""
+        return abnormal_probability(self.tap_cls_logits)
+
+    @property
+    def tap_maps(self) -> torch.Tensor:
+        """``(N, B, h, w)`` per-tap abnormal probability on the token grid (computed when read)."""
+        return abnormal_probability(self.tap_patch_logits)
 
 
 class FEClip(nn.Module):
@@ -394,7 +407,7 @@ class FEClip(nn.Module):
         return self.head(torch.stack(cls_feats), torch.stack(patch_feats), return_tokens)
 
     def head(self, cls: torch.Tensor, patches: torch.Tensor, return_tokens: bool = False) -> FEClipOutput:
-        """Scores and maps from tap features: cls ``(N, B, D)``, patches ``(N, B, h, w, D)``.
+        """Per-tap logits from tap features: cls ``(N, B, D)``, patches ``(N, B, h, w, D)``.
 
         Always in fp32, whatever autocast or the backbone's precision say: the logits are what the
         metrics rank, and bf16 would round the normal/abnormal margin (a few hundred distinct image
@@ -414,18 +427,7 @@ class FEClip(nn.Module):
             )
             cls_logits = scale * cls_emb @ text.T  # (N, B, 2)
             patch_logits = scale * patch_emb @ text.T  # (N, B, h, w, 2)
-        # the 2-way softmax's abnormal probability, as the sigmoid of the margin: the same operation
-        # as the loss and feclip.scoring, so every path gives the same bits
-        tap_scores = torch.sigmoid(cls_logits[..., 1] - cls_logits[..., 0])
-        tap_maps = torch.sigmoid(patch_logits[..., 1] - patch_logits[..., 0])
-        mean_map = tap_maps.mean(0)[:, None]  # (B, 1, h, w)
-        size = self.image_size
-        anomaly_map = F.interpolate(mean_map, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         return FEClipOutput(
-            image_score=tap_scores.mean(0),
-            anomaly_map=anomaly_map,
-            tap_scores=tap_scores,
-            tap_maps=tap_maps,
             tap_cls_logits=cls_logits,
             tap_patch_logits=patch_logits,
             tap_tokens=patches if return_tokens else None,

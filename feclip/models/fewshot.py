@@ -1,29 +1,25 @@
-"""Few-normal-shot FE-CLIP (paper section 4.6, spec section 1.11): a memory bank of normal patch features.
+"""Few-normal-shot FE-CLIP (paper section 4.6, spec section 1.11): everything but the arithmetic of
+the scores, in one place.
 
-For one category, the patch tokens of ``k`` normal reference images are stored per tap. A test token's
-few-shot distance at tap ``n`` is ``1 - max_m cos(token, bank_n[m])`` (0 when the token has an
-identical twin in the bank, at most 2). Then, for images ``(B, 3, S, S)`` and an evaluation size
-``H x W``::
+* the references: :func:`pick_reference_samples` draws ``k`` of a category's normal *training* images
+  with ``numpy.random.default_rng(seed)`` from the path-sorted list, so a seed fixes the references;
+* the features: :func:`tap_features` (the model's tap tokens of either kind);
+* the memory bank: :class:`MemoryBank`, the per-tap patch features of the references, and the
+  few-shot distance at tap ``n``, ``1 - max_m cos(token, bank_n[m])`` (0 when the token has an
+  identical twin in the bank, at most 2);
+* a run's banks: :func:`category_banks` (one per category, drawn by the run's seed) and
+  :func:`record_references` (``fewshot_references.csv``);
+* :func:`fewshot_predict`: runs the model for a bank's kind of features and adds the few-shot part.
 
-    fewshot_map   = blur_sigma( mean_n  Up_HxW( distance_n ) )      (B, H, W)
-    final_map     = zero_shot_map + fewshot_map                      (B, H, W)
-    final_score   = zero_shot_score + max_{pixels} fewshot_map      (B,)
+The few-shot map and its combination with the zero-shot score and map are scoring, made in
+:mod:`feclip.scoring` (the formula is there): :func:`~feclip.scoring.fewshot_maps`,
+:func:`~feclip.scoring.combine` and :func:`~feclip.scoring.fewshot_scores` live there and are
+re-exported here for the documented API (docs/fewshot.md).
 
-(The paper's text swaps the letters S and M for the score and the map; this follows the spec.)
-
-Choices the paper leaves open (see docs/fewshot.md):
-
-* **What is banked**: ``which="fused"`` (default) banks the fused tap tokens of Eq. 2, i.e.
-  ``FEClipOutput.tap_tokens``: the same features the patch path of the zero-shot map sees.
-  ``which="plain"`` banks the tokens of each tap block *before* its adapter fuses them (the adapter's
-  input). Every tap of the model is banked; test tokens are always compared tap by tap.
-* **Upsampling**: each tap's ``h x w`` distance map is upsampled bilinearly (``align_corners=False``)
-  to ``H x W``, then the taps are averaged (AnomalyGPT sums; the mean only rescales by 1/N).
-* **Smoothing**: the few-shot map gets the same Gaussian ``sigma`` as the zero-shot map, so the final
-  map equals the blur of the raw sum (the blur is linear); the image score adds the max of this
-  smoothed few-shot map (the map that is actually added).
-* **References**: :func:`pick_reference_samples` draws ``k`` of a category's normal *training* images
-  with ``numpy.random.default_rng(seed)`` from the path-sorted list, so a seed fixes the references.
+What is banked (a choice the paper leaves open): ``which="fused"`` (default) banks the fused tap tokens
+of Eq. 2, i.e. ``FEClipOutput.tap_tokens``: the same features the patch path of the zero-shot map
+sees. ``which="plain"`` banks the tokens of each tap block *before* its adapter fuses them (the
+adapter's input). Every tap of the model is banked; test tokens are always compared tap by tap.
 """
 
 from __future__ import annotations
@@ -31,24 +27,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from feclip.errors import ConfigError, DatasetError
-from feclip.scoring import gaussian_blur, upsample
+from feclip.fileio import atomic_write_text
+from feclip.scoring import add_fewshot, combine, fewshot_maps, fewshot_scores
 
 FEATURE_KINDS = ("fused", "plain")
 
 __all__ = [
     "FEATURE_KINDS",
     "MemoryBank",
+    "category_banks",
     "combine",
     "fewshot_maps",
     "fewshot_predict",
     "fewshot_scores",
     "pick_reference_samples",
+    "record_references",
     "tap_features",
 ]
 
@@ -239,59 +239,40 @@ class MemoryBank:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Maps and scores
+# A run's banks, and the few-shot part of a prediction
 # ----------------------------------------------------------------------------------------------------
 
 
-def fewshot_maps(
-    tokens: torch.Tensor, bank: MemoryBank, size: int | tuple[int, int], sigma: float = 0.0
-) -> torch.Tensor:
-    """The few-shot map: mean over taps of the upsampled distance maps, then Gaussian ``sigma``.
-
-    Shape: tokens ``(N, B, h, w, D)`` -> ``(B, H, W)`` with ``size = H`` or ``(H, W)``.
-    """
-    dist = bank.distance_maps(tokens)  # (N, B, h, w)
-    n, b, h, w = dist.shape
-    up = upsample(dist.reshape(n * b, h, w), size)  # (N*B, H, W)
-    return gaussian_blur(up.reshape(n, b, *up.shape[-2:]).mean(0), sigma)
-
-
-def combine(
-    zero_shot_scores: torch.Tensor, zero_shot_maps: torch.Tensor, few_maps: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final score ``zs_score + max(few_map)`` and map ``zs_map + few_map``.
-
-    Shape: ``(B,), (B, H, W), (B, H, W) -> (B,), (B, H, W)``.
-    """
-    if zero_shot_maps.shape != few_maps.shape:
-        raise ConfigError(
-            f"zero-shot maps {tuple(zero_shot_maps.shape)} and few-shot maps {tuple(few_maps.shape)} differ"
-        )
-    few_maps = few_maps.to(zero_shot_maps.device)
-    scores = zero_shot_scores.float() + few_maps.flatten(1).amax(1).to(zero_shot_scores.device)
-    return scores, zero_shot_maps.float() + few_maps
+def category_banks(
+    model,
+    pool: Sequence,
+    categories: Sequence[str],
+    k: int,
+    seed: int,
+    which: str = "fused",
+    resize: str = "square",
+) -> dict[str, MemoryBank]:
+    """One bank per category, from ``k`` normal images of ``pool`` (a dataset's ``train`` samples)
+    drawn with ``seed`` (:func:`pick_reference_samples`), decoded with the test images' ``resize``."""
+    banks = {}
+    for category in categories:
+        chosen = pick_reference_samples(pool, k, seed, category)
+        banks[category] = MemoryBank.from_samples(model, chosen, which=which, resize=resize)
+    return banks
 
 
-def fewshot_scores(
-    out, bank: MemoryBank, size: int | tuple[int, int], sigma: float = 4.0, tokens: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Few-shot scores and maps from one model output (paper-default zero-shot part).
-
-    The zero-shot part is the output's own: ``out.image_score`` and the mean over taps of
-    ``out.tap_maps``, upsampled to ``size`` and blurred with ``sigma``. ``tokens`` defaults to
-    ``out.tap_tokens`` (``model(images, return_tokens=True)``); a ``plain`` bank needs the features
-    of :func:`tap_features`. Shape: ``-> (B,), (B, H, W)``.
-    """
-    if tokens is None:
-        if bank.which != "fused":
-            raise ConfigError(
-                "a 'plain' memory bank needs the tokens of tap_features(model, images, 'plain')"
-            )
-        tokens = out.tap_tokens
-    if tokens is None:
-        raise ConfigError("the model output has no tap_tokens: call model(images, return_tokens=True)")
-    zs_maps = gaussian_blur(upsample(out.tap_maps.mean(0), size), sigma)
-    return combine(out.image_score, zs_maps, fewshot_maps(tokens, bank, size, sigma))
+def record_references(
+    path: str | Path, dataset: str, k: int, seed: int, banks: dict[str, MemoryBank]
+) -> Path:
+    """Record the banks' reference images in ``path`` (``fewshot_references.csv``: columns
+    ``dataset,category,k,seed,image_path``), replacing the rows of ``dataset`` and keeping the
+    others' (a run evaluates several targets). Written atomically."""
+    path = Path(path)
+    header = "dataset,category,k,seed,image_path"
+    rows = [f"{dataset},{c},{k},{seed},{p}" for c, bank in banks.items() for p in bank.reference_paths]
+    old = path.read_text().splitlines()[1:] if path.exists() else []
+    kept = [x for x in old if not x.startswith(f"{dataset},")]
+    return atomic_write_text(path, "\n".join([header, *kept, *rows]) + "\n")
 
 
 @torch.no_grad()
@@ -305,11 +286,11 @@ def fewshot_predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the few-shot part to zero-shot results computed by any scoring configuration.
 
-    Runs ``model`` on ``images`` again for the bank's kind of features; ``sigma`` should be the one the
-    zero-shot maps were smoothed with. Shape: images ``(B, 3, S, S)``, scores ``(B,)``, maps
-    ``(B, H, W)`` -> final scores ``(B,)`` and maps ``(B, H, W)``.
+    Runs ``model`` on ``images`` again for the bank's kind of features, then
+    :func:`feclip.scoring.add_fewshot`; ``sigma`` should be the one the zero-shot maps were smoothed
+    with. Shape: images ``(B, 3, S, S)``, scores ``(B,)``, maps ``(B, H, W)`` -> final scores ``(B,)``
+    and maps ``(B, H, W)``.
     """
     bank.check_compatible(model)
     _, tokens = tap_features(model, images, bank.which)
-    few = fewshot_maps(tokens, bank, tuple(zero_shot_maps.shape[-2:]), sigma)
-    return combine(zero_shot_scores, zero_shot_maps, few)
+    return add_fewshot(tokens, bank, zero_shot_scores, zero_shot_maps, sigma)

@@ -1,4 +1,4 @@
-"""The only Hydra code: thin ``@hydra.main`` wrappers that turn the composed config into a typed
+"""``feclip-train`` and ``feclip-eval``, the only Hydra code: thin ``@hydra.main`` wrappers that turn the composed config into a typed
 :class:`feclip.config.RunConfig` and call the plain library function :func:`feclip.engine.run.run`.
 
 ``feclip-train [+experiment=NAME] [key=value ...]`` trains then evaluates; ``feclip-eval checkpoint=FILE``
@@ -22,10 +22,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from feclip.apps.common import fail
 from feclip.config import RunConfig
 from feclip.errors import ConfigError, FEClipError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("feclip")
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -126,8 +127,7 @@ def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
     try:
         run_cfg = to_run_config(cfg, "" if do_train else "eval")
     except FEClipError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(fail(prog, e)) from None
     try:
         run(run_cfg, do_train=do_train)
     except KeyboardInterrupt:
@@ -141,8 +141,7 @@ def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
         user_error = isinstance(e, FEClipError)
         if not _in_multirun():
             if user_error:
-                print(f"{prog}: error: {e}", file=sys.stderr)
-                raise SystemExit(2) from None
+                raise SystemExit(fail(prog, e)) from None
             raise
         if user_error:
             log.error("job failed: %s", e)

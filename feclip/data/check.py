@@ -1,20 +1,14 @@
-"""``feclip-data``: write the synthetic sets, check a dataset's ground truth, download a benchmark.
+"""The ground-truth check behind ``feclip-data check``: counts per category and split, every mask read,
+problems sorted into errors, warnings and notes (:class:`CheckReport`, :func:`check_dataset`), and the
+report as text (:func:`format_report`).
 
-Usage::
-
-    feclip-data synth ROOT [--seed 0] [--n-train-good 10] [--n-test-good 12] [--n-test-bad 24] [--image-size 256]
-    feclip-data check ROOT --dataset NAME [--categories a,b] [--decode] [--option key=value]
-    feclip-data download NAME --root DATA_ROOT [--dir FOLDER] [--remove-archive]
-    feclip-data info [NAME]
-
-Exit status: 0 success; 1 ``check`` found errors, or a download failed; 2 a usage error (unknown
-dataset, missing root, wrong layout), printed as one line ``feclip-data: error: ...``.
+The test split is held to the rules a run applies to an evaluation target
+(:func:`feclip.data.validate.target_problems`), so the check reports as errors exactly what would stop a
+run, and more (it decodes every mask).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,35 +17,29 @@ from pathlib import Path
 
 import numpy as np
 
-from feclip.data.samples import (
-    DATASETS,
-    DEFAULT_DIRS,
-    EmptyDatasetError,
-    Sample,
-    dataset_info,
-    list_samples,
-    listing_options,
-    natural_key,
-    reader_hook,
-)
-from feclip.errors import ConfigError, FEClipError
+from feclip.data.catalogue import dataset_info
+from feclip.data.layout import EmptyDatasetError, Listing
+from feclip.data.listing import list_samples, listing_options
+from feclip.data.sample import Sample, natural_key
+from feclip.data.transforms import check_image, load_mask_values
+from feclip.data.validate import jpeg_mask_warnings, target_problems
+from feclip.errors import FEClipError
 
-__all__ = ["CheckReport", "check_dataset", "main"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_THREADS",
+    "LARGE_MASK_FRACTION",
+    "CheckReport",
+    "check_dataset",
+    "format_report",
+]
 
-PROG = "feclip-data"
+#: A mask covering more than this fraction of its image is likely an object mask, not a defect mask.
 LARGE_MASK_FRACTION = 0.5
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one line and exits 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
-
-
-# ---------------------------------------------------------------------------------------------------
-# check
-# ---------------------------------------------------------------------------------------------------
+#: Threads reading the files (``feclip-data check --threads``).
+DEFAULT_THREADS = 8
+#: Errors, warnings and notes listed of each kind (``feclip-data check --limit``).
+DEFAULT_LIMIT = 20
 
 
 @dataclass
@@ -104,6 +92,8 @@ def _mask_kind(uniq: np.ndarray) -> str:
 
 @dataclass
 class _Inspected:
+    """What :func:`_inspect` found in one sample's files (the mask fields None without a mask)."""
+
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     signature: str | None = None
@@ -113,8 +103,6 @@ class _Inspected:
 
 def _inspect(sample: Sample, decode: bool) -> _Inspected:
     """Check one sample's files, its mask binarised with the sample's own threshold."""
-    from feclip.data.transforms import check_image, load_mask_values
-
     out = _Inspected()
     try:
         size = check_image(sample.image_path, decode=decode)
@@ -240,7 +228,7 @@ def check_dataset(
     categories: Sequence[str] | None = None,
     *,
     decode: bool = False,
-    threads: int = 8,
+    threads: int = DEFAULT_THREADS,
     **options,
 ) -> CheckReport:
     """The ground-truth sanity check behind ``feclip-data check``; see :class:`CheckReport`.
@@ -249,10 +237,17 @@ def check_dataset(
     (:func:`feclip.data.validate.target_problems`), so ``check`` reports as errors exactly what would
     stop a run, and more (it decodes every mask).
 
-    Raises DatasetError/ConfigError for an unknown name, a missing root or a wrong layout.
-    """
-    from feclip.data.validate import jpeg_mask_warnings, target_problems
+    Args:
+        name: one of :data:`feclip.data.DATASETS`.
+        root: the dataset root.
+        categories: the categories to check (default: all, and then the official list is compared).
+        decode: fully decode every image too (slower; catches truncated JPEG data).
+        threads: threads reading the files.
+        **options: reader options (see :func:`feclip.data.list_samples`).
 
+    Raises:
+        DatasetError, ConfigError: an unknown name, a missing root or a wrong layout.
+    """
     info = dataset_info(name)
     root = Path(root).expanduser()
     report = CheckReport(name, root)
@@ -315,16 +310,14 @@ def check_dataset(
                 report.warnings.append(f"official categories missing: {', '.join(missing)}")
             if extra:
                 report.warnings.append(f"categories not in the official list: {', '.join(extra)}")
-        mask_hook = reader_hook(info, info.mask_files)
-        if mask_hook is not None:
+        if info.mask_files is not None:
             used = {s.mask_path.resolve() for _, s in listed if s.mask_path is not None}
-            for path in mask_hook(root, **listing_options(options)):
+            for path in info.mask_files(Listing(info, root), **listing_options(options)):
                 if path.resolve() not in used:
                     report.errors.append(f"mask without image: {path}")
     _count_remarks(report, info, categories, options)
-    notes_hook = reader_hook(info, info.notes)
-    if notes_hook is not None:
-        for item in notes_hook(root, **listing_options(options)):
+    if info.notes is not None:
+        for item in info.notes(Listing(info, root), **listing_options(options)):
             if isinstance(item, tuple):  # (level, text)
                 (report.notes if item[0] == "note" else report.warnings).append(item[1])
             else:
@@ -333,225 +326,36 @@ def check_dataset(
     return report
 
 
-def _print_report(report: CheckReport, limit: int) -> None:
+def format_report(report: CheckReport, limit: int = DEFAULT_LIMIT) -> str:
+    """The report as text: the count table with totals per split, the mask values per category, then
+    notes, warnings and errors (at most ``limit`` lines each), and ``OK: no errors`` or ``FAILED: n
+    error(s)`` last."""
     info = dataset_info(report.name)
-    print(f"{report.name} at {report.root}  (pixel ground truth: {_yes_no(info.pixel_masks)})")
+    lines = [f"{report.name} at {report.root}  (pixel ground truth: {_yes_no(info.pixel_masks)})"]
     width = max([len("category")] + [len(r[0]) for r in report.rows])
-    print(f"{'category':<{width}}  split  images  normal  anomalous  masks")
+    lines.append(f"{'category':<{width}}  split  images  normal  anomalous  masks")
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for category, split, n, normal, bad, masks in report.rows:
-        print(f"{category:<{width}}  {split:<5}  {n:>6}  {normal:>6}  {bad:>9}  {masks:>5}")
+        lines.append(f"{category:<{width}}  {split:<5}  {n:>6}  {normal:>6}  {bad:>9}  {masks:>5}")
         for i, v in enumerate((n, normal, bad, masks)):
             totals[split][i] += v
     for split, (n, normal, bad, masks) in totals.items():
-        print(f"{'TOTAL':<{width}}  {split:<5}  {n:>6}  {normal:>6}  {bad:>9}  {masks:>5}")
+        lines.append(f"{'TOTAL':<{width}}  {split:<5}  {n:>6}  {normal:>6}  {bad:>9}  {masks:>5}")
     n_categories = len({r[0] for r in report.rows})
-    print(f"{n_categories} categories; {report.n_masks_read} masks read")
+    lines.append(f"{n_categories} categories; {report.n_masks_read} masks read")
     for category, signatures in report.mask_values.items():
         values = ", ".join(f"{sig} x{n}" for sig, n in signatures.most_common())
-        print(f"  mask values {category}: {values}")
+        lines.append(f"  mask values {category}: {values}")
     for title, items in (("notes", report.notes), ("warnings", report.warnings), ("errors", report.errors)):
         if not items:
             continue
-        print(f"{title} ({len(items)}):")
-        for line in items[:limit]:
-            print(f"  - {line}")
+        lines.append(f"{title} ({len(items)}):")
+        lines += [f"  - {line}" for line in items[:limit]]
         if len(items) > limit:
-            print(f"  ... and {len(items) - limit} more (--limit)")
-    print("OK: no errors" if not report.errors else f"FAILED: {len(report.errors)} error(s)")
+            lines.append(f"  ... and {len(items) - limit} more (--limit)")
+    lines.append("OK: no errors" if not report.errors else f"FAILED: {len(report.errors)} error(s)")
+    return "\n".join(lines)
 
 
 def _yes_no(value: bool | None) -> str:
     return {True: "yes", False: "no (image level only)", None: "depends on the files"}[value]
-
-
-# ---------------------------------------------------------------------------------------------------
-# commands
-# ---------------------------------------------------------------------------------------------------
-
-
-def _cmd_synth(args) -> int:
-    from feclip.data.synthetic import make_synthetic
-
-    sets = make_synthetic(
-        args.root,
-        seed=args.seed,
-        n_train_good=args.n_train_good,
-        n_test_good=args.n_test_good,
-        n_test_bad=args.n_test_bad,
-        image_size=args.image_size,
-        force=args.force,
-    )
-    for set_name, path in sets.items():
-        test = list_samples("synthetic", path, "test")
-        cats = sorted({s.category for s in test}, key=natural_key)
-        bad = sum(s.label for s in test)
-        print(f"{set_name}: {path}  ({', '.join(cats)}; test {len(test)} images, {bad} anomalous)")
-    return 0
-
-
-def _parse_options(pairs: list[str]) -> dict[str, str]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"--option takes key=value, got {pair!r}")
-        options[key] = value
-    return options
-
-
-def _cmd_check(args) -> int:
-    categories = [c for c in args.categories.split(",") if c] if args.categories else None
-    report = check_dataset(
-        args.dataset, args.root, categories, decode=args.decode, threads=args.threads, **args.options
-    )
-    _print_report(report, args.limit)
-    return 1 if report.errors else 0
-
-
-def _progress_printer():
-    state = {"last": -1}
-
-    def show(done: int, total: int | None) -> None:
-        step = int(done / total * 20) if total else done // (100 << 20)
-        if step != state["last"]:
-            state["last"] = step
-            amount = f"{done / 1e6:.0f} MB" + (f" / {total / 1e6:.0f} MB" if total else "")
-            print(f"  {amount}", file=sys.stderr, flush=True)
-
-    return show
-
-
-def _cmd_download(args) -> int:
-    from feclip.data.download import SOURCES, describe, fetch
-
-    info = dataset_info(args.name)
-    if args.name == "synthetic":
-        from feclip.data.synthetic import make_synthetic
-
-        target = Path(args.root).expanduser() / (args.dir or DEFAULT_DIRS["synthetic"])
-        sets = make_synthetic(target)
-        print(f"synthetic: nothing to download; generated {', '.join(str(p) for p in sets.values())}")
-        return 0
-    if args.name not in SOURCES:
-        raise ConfigError(f"{args.name} is your own data: there is nothing to download")
-    source = SOURCES[args.name]
-    if source.url is None:
-        print(f"{args.name} cannot be downloaded automatically (no public archive). Do this instead:\n")
-        print(describe(args.name))
-        return 0
-    target = fetch(
-        source,
-        args.root,
-        folder=args.dir,
-        keep_archive=not args.remove_archive,
-        progress=_progress_printer(),
-    )
-    try:
-        samples = list_samples(args.name, target, "test")
-        print(f"{args.name}: ready at {target} ({len(samples)} test images)")
-    except FEClipError as err:
-        print(f"{args.name}: extracted to {target}, but listing it failed: {err}")
-        print(f"expected layout: {info.layout}")
-        return 1
-    print(f"check it with: {PROG} check {target} --dataset {args.name}")
-    return 0
-
-
-def _cmd_info(args) -> int:
-    from feclip.data.download import SOURCES, describe
-
-    if args.name:
-        dataset_info(args.name)
-        if args.name in SOURCES:
-            print(describe(args.name))
-        else:
-            print(f"{args.name}: your own data; expected layout: {dataset_info(args.name).layout}")
-        return 0
-    print(f"{'dataset':<14} {'folder under DATA_ROOT':<24} {'download':<10} licence")
-    for name in DATASETS:
-        src = SOURCES.get(name)
-        kind = (
-            "-"
-            if src is None
-            else ("archive" if src.url else "generated" if name == "synthetic" else "manual")
-        )
-        licence = src.licence if src else "yours"
-        print(f"{name:<14} {DEFAULT_DIRS.get(name, '(your path)'):<24} {kind:<10} {licence}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG, description="Datasets for feclip: synthetic data, ground-truth checks, downloads."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("synth", help="write the two embedded synthetic MVTec-layout sets under ROOT")
-    p.add_argument("root", metavar="ROOT")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train-good", type=int, default=10)
-    p.add_argument("--n-test-good", type=int, default=12)
-    p.add_argument("--n-test-bad", type=int, default=24)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--force", action="store_true", help="rewrite even if complete")
-    p.set_defaults(func=_cmd_synth)
-
-    p = sub.add_parser("check", help="count images per category and split, and sanity-check the masks")
-    p.add_argument("root", metavar="ROOT", help="the dataset root, e.g. $DATA_ROOT/mvtec")
-    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME", help=", ".join(DATASETS))
-    p.add_argument("--categories", default=None, help="comma-separated subset")
-    p.add_argument("--decode", action="store_true", help="fully decode every image (slower)")
-    p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--limit", type=int, default=20, help="list at most this many errors/warnings each")
-    p.add_argument(
-        "--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help="reader option"
-    )
-    p.set_defaults(func=_cmd_check)
-
-    p = sub.add_parser("download", help="download and extract a benchmark (or print the manual steps)")
-    p.add_argument("name", metavar="NAME", choices=DATASETS, help=", ".join(DATASETS))
-    p.add_argument("--root", required=True, help="DATA_ROOT: the dataset goes to ROOT/<default folder>")
-    p.add_argument(
-        "--dir",
-        default=None,
-        metavar="FOLDER",
-        help="the folder under ROOT to put it in (default: the dataset's default folder, e.g. mvtec); "
-        "a run finds it with the dataset's `dir: FOLDER`",
-    )
-    p.add_argument("--remove-archive", action="store_true", help="delete the archive after extraction")
-    p.set_defaults(func=_cmd_download)
-
-    p = sub.add_parser("info", help="the dataset source table: folders, licences, download")
-    p.add_argument("name", nargs="?", choices=DATASETS, metavar="NAME")
-    p.set_defaults(func=_cmd_info)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``feclip-data``; returns the exit status."""
-    from feclip.data.download import DownloadError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "check":
-            args.options = _parse_options(args.options)
-        return args.func(args)
-    except argparse.ArgumentTypeError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except DownloadError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    except FEClipError as err:
-        message = " ".join(str(err).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Rendering: the summary and paired tables as Markdown and LaTeX, with their footnotes.
+
+One table per study and averaging: rows variant x backbone x dataset, cells ``91.2 ± 0.3 (5)`` (percent,
+mean ± sample std over seeds, number of seeds; :data:`FLAG` marks fewer seeds than the table's usual
+count, :data:`INCOMPLETE_FLAG` a macro that does not cover the dataset's official categories), with
+paper/gap and study/study gap columns where there are such numbers. The Markdown adds each study's
+paired differences (:mod:`feclip.report.paired`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+from feclip.report.aggregate import WHY_PROTOCOL, _mode_count
+from feclip.report.backbones import _backbone_labels
+from feclip.report.orders import METRIC_ORDER, _ordered
+from feclip.report.paired import CONFIDENCE
+from feclip.report.references import PAPER_METHOD, PAPER_SETTING
+from feclip.results import UNKNOWN, is_paper_backbone
+
+__all__ = ["MAIN_METRICS", "format_cell", "format_paired", "render_latex", "render_markdown"]
+
+#: Metrics shown in the tables and study plots by default (the ones the paper reports).
+MAIN_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro_zsad")
+FLAG = "†"
+FLAG_NOTE = "fewer seeds than the other cells"
+#: Marks a macro cell whose categories are not the dataset's official list (or differ between seeds).
+INCOMPLETE_FLAG = "‡"
+DASH = "–"
+#: Label columns of the summary and paired tables (left-aligned; the rest are numbers).
+_SUMMARY_LABELS = ["variant", "backbone", "train", "dataset"]
+_PAIRED_LABELS = ["A − B", "backbone", "train", "dataset"]
+#: The two columns a metric gets in a table when the study's numbers are attached.
+STUDY_HEADER = ["study", "study gap"]
+
+
+def _num(value: float, digits: int = 1) -> str:
+    """A number with fixed decimals; ``nan`` shown as a dash."""
+    return DASH if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _signed(value: float, digits: int = 1) -> str:
+    """A signed number (``+0.4``, ``−0.4`` with a minus sign); ``nan`` shown as a dash."""
+    if value is None or math.isnan(value):
+        return DASH
+    text = f"{value:+.{digits}f}"
+    return text.replace("-", "−")
+
+
+def format_cell(mean: float, std: float, n: int, flagged: bool = False, incomplete: bool = False) -> str:
+    """``91.2 ± 0.3 (5)``; std ``–`` for one seed, mean ``nan`` when undefined, ``†`` when flagged (fewer
+    seeds), ``‡`` when the macro does not cover the dataset's official categories."""
+    mean_text = "nan" if math.isnan(mean) else f"{mean:.1f}"
+    marks = (FLAG if flagged else "") + (INCOMPLETE_FLAG if incomplete else "")
+    return f"{mean_text} ± {_num(std)} ({n})" + marks
+
+
+def format_paired(mean: float, low: float, high: float, n: int, distinguishable: bool | None) -> str:
+    """``+0.40 [+0.10, +0.70] (5)``; ``[n/a]`` without a CI; wrapped in ``**`` when the CI excludes 0."""
+    ci = "[n/a]" if distinguishable is None else f"[{_signed(low, 2)}, {_signed(high, 2)}]"
+    text = f"{_signed(mean, 2)} {ci} ({n})"
+    return f"**{text}**" if distinguishable else text
+
+
+def _study_cell(mean: float, std: float) -> str:
+    """The study's number: ``90.7 ± 0.3`` with its std, ``95.6`` without, ``–`` when it has none."""
+    if mean is None or math.isnan(mean):
+        return DASH
+    return _num(mean) if std is None or math.isnan(std) else f"{_num(mean)} ± {_num(std)}"
+
+
+def _summary_table(
+    cells: pd.DataFrame, metrics: Sequence[str], labels: dict[str, str]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one study table: rows variant x backbone x dataset, a cell per metric (+ paper,
+    gap; + study, study gap; both pairs empty where the row is not compared with that reference)."""
+    metrics = [m for m in metrics if m in set(cells["metric"])]
+
+    def shown(value_column: str, why_column: str) -> list[str]:
+        if value_column not in cells:
+            return []
+        return [
+            m
+            for m in metrics
+            if cells.loc[cells["metric"] == m, value_column].notna().any()
+            or (cells.loc[cells["metric"] == m, why_column] != "").any()
+        ]
+
+    with_paper = shown("paper", "not_compared")
+    with_study = shown("study_mean", "not_compared_study")
+    header = list(_SUMMARY_LABELS)
+    for m in metrics:
+        header += [m] + (["paper", "gap"] if m in with_paper else [])
+        header += STUDY_HEADER if m in with_study else []
+    rows = []
+    row_keys = ["variant", "backbone", "train_dataset", "dataset"]
+    index = cells.set_index(row_keys + ["metric"])
+    for (variant, backbone, train, dataset), _ in cells.groupby(row_keys, sort=False):
+        row = [variant, labels.get(backbone, backbone), train, dataset]
+        for m in metrics:
+            key = (variant, backbone, train, dataset, m)
+            cell = index.loc[key] if key in index.index else None
+            row.append(
+                ""
+                if cell is None
+                else format_cell(
+                    cell["mean"], cell["std"], cell["n_seeds"], cell["flagged"], cell["incomplete"]
+                )
+            )
+            if m in with_paper:
+                if cell is None or cell["not_compared"]:
+                    row += ["", ""]
+                else:
+                    row += [_num(cell["paper"]), _signed(cell["gap"])]
+            if m in with_study:
+                if cell is None or cell["not_compared_study"]:
+                    row += ["", ""]
+                else:
+                    row += [_study_cell(cell["study_mean"], cell["study_std"]), _signed(cell["gap_study"])]
+        rows.append(row)
+    return header, rows
+
+
+def _paired_table(
+    pairs: pd.DataFrame, metrics: Sequence[str], labels: dict[str, str]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one study's paired table: rows pair x backbone x dataset, a cell per metric."""
+    metrics = [m for m in metrics if m in set(pairs["metric"])]
+    header = list(_PAIRED_LABELS) + list(metrics)
+    rows = []
+    row_keys = ["variant_a", "variant_b", "backbone", "train_dataset", "dataset"]
+    index = pairs.set_index(row_keys + ["metric"])
+    for (a, b, backbone, train, dataset), _ in pairs.groupby(row_keys, sort=False):
+        row = [f"{a} − {b}", labels.get(backbone, backbone), train, dataset]
+        for m in metrics:
+            key = (a, b, backbone, train, dataset, m)
+            if key not in index.index:
+                row.append("")
+                continue
+            p = index.loc[key]
+            row.append(
+                format_paired(p["mean_diff"], p["ci_low"], p["ci_high"], p["n_shared"], p["distinguishable"])
+            )
+        rows.append(row)
+    return header, rows
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], n_labels: int = 4) -> str:
+    """A GitHub-flavoured Markdown table (the first ``n_labels`` columns left-aligned)."""
+    align = ["---" if i < n_labels else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(r) + " |" for r in [list(header), align, *rows]]
+    return "\n".join(lines)
+
+
+def _typical_seeds(cells: pd.DataFrame) -> int:
+    """The most common seed count of a table's cells (0 for an empty table)."""
+    return _mode_count(cells["n_seeds"]) if not cells.empty else 0
+
+
+def _foreign_backbones(cells: pd.DataFrame) -> list[str]:
+    """The backbones of ``cells`` that are not the paper's CLIP, sorted."""
+    return sorted(b for b in set(cells["backbone"]) if not is_paper_backbone(b))
+
+
+def _backbone_note(backbones: Sequence[str], labels: dict[str, str]) -> str:
+    """The note on rows from a backbone that is not the paper's (random, fallback, other, unknown)."""
+    names = ", ".join(labels.get(b, b) for b in backbones)
+    text = (
+        f"rows from a random/fallback backbone are not compared with the paper: their backbone ({names}) "
+        "is not the paper's CLIP, ViT-L/14@336 with OpenAI weights"
+    )
+    if UNKNOWN in backbones:
+        text += (
+            f"; {UNKNOWN} = a metrics.csv written before the backbone column, whose CLIP cannot be "
+            "told, so it is not comparable either (re-run it to record the backbone)"
+        )
+    return text + "."
+
+
+def _table_notes(
+    cells: pd.DataFrame, paper_label: str | None, labels: dict[str, str], study_label: str | None = None
+) -> list[str]:
+    """Footnotes under a summary table: the seed flag, incomplete macros, backbones, the paper and study
+    legends."""
+    notes = []
+    withheld_study = (
+        cells.loc[cells["not_compared_study"] != "", "not_compared_study"]
+        if "not_compared_study" in cells
+        else pd.Series(dtype=object)
+    )
+    with_study = ("study_mean" in cells and cells["study_mean"].notna().any()) or not withheld_study.empty
+    references = "the paper or the study" if with_study else "the paper"
+    if cells["flagged"].any():
+        notes.append(f"{FLAG} {FLAG_NOTE} (most cells have {_typical_seeds(cells)}).")
+    incomplete = cells[cells["incomplete"]]
+    if not incomplete.empty:
+        covered = ", ".join(
+            f"{d} {c}" for d, c in dict.fromkeys(zip(incomplete["dataset"], incomplete["categories"]))
+        )
+        notes.append(
+            f"{INCOMPLETE_FLAG} incomplete macro: the categories averaged are not the dataset's official "
+            f"list, or differ between seeds ({covered}); never compared with {references}."
+        )
+    foreign = _foreign_backbones(cells)
+    if foreign:
+        notes.append(_backbone_note(foreign, labels))
+    withheld = cells.loc[cells["not_compared"] != "", "not_compared"]
+    if withheld.str.contains(WHY_PROTOCOL).any():
+        notes.append(
+            "rows trained on another auxiliary dataset than the paper's (VisA for mvtec, MVTec AD "
+            "otherwise) are not compared with the paper."
+        )
+    if (cells["paper"].notna().any() or not withheld.empty) and paper_label:
+        legend = f"paper: {paper_label}; gap = ours − paper, in points"
+        notes.append(legend + ("; empty: not compared (see above)." if not withheld.empty else "."))
+    if with_study:
+        legend = (
+            f"study: the numbers of {study_label or 'a reproduction study'}. A row's study number is the "
+            "study's mean (± its std over its seeds, where it gives one) for the row's taps set (named by "
+            "the taps= item of its variant), training and evaluated dataset; study gap = ours − study, in "
+            f"points; {DASH}: the study has no number for the row (or its variant names no taps set)"
+        )
+        if not withheld_study.empty:
+            legend += "; empty: not compared (another backbone or an incomplete macro, as for the paper)"
+        notes.append(legend + ".")
+    return notes
+
+
+def _study_label(study: pd.DataFrame | None) -> str | None:
+    """How the notes name a study numbers file: its path and its own comment lines (its settings)."""
+    if study is None:
+        return None
+    source = study.attrs.get("source", "the reproduction study's numbers")
+    comments = " ".join(c for c in study.attrs.get("comments", []) if c)
+    return f'{source}, whose comments read: "{comments.rstrip(".")}"' if comments else source
+
+
+def _study_metrics(cells: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
+    """The requested metrics present in a table; the main ones by default (all when none of them is present)."""
+    present = _ordered(cells["metric"], METRIC_ORDER)
+    if metrics is None:
+        main = [m for m in present if m in MAIN_METRICS]
+        return main or present
+    return [m for m in metrics if m in present]
+
+
+def render_markdown(
+    summary: pd.DataFrame,
+    paired: pd.DataFrame | None = None,
+    metrics: Sequence[str] | None = None,
+    title: str = "FE-CLIP results",
+    paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
+    study_label: str | None = None,
+) -> str:
+    """The Markdown report: per study a macro table, a micro table when present and the paired table.
+
+    ``study_label`` names the study numbers in the notes (:func:`_study_label`: the file and its
+    settings) where the summary carries them.
+    """
+    labels = _backbone_labels(summary["backbone"])
+    out = [
+        f"# {title}",
+        "",
+        "Percent; mean ± sample std over seeds (number of seeds); per seed, macro = unweighted mean over "
+        "the dataset's categories.",
+    ]
+    foreign = _foreign_backbones(summary)
+    if foreign:
+        note = _backbone_note(foreign, labels)
+        out += ["", f"> **Warning: not the paper's CLIP.** {note[0].upper()}{note[1:]}"]
+    for study in sorted(summary["study"].unique()):
+        out += ["", f"## Study `{study}`"]
+        for averaging, label in (("macro", "macro (paper protocol)"), ("micro", "micro (pooled, ablation)")):
+            cells = summary[(summary["study"] == study) & (summary["averaging"] == averaging)]
+            if cells.empty:
+                continue
+            header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
+            out += ["", f"### {label.capitalize()}", "", _markdown_table(header, rows, len(_SUMMARY_LABELS))]
+            notes = _table_notes(cells, paper_label, labels, study_label)
+            out += [""] + notes if notes else []
+        pairs = paired[paired["study"] == study] if paired is not None and not paired.empty else None
+        if pairs is not None and not pairs.empty:
+            header, rows = _paired_table(pairs, _study_metrics(pairs, metrics), labels)
+            out += [
+                "",
+                "### Paired differences",
+                "",
+                f"Cells: A − B in points, the mean of the per-seed differences over the seeds both share "
+                f"[{CONFIDENCE:.0%} CI, Student t, n−1 dof] (n shared seeds), within one backbone. "
+                "**Bold**: the CI excludes 0, the difference is distinguishable from seed noise; n/a: fewer "
+                "than 2 shared seeds.",
+                "",
+                _markdown_table(header, rows, len(_PAIRED_LABELS)),
+            ]
+    return "\n".join(out) + "\n"
+
+
+_TEX_REPLACEMENTS = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "†": r"$^\dagger$",
+    "‡": r"$^\ddagger$", "–": "--", "−": "$-$",
+}  # fmt: skip
+
+
+def _tex(text: str) -> str:
+    """Escape a cell for LaTeX (and typeset ±, †, ‡, dashes and minus signs)."""
+    return "".join(_TEX_REPLACEMENTS.get(ch, ch) for ch in str(text))
+
+
+def _latex_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    caption: str,
+    notes: Sequence[str],
+    n_labels: int = 4,
+) -> str:
+    """A booktabs tabular with a comment line naming it and the notes as last rows."""
+    spec = "l" * n_labels + "r" * (len(header) - n_labels)
+    lines = [
+        f"% {caption}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(map(_tex, header)) + r" \\",
+    ]
+    lines.append(r"\midrule")
+    lines += [" & ".join(map(_tex, row)) + r" \\" for row in rows]
+    lines.append(r"\bottomrule")
+    lines += [f"\\multicolumn{{{len(header)}}}{{l}}{{\\footnotesize {_tex(n)}}} \\\\" for n in notes]
+    lines.append(r"\end{tabular}")
+    return "\n".join(lines)
+
+
+def render_latex(
+    summary: pd.DataFrame,
+    metrics: Sequence[str] | None = None,
+    paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
+    study_label: str | None = None,
+) -> str:
+    """The summary tables as LaTeX tabulars (booktabs), one per study and averaging."""
+    labels = _backbone_labels(summary["backbone"])
+    blocks = [
+        "% feclip-report: percent, mean +- sample std over seeds (n seeds). Needs \\usepackage{booktabs}."
+    ]
+    for study in sorted(summary["study"].unique()):
+        for averaging in ("macro", "micro"):
+            cells = summary[(summary["study"] == study) & (summary["averaging"] == averaging)]
+            if cells.empty:
+                continue
+            header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
+            notes = _table_notes(cells, paper_label, labels, study_label)
+            blocks.append(
+                _latex_table(header, rows, f"study {study}, {averaging}", notes, len(_SUMMARY_LABELS))
+            )
+    return "\n\n".join(blocks) + "\n"

@@ -1,0 +1,194 @@
+"""Every default value has one home: the dataclasses of feclip/config.py (and FEClipConfig).
+
+``conf/train.yaml`` composes the schema (``run_schema``, :class:`feclip.config.RunConfig`) first, so a
+dataclass default reaches ``feclip-train`` unless a YAML file sets the key. The rule for the YAML files,
+by folder of ``conf/``:
+
+- settings over the schema (``backbone/``, ``model/``, ``train/``, ``eval/``, ``logger/``, the primary
+  configs ``train.yaml`` and ``eval.yaml``, and ``experiment/`` outside its ``defaults`` and ``hydra``
+  keys) set only values that differ from the dataclass default. A group option that is the defaults
+  (``model=feclip``, ``train=paper``, ...) is an empty file. An experiment may name a default value only
+  as one point of its sweep (``hydra.sweeper.params``), never as a plain setting;
+- named sets (``taps/``, ``protocol/``, ``postprocess/``, ``tap_agg/``, ``preset/``) pin every value they
+  name, default or not: each option stands for a fixed set (a tap set, a list of datasets, a
+  post-processing recipe, the earlier study's settings) that must keep its meaning when a default
+  changes, and an axis option must be complete whatever preset or experiment sits below it. The primary
+  config selects none of them where the dataclass has the value (``taps: null``, not ``spread3``);
+  ``protocol`` is selected because the dataclass has no dataset list;
+- ``hydra/`` and ``sweep/`` hold Hydra settings (launchers, the shared sweep axes), not run values.
+
+A new folder under ``conf/`` fails here until it is put in one of these classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from feclip.apps.train import CONF_DIR, to_run_config
+from feclip.config import BackboneConfig, LoggerConfig, PathsConfig, RunConfig, TrainConfig
+from feclip.models.feclip import FEClipConfig
+
+CONF = Path(CONF_DIR)
+STATES_DIFFERENCES = {"backbone", "model", "train", "eval", "logger", "experiment"}
+NAMED_SETS = {"taps", "protocol", "postprocess", "tap_agg", "preset"}
+NOT_RUN_VALUES = {"hydra", "sweep"}
+# what the primary configs set on top of the schema (everything else composes to the dataclass default)
+PRIMARY_SETS = {
+    "train": {"variant", "paths.data_root", "data.train", "data.targets"},
+    "eval": {"variant", "paths.data_root", "data.train", "data.targets", "study"},
+}
+_MISSING = object()
+
+
+def _package(path: Path) -> str:
+    """Where a config file's keys land in the run config ('' = the root)."""
+    first = path.read_text().splitlines()[:3]
+    for line in first:
+        if line.startswith("# @package"):
+            package = line.split("@package", 1)[1].strip()
+            return "" if package == "_global_" else package
+    rel = path.relative_to(CONF)
+    return ".".join(rel.parts[:-1])  # a group's default package is the group; a primary config the root
+
+
+def _restated(values, schema: DictConfig, prefix: str) -> list[str]:
+    """Dotted keys of ``values`` whose value equals the schema's default at that key."""
+    found = []
+    for key, value in (values or {}).items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        default = OmegaConf.select(schema, dotted, default=_MISSING)
+        if default is _MISSING:
+            continue  # not a schema key: the composition tests fail on it
+        if (
+            isinstance(default, DictConfig)
+            and isinstance(value, dict)
+            and OmegaConf.get_type(default) is not dict
+        ):
+            found += _restated(value, schema, dotted)  # a dataclass node: field by field
+            continue
+        if isinstance(default, DictConfig | ListConfig):
+            default = OmegaConf.to_container(default)
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (value, default))
+        if value == default and (type(value) is type(default) or numbers):
+            found.append(dotted)
+    return found
+
+
+def _stating_files() -> list[Path]:
+    files = [CONF / "train.yaml", CONF / "eval.yaml"]
+    for group in sorted(STATES_DIFFERENCES):
+        files += sorted((CONF / group).glob("*.yaml"))
+    return files
+
+
+def test_every_config_folder_follows_a_rule():
+    folders = {p.name for p in CONF.iterdir() if p.is_dir()}
+    classes = [STATES_DIFFERENCES, NAMED_SETS, NOT_RUN_VALUES]
+    assert folders == set().union(*classes), "put the new conf/ folder in one class of the module docstring"
+    assert sum(len(c) for c in classes) == len(set().union(*classes))
+
+
+@pytest.mark.parametrize("path", _stating_files(), ids=lambda p: str(p.relative_to(CONF)))
+def test_no_yaml_file_restates_a_dataclass_default(path):
+    data = yaml.safe_load(path.read_text()) or {}
+    package = _package(path)
+    if package == "":
+        data = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
+    for part in reversed(package.split(".") if package else []):
+        data = {part: data}
+    restated = _restated(data, OmegaConf.structured(RunConfig), "")
+    assert not restated, (
+        f"{path.relative_to(CONF)} restates the dataclass default of {restated}: the default lives in "
+        "feclip/config.py only (delete the line; an option equal to the defaults is an empty file)"
+    )
+
+
+def test_the_rule_catches_a_restated_default():
+    schema = OmegaConf.structured(RunConfig)
+    assert _restated({"train": {"lr": 5.0e-4, "epochs": 3}}, schema, "") == ["train.lr"]
+    assert _restated({"train": {"loss": {"focal_alpha": None}}}, schema, "") == ["train.loss.focal_alpha"]
+    assert _restated({"eval": {"aupro": {"methods": ["exact", "zsad"]}}}, schema, "") == [
+        "eval.aupro.methods"
+    ]
+    assert _restated({"model": {"taps": [15, 18, 21, 23], "lam": 0.2}}, schema, "") == ["model.taps"]
+    assert _restated({"seed": 42, "paths": {"data_root": "${oc.env:DATA_ROOT,data}"}}, schema, "") == ["seed"]
+    assert _restated({"train": {"resume": 1}}, schema, "") == []  # 1 is not the default True
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict) and value:
+                out.update(_leaves(value, dotted))
+            else:
+                out[dotted] = value
+        return out
+    return {prefix: node}
+
+
+def _compose(name: str, overrides=()):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(PRIMARY_SETS))
+def test_the_composed_config_is_the_dataclass_defaults(name):
+    composed = _leaves(OmegaConf.to_container(_compose(name)))
+    defaults = _leaves(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    differ = {
+        key
+        for key in set(composed) | set(defaults)
+        if composed.get(key, _MISSING) != defaults.get(key, _MISSING)
+    }
+    stray = {k for k in differ if not any(k == s or k.startswith(f"{s}.") for s in PRIMARY_SETS[name])}
+    assert not stray, f"feclip-{name} does not take these from the dataclasses: {sorted(stray)}"
+
+
+def test_a_changed_dataclass_default_reaches_feclip_train():
+    """The schema with other defaults (as if feclip/config.py were edited) changes the composed run."""
+    changed = RunConfig(
+        seed=7,
+        paths=PathsConfig(results_dir="elsewhere"),
+        backbone=BackboneConfig(precision="bf16"),
+        model=FEClipConfig(taps=(20, 21, 22, 23), lam=0.25, temperature=0.05),
+        train=TrainConfig(lr=1.25e-3, epochs=3, betas=[0.8, 0.99]),
+        logger=LoggerConfig(project="other"),
+    )
+    changed.train.loss.focal_gamma = 3.0
+    changed.train.fc_patch.policy = "same"
+    changed.eval.sigma = 2.0
+    changed.eval.aupro.fpr_limit = 0.1
+    changed.data.mask_resize = "nearest"
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=changed)
+    try:
+        for name in PRIMARY_SETS:
+            run = to_run_config(_compose(name))
+            for field in ("seed", "paths.results_dir", "backbone", "model", "train", "logger"):
+                head, _, tail = field.partition(".")
+                got, want = getattr(run, head), getattr(changed, head)
+                if tail:
+                    got, want = getattr(got, tail), getattr(want, tail)
+                assert got == want, field
+            assert run.eval.sigma == 2.0 and run.eval.aupro.fpr_limit == 0.1
+            assert run.data.mask_resize == "nearest"
+        # a group option over the defaults still applies on top of the changed ones
+        assert to_run_config(_compose("train", ["+experiment=demo"])).train.lr == 2.0e-3
+    finally:
+        store.store(name="run_schema", node=RunConfig)
+    assert to_run_config(_compose("train")).train.lr == TrainConfig().lr
+
+
+def test_the_default_taps_are_the_spread3_set():
+    """The docs call the default tap set spread3: the named set and the dataclass default agree."""
+    spread3 = yaml.safe_load((CONF / "taps" / "spread3.yaml").read_text())["taps"]
+    assert tuple(spread3) == FEClipConfig().taps
+    assert to_run_config(_compose("train", ["taps=spread3"])).model == to_run_config(_compose("train")).model

@@ -1,0 +1,257 @@
+"""The CUDA paths, on a real GPU (``-m gpu``; skipped where CUDA is absent, never run in CI).
+
+What the CPU tests emulate is checked here for real, with the tiny random CLIP (seconds):
+
+* one precision policy: under bf16 on CUDA (real autocast), cached and uncached training steps,
+  evaluation and ``feclip-predict``, few-shot banks and test tokens give the same numbers;
+* the host waits for the device at most once per evaluation batch and never inside a training step,
+  as ``torch.cuda.set_sync_debug_mode`` sees it (the CPU count is in ``tests/test_hostsync.py``);
+* fp32 on CUDA (TF32 off) equals the CPU within rounding, outputs and gradients;
+* ``train.deterministic`` training is bit-for-bit repeatable on CUDA, and evaluation is repeatable;
+* ``DataLoader`` workers with pinned memory change no number.
+
+``scripts/gpu_session.sh`` runs this file on the lent GPU machine (docs/gpu_bench.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from feclip.config import EvalConfig, LossConfig, TrainConfig
+from feclip.data import AnomalyDataset, list_samples, make_synthetic
+from feclip.engine import train as train_module
+from feclip.engine.cache import PrefixCache
+from feclip.engine.evaluate import predict
+from feclip.losses import feclip_loss
+from feclip.models import FEClip, FEClipConfig, load_clip
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    return make_synthetic(root, n_train_good=2, n_test_good=3, n_test_bad=3, image_size=64)
+
+
+def tiny_clip():
+    torch.manual_seed(0)
+    clip = load_clip("feclip-tiny")
+    clip.logit_scale.data.fill_(math.log(100.0))
+    return clip
+
+
+def model_on(device: torch.device, precision: str | None = None, **kw) -> FEClip:
+    """The tiny FE-CLIP with adapters that matter (random, not the near-identity initialisation)."""
+    torch.manual_seed(0)
+    model = FEClip(tiny_clip().to(device), FEClipConfig(**kw), precision=precision)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * 0.2).to(p.device))
+    return model
+
+
+@contextmanager
+def full_fp32():
+    """TF32 off for matrix products and convolutions (a CUDA vs CPU comparison in fp32)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@contextmanager
+def cuda_syncs():
+    """The synchronising CUDA calls that ``set_sync_debug_mode`` reports, as they happen: a list of
+    ``file:line`` of the Python code that made each (it grows while the block runs)."""
+    seen: list[str] = []
+    old = torch.cuda.get_sync_debug_mode()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            seen.append(f"{filename}:{lineno}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+
+
+# -- one precision policy ---------------------------------------------------------------------------
+
+
+def test_the_default_precision_on_cuda_is_bf16_with_an_fp32_head():
+    model = model_on(CUDA)
+    assert model.precision == "bf16" and model.token_dtype == torch.float32
+    x = torch.randn(2, 3, model.image_size, model.image_size, device=CUDA)
+    with torch.no_grad():
+        out = model(x)
+    assert out.tap_cls_logits.dtype == torch.float32 and out.tap_patch_logits.dtype == torch.float32
+
+
+def test_cached_and_uncached_training_steps_agree_on_cuda(sets):
+    model = model_on(CUDA, "bf16")
+    ds = AnomalyDataset(list_samples("synthetic", sets["set_a"])[:6], image_size=84)
+    cache = PrefixCache(model, ds, CUDA, batch_size=4)
+    picked = [4, 1, 5]
+    cached = cache.batch(picked)
+    images = torch.stack([ds[i]["image"] for i in picked]).to(CUDA)
+    labels = torch.tensor([ds[i]["label"] for i in picked], device=CUDA)
+    masks = cached["mask"].to(CUDA)
+    results = []
+    model.train()
+    for forward, inputs in ((model.forward_from_prefix, cached["tokens"].to(CUDA)), (model.forward, images)):
+        model.zero_grad(set_to_none=True)
+        loss, _ = feclip_loss(forward(inputs), masks, labels, LossConfig())
+        loss.backward()
+        results.append(
+            (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    # the same kernels on the same tokens: equal up to the non-determinism of atomics in the backward
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=0)
+    for k in grads_a:
+        scale = grads_a[k].abs().max().clamp(min=1e-12)
+        assert ((grads_a[k] - grads_b[k]).abs().max() / scale).item() < 1e-4, k
+
+
+def test_evaluation_and_predict_give_the_same_numbers_on_cuda(sets):
+    from feclip.predict import score_batch
+
+    model = model_on(CUDA, "bf16")
+    ds = AnomalyDataset(list_samples("synthetic", sets["set_b"]), image_size=84)
+    preds = predict(model, ds, EvalConfig(batch_size=4, sigma=4.0), CUDA)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(CUDA)
+    chunks = [score_batch(model, images[i : i + 4], sigma=4.0) for i in range(0, len(ds), 4)]
+    np.testing.assert_allclose(
+        preds.scores, torch.cat([c[0] for c in chunks]).double().numpy(), rtol=0, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.stack(preds.maps), torch.cat([c[1] for c in chunks]).numpy(), rtol=0, atol=1e-5
+    )
+
+
+def test_a_fewshot_reference_is_at_distance_zero_from_its_bank_on_cuda(sets):
+    from feclip.models.fewshot import MemoryBank, fewshot_maps
+
+    model = model_on(CUDA, "bf16")
+    refs = [s for s in list_samples("synthetic", sets["set_b"], split="train") if s.category == "cat"][:1]
+    bank = MemoryBank.from_samples(model, refs)
+    ds = AnomalyDataset(refs, image_size=84)
+    with torch.no_grad():
+        out = model(ds[0]["image"][None].to(CUDA), return_tokens=True)
+    assert fewshot_maps(out.tap_tokens, bank, 84, sigma=0.0).abs().max().item() < 1e-5
+
+
+def test_fp32_on_cuda_matches_the_cpu():
+    """Outputs within 1e-4 (probabilities), gradients within 1e-3 of each gradient's largest value."""
+    cpu_model = model_on(torch.device("cpu"), "fp32")
+    cuda_model = copy.deepcopy(cpu_model).to(CUDA)
+    size = cpu_model.image_size
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(4, size, size)
+    masks[1::2, size // 4 : size // 2, size // 3 : size // 2] = 1.0
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def run(model, device):
+        model.eval()
+        with torch.no_grad():
+            out = model(x.to(device))
+        outputs = [out.tap_cls_logits.softmax(-1).cpu(), out.tap_patch_logits.softmax(-1).cpu()]
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss, _ = feclip_loss(model(x.to(device)), masks.to(device), labels.to(device), LossConfig())
+        loss.backward()
+        return outputs, {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}
+
+    with full_fp32():
+        ref_out, ref_grads = run(cpu_model, torch.device("cpu"))
+        out, grads = run(cuda_model, CUDA)
+    assert max((a - b).abs().max().item() for a, b in zip(ref_out, out)) < 1e-4
+    assert ref_grads.keys() == grads.keys()
+    for k in ref_grads:
+        scale = ref_grads[k].abs().max().clamp(min=1e-12)
+        assert ((ref_grads[k] - grads[k]).abs().max() / scale).item() < 1e-3, k
+
+
+# -- host synchronisations ------------------------------------------------------------------------
+
+
+def test_an_evaluation_batch_synchronises_at_most_once(sets):
+    ds = AnomalyDataset(list_samples("synthetic", sets["set_b"]), image_size=84).preload()
+    model = model_on(CUDA, "bf16")
+    cfg = EvalConfig(batch_size=4, sigma=4.0)
+    predict(model, ds, cfg, CUDA)  # warm-up: kernel selection, the Gaussian kernel's buffers
+    torch.cuda.synchronize()
+    with cuda_syncs() as syncs:
+        predict(model, ds, cfg, CUDA)
+    batches = math.ceil(len(ds) / cfg.batch_size)
+    assert len(syncs) <= batches, syncs[:5]
+
+
+@pytest.mark.parametrize("prefix_cache", ["on", "off"])
+def test_training_steps_never_wait_for_the_device(sets, tmp_path, monkeypatch, prefix_cache):
+    """Between two optimizer steps of an epoch, no synchronisation (CHECK_EVERY large: the loss is read
+    at the epoch's end only). The prefix cache's build before the first step and the epoch end's
+    checkpoint (each weight copied to the host) may wait; they happen once per epoch, not per step."""
+    ds = AnomalyDataset(list_samples("synthetic", sets["set_a"]), image_size=84).preload()  # 18 images
+    model = model_on(CUDA, "bf16")
+    monkeypatch.setattr(train_module, "CHECK_EVERY", 10_000)
+    cfg = TrainConfig(epochs=1, batch_size=2, prefix_cache=prefix_cache, progress=False, resume=False)
+    at_step: list[int] = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        at_step.append(len(syncs))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with cuda_syncs() as syncs:
+        result = train_module.train(model, ds, cfg, tmp_path, 0, CUDA)
+    assert result.steps == 9 and math.isfinite(result.last_loss)
+    between = syncs[at_step[0] : at_step[-1]]  # from the first step to the last one
+    assert not between, sorted(set(between))
+
+
+# -- determinism and workers ---------------------------------------------------------------------
+
+
+def test_deterministic_training_is_bit_for_bit_repeatable_on_cuda(sets, tmp_path):
+    ds = AnomalyDataset(list_samples("synthetic", sets["set_a"]), image_size=84).preload()
+    states = []
+    for i in range(2):
+        model = model_on(CUDA, "bf16")
+        cfg = TrainConfig(epochs=2, batch_size=4, progress=False, resume=False, deterministic=True)
+        train_module.train(model, ds, cfg, tmp_path / f"run{i}", 0, CUDA)
+        states.append({k: v.detach().cpu() for k, v in model.trainable_state_dict().items()})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_evaluation_is_repeatable_and_workers_change_nothing_on_cuda(sets):
+    ds = AnomalyDataset(list_samples("synthetic", sets["set_b"]), image_size=84)
+    model = model_on(CUDA, "bf16")
+    cfg = EvalConfig(batch_size=4, sigma=4.0)
+    a = predict(model, ds, cfg, CUDA)
+    b = predict(model, ds, cfg, CUDA, num_workers=2)
+    assert np.array_equal(a.scores, b.scores)
+    assert all(np.array_equal(x, y) for x, y in zip(a.maps, b.maps))
+    assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
