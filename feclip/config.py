@@ -4,27 +4,43 @@ The library takes these objects (never a DictConfig); :mod:`feclip.apps.train` r
 ConfigStore so that a misspelled key or a wrong type fails when the config is composed.
 Every default is the paper preset (docs/method.md), and this is its only home: ``conf/train.yaml``
 composes these dataclasses first, and the YAML files there set only what differs from them
-(tests/test_config_defaults.py).
+(tests/test_config_defaults.py). A few defaults are also those of a library function that cannot import
+this module (it would import torch, or itself); their one literal is a constant beside that function,
+and the field here reads it (``data.resize``, ``data.mask_resize``, ``backbone.name``,
+``backbone.precision``, ``eval.aupro.*``). Library functions that can import this module default to the
+fields here (``feclip.losses``, ``feclip.models.fewshot``, ``feclip.engine.cache``).
+
+The values an option may take are listed by the module that reads it, and :meth:`RunConfig.validate`
+imports them from there.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
+from feclip.data.transforms import DEFAULT_MASK_RESIZE, DEFAULT_RESIZE
 from feclip.errors import ConfigError
+from feclip.models.clip import DEFAULT_MODEL, DEFAULT_WEIGHT_PRECISION
 from feclip.models.feclip import FEClipConfig
 from feclip.scoring import ScoringConfig
 
-# Allowed values of the options below live here until the module that reads them defines them (as
-# feclip.data.transforms, feclip.metrics.aupro and feclip.models.fewshot do; validate() imports those).
-MASK_TARGETS = ("upsample", "nearest", "maxpool")
-MASK_LOSS_ON = ("all", "abnormal")
-MASK_LOSS_INPUTS = ("probability", "logit_margin")
-AMP_MODES = ("bf16", "none")
+# eval.resolution's values stay here until feclip.engine.evaluate, which reads the option, lists them.
 RESOLUTIONS = ("input", "original")
-LOGGERS = ("none", "wandb")
+
+
+def _aupro_default(name: str):
+    """A dataclass field whose default is ``feclip.metrics.aupro.<name>`` (a tuple given as a list),
+    read when a config is made: the metrics import scikit-learn, which importing this module does not
+    need (``feclip-cache``)."""
+
+    def default():
+        value = getattr(import_module("feclip.metrics.aupro"), name)
+        return list(value) if isinstance(value, tuple) else value
+
+    return field(default_factory=default)
 
 
 @dataclass
@@ -36,9 +52,11 @@ class PathsConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "ViT-L-14-336-quickgelu"
+    name: str = DEFAULT_MODEL  # ViT-L-14-336-quickgelu (feclip.models.clip, load_clip's default)
     pretrained: str | None = "openai"  # open_clip tag, checkpoint file, or null for random weights
-    precision: str = "fp32"
+    # the dtype the CLIP's weights are loaded in: fp32 | bf16 | fp16 (feclip.models.clip.WEIGHT_PRECISIONS);
+    # not the compute precision of the model, which train.amp chooses
+    precision: str = DEFAULT_WEIGHT_PRECISION
     image_size: int | None = None  # null = the model's own (336); e.g. 518 interpolates positions
     fallback_tiny: bool = False  # weights missing -> feclip-tiny with a loud warning (the demo)
 
@@ -69,10 +87,10 @@ class DataConfig:
     # how training and evaluation masks are resized to the input size: bilinear (AnomalyCLIP's
     # pipeline: antialiased bilinear on the 0/255 mask, then > 0.5) | nearest; original-resolution
     # evaluation masks are never resized
-    mask_resize: str = "bilinear"
+    mask_resize: str = DEFAULT_MASK_RESIZE
     # how images (and masks) become the square input: square (resize both sides; the peers') |
     # center_crop (shorter side to the input size, then the central square; the earlier study's)
-    resize: str = "square"
+    resize: str = DEFAULT_RESIZE
 
 
 @dataclass
@@ -111,6 +129,11 @@ class TrainConfig:
     prefix_cache_max_gb: float = 24.0
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
     resume: bool = True  # continue from the run directory's last epoch checkpoint
+    # load the adapters of an earlier training of the same training identity (seed, backbone, model,
+    # train.* but these switches, training data and its options, precision) from the adapter store
+    # <paths.cache_dir>/adapters instead of training again, and store what this run trains
+    # (feclip.engine.store); the same weights either way. force=true retrains and replaces the entry
+    reuse: bool = True
     # strict deterministic kernels during training only (feclip.engine.train.deterministic_algorithms);
     # off by default: on CUDA a run then varies from run to run within float rounding (README, Speed)
     deterministic: bool = False
@@ -129,8 +152,9 @@ class PostprocessConfig:
 
 @dataclass
 class AuproConfig:
-    fpr_limit: float = 0.3
-    methods: list[str] = field(default_factory=lambda: ["exact", "zsad"])
+    # the defaults of feclip.metrics.aupro (DEFAULT_FPR_LIMIT: 0.3; DEFAULT_METHODS: exact and zsad)
+    fpr_limit: float = _aupro_default("DEFAULT_FPR_LIMIT")
+    methods: list[str] = _aupro_default("DEFAULT_METHODS")
     include_normal: bool = True  # normal images add to the FPR (the standard); false = anomalous images only
     per_image_norm: bool = False  # min-max normalise each map before the AUPRO (the earlier study's check)
 
@@ -149,6 +173,10 @@ class EvalConfig(ScoringConfig):
     fewshot_k: int = 0  # 0 = zero-shot; k > 0 = k normal reference images per category (paper Table 5)
     fewshot_bank: str = "fused"  # fused (the tap tokens after fusion) | plain (before the tap's adapter)
     save_figures: bool = False  # per category: best/worst montage and ROC/PRO curves under figures/
+    # read the model's raw per-tap logits on a target from <paths.cache_dir>/outputs when the same
+    # weights, backbone and data were evaluated before (no forward pass), and store them otherwise
+    # (feclip.engine.store); the same numbers bit for bit. Never for few-shot (eval.fewshot_k > 0)
+    reuse_outputs: bool = True
 
     def scoring(self) -> ScoringConfig:
         """The scoring options alone, validated (:meth:`ScoringConfig.of`)."""
@@ -180,23 +208,30 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check option values the type system cannot; raises :class:`ConfigError` naming the field."""
-        # the lists the code that reads each option defines (imported here: they need torch, and
-        # feclip.engine.train imports this module)
-        from feclip.engine.train import FC_PATCH_LR_FACTOR
+        # the lists of the modules that read each option, imported when called (several of those
+        # modules import this one; all are read at the call, so each list has one home)
+        from feclip.engine.cache import PREFIX_CACHE_MODES, PREFIX_CACHE_STORAGES
+        from feclip.engine.train import COMPILE_MODES, FC_PATCH_LR_FACTOR
+        from feclip.loggers import LOGGERS
+        from feclip.losses import MASK_LOSS_INPUTS, MASK_LOSS_ON, MASK_TARGETS
         from feclip.metrics.aupro import AUPRO_METHODS
+        from feclip.models.clip import WEIGHT_PRECISIONS
+        from feclip.models.feclip import AMP_MODES
         from feclip.models.fewshot import FEATURE_KINDS
 
         choices = [
+            ("backbone.precision", self.backbone.precision, WEIGHT_PRECISIONS),
             ("train.fc_patch.policy", self.train.fc_patch.policy, tuple(FC_PATCH_LR_FACTOR)),
             ("train.loss.mask_target", self.train.loss.mask_target, MASK_TARGETS),
             ("train.loss.mask_loss_on", self.train.loss.mask_loss_on, MASK_LOSS_ON),
             ("train.loss.mask_loss_input", self.train.loss.mask_loss_input, MASK_LOSS_INPUTS),
             ("train.amp", self.train.amp, AMP_MODES),
-            ("train.compile", self.train.compile, ("off", "default", "reduce-overhead", "max-autotune")),
-            ("train.prefix_cache", self.train.prefix_cache, ("auto", "on", "off")),
-            ("train.prefix_cache_storage", self.train.prefix_cache_storage, ("device", "pinned")),
+            ("train.compile", self.train.compile, COMPILE_MODES),
+            ("train.prefix_cache", self.train.prefix_cache, PREFIX_CACHE_MODES),
+            ("train.prefix_cache_storage", self.train.prefix_cache_storage, PREFIX_CACHE_STORAGES),
             ("eval.resolution", self.eval.resolution, RESOLUTIONS),
             ("logger.kind", self.logger.kind, LOGGERS),
+            ("eval.fewshot_bank", self.eval.fewshot_bank, FEATURE_KINDS),
         ]
         for name, value, allowed in choices:
             if value not in allowed:
@@ -244,10 +279,6 @@ class RunConfig:
             raise ConfigError(f"eval.fewshot_k must be >= 0, got {self.eval.fewshot_k}")
         if self.eval.fewshot_k and self.eval.resolution != "input":
             raise ConfigError("eval.fewshot_k > 0 needs eval.resolution=input")
-        if self.eval.fewshot_bank not in FEATURE_KINDS:
-            raise ConfigError(
-                f"eval.fewshot_bank must be one of {FEATURE_KINDS}, got {self.eval.fewshot_bank!r}"
-            )
         bad = [m for m in self.eval.aupro.methods if m not in AUPRO_METHODS]
         if bad:
             raise ConfigError(f"eval.aupro.methods must be chosen from {AUPRO_METHODS}, got {bad}")

@@ -14,6 +14,8 @@ from feclip.errors import ConfigError
 
 log = logging.getLogger("feclip")
 
+LOGGERS = ("none", "wandb")  # logger.kind (feclip.config.RunConfig.validate checks it against this)
+
 
 class NullLogger:
     """Logs nothing: ``logger.kind=none``."""
@@ -62,4 +64,4 @@ def make_logger(cfg, run_dir: Path, name: str, config: dict) -> NullLogger:
         return NullLogger()
     if cfg.kind == "wandb":
         return WandbLogger(cfg, run_dir, name, config)
-    raise ConfigError(f"logger.kind must be 'none' or 'wandb', got {cfg.kind!r}")
+    raise ConfigError(f"logger.kind must be one of {LOGGERS}, got {cfg.kind!r}")

@@ -23,7 +23,13 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from feclip.config import LossConfig
+
 EPS = 1e-6
+# the values of the options read here (train.loss.*; feclip.config.RunConfig.validate checks them)
+MASK_TARGETS = ("upsample", "nearest", "maxpool")  # mask_target: where the map and the mask meet
+MASK_LOSS_ON = ("all", "abnormal")  # mask_loss_on: the images the map losses see
+MASK_LOSS_INPUTS = ("probability", "logit_margin")  # mask_loss_input: what is upsampled
 
 
 @lru_cache(maxsize=32)
@@ -72,7 +78,10 @@ def _focal_elements(
 
 
 def focal_loss(
-    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = LossConfig.focal_gamma,
+    alpha: float | None = LossConfig.focal_alpha,
 ) -> torch.Tensor:
     """Binary focal loss from logits, mean over all elements.
 
@@ -88,7 +97,9 @@ def _dice_per_image(prob: torch.Tensor, target: torch.Tensor, smooth: float) -> 
     return 1 - (2 * (p * g).sum(1) + smooth) / (p.sum(1) + g.sum(1) + smooth)
 
 
-def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+def dice_loss(
+    prob: torch.Tensor, target: torch.Tensor, smooth: float = LossConfig.dice_smooth
+) -> torch.Tensor:
     """Soft dice loss per image, then the mean over images.
 
     ``1 - (2 sum(p g) + s) / (sum(p) + sum(g) + s)``. Shape: prob and target ``(B, H, W)`` -> scalar.

@@ -133,7 +133,7 @@ def select_taps(values: torch.Tensor, taps: Sequence[int], subset: Sequence[int]
 
 
 def aggregate_taps(
-    values: torch.Tensor, how: str = "mean", weights: Sequence[float] | None = None
+    values: torch.Tensor, how: str = ScoringConfig.tap_aggregation, weights: Sequence[float] | None = None
 ) -> torch.Tensor:
     """Combine per-tap values. Shape: ``(N, ...) -> (...)``."""
     if how == "mean":
@@ -368,7 +368,11 @@ def add_fewshot_by_category(
 
 
 def fewshot_scores(
-    out, bank: MemoryBank, size: int | tuple[int, int], sigma: float = 4.0, tokens: torch.Tensor | None = None
+    out,
+    bank: MemoryBank,
+    size: int | tuple[int, int],
+    sigma: float = ScoringConfig.sigma,
+    tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Few-shot scores and maps from one model output, with the paper's zero-shot part (the default
     :class:`ScoringConfig` with ``sigma``).

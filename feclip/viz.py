@@ -198,13 +198,25 @@ def _regions(masks: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def pro_points(masks, maps, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray] | None:
-    """PRO-vs-FPR curve up to ``fpr_limit`` (the last point interpolated at the limit).
+def _fpr_limit(fpr_limit: float | None) -> float:
+    """``fpr_limit``, or AUPRO's default (:data:`feclip.metrics.aupro.DEFAULT_FPR_LIMIT`, imported here
+    when needed: the metrics import scikit-learn, which the overlays of ``feclip-predict`` do not need)."""
+    if fpr_limit is not None:
+        return fpr_limit
+    from feclip.metrics.aupro import DEFAULT_FPR_LIMIT
+
+    return DEFAULT_FPR_LIMIT
+
+
+def pro_points(masks, maps, fpr_limit: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """PRO-vs-FPR curve up to ``fpr_limit`` (the last point interpolated at the limit); ``None``: AUPRO's
+    default limit (:data:`feclip.metrics.aupro.DEFAULT_FPR_LIMIT`, ``eval.aupro.fpr_limit``'s).
 
     PRO(t) = mean over anomalous regions of the fraction of the region with ``map >= t``; FPR(t) = the
     fraction of normal pixels with ``map >= t``. ``None`` without both normal and anomalous pixels.
     Shape: lists (or stacks) of ``(H_i, W_i)`` masks and maps -> ``(P,), (P,)``.
     """
+    fpr_limit = _fpr_limit(fpr_limit)
     region = _regions(masks)
     s = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
     sizes = np.bincount(region)[1:]
@@ -224,7 +236,9 @@ def pro_points(masks, maps, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndar
     return fpr, pro
 
 
-def plot_roc_pro(labels, scores, masks, maps, path: str | os.PathLike, fpr_limit: float = 0.3) -> Path:
+def plot_roc_pro(
+    labels, scores, masks, maps, path: str | os.PathLike, fpr_limit: float | None = None
+) -> Path:
     """Write a PNG with three panels: image ROC, pixel ROC, and PRO vs FPR up to ``fpr_limit``.
 
     Args:
@@ -232,8 +246,10 @@ def plot_roc_pro(labels, scores, masks, maps, path: str | os.PathLike, fpr_limit
         masks, maps: ``N`` masks and maps ``(H_i, W_i)`` (a list or an ``(N, H, W)`` stack), or ``None``
             for a dataset without pixel ground truth (the pixel panels then say so).
         path: the PNG file.
-        fpr_limit: the FPR integration limit of AUPRO (its normalised value is in the legend).
+        fpr_limit: the FPR integration limit of AUPRO (its normalised value is in the legend); ``None``:
+            AUPRO's default (:func:`pro_points`).
     """
+    fpr_limit = _fpr_limit(fpr_limit)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4), layout="constrained")
@@ -390,16 +406,19 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", str(name)).strip("._") or "category"
 
 
-def save_category_figures(out_dir, category: str, images, masks, maps, scores, labels) -> dict[str, Path]:
+def save_category_figures(
+    out_dir, category: str, images, masks, maps, scores, labels, fpr_limit: float | None = None
+) -> dict[str, Path]:
     """Write ``<out_dir>/figures/<category>_montage.png`` and ``<category>_curves.png``.
 
     Arguments as in :func:`category_montage` and :func:`plot_roc_pro` (one category's images, masks or
-    ``None``, maps, scores, labels). Returns ``{"montage": path, "curves": path}``.
+    ``None``, maps, scores, labels; ``fpr_limit`` of the PRO curve, a run's ``eval.aupro.fpr_limit``).
+    Returns ``{"montage": path, "curves": path}``.
     """
     folder = Path(out_dir) / "figures"
     stem = _safe_name(category)
     montage = category_montage(
         images, masks, maps, scores, labels, folder / f"{stem}_montage.png", title=str(category)
     )
-    curves = plot_roc_pro(labels, scores, masks, maps, folder / f"{stem}_curves.png")
+    curves = plot_roc_pro(labels, scores, masks, maps, folder / f"{stem}_curves.png", fpr_limit)
     return {"montage": montage, "curves": curves}

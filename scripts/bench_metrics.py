@@ -11,16 +11,36 @@ elliptic defects plus a few specks; maps = smoothed noise + a smoothed signal ov
 - ``pixel_auroc`` / ``pixel_ap`` vs scikit-learn on the flattened arrays;
 - peak traced memory of ``aupro(method="exact")`` relative to the input size.
 
-Run: ``python scripts/bench_metrics.py [--n-maps 200] [--size 336] [--seed 0]``. The last line printed
-is one JSON object with all figures.
+With ``--rows``, instead: ``feclip.engine.evaluate.metric_rows`` (every category's metrics, both AUPROs,
+the ``__micro__`` rows) on an MVTec-sized synthetic evaluation (``--rows-images 1725`` maps of
+``--size`` squared in 15 categories, 73 % anomalous with blob masks as ``benchlib.blob_mask`` makes
+them, maps = smoothed noise + the smoothed mask) against the implementation of commit
+``--before`` (:data:`BEFORE_COMMIT`, its ``feclip/metrics`` read with ``git show``, its
+``metric_rows`` loop copied below): interleaved rounds after one warm-up call each, medians of the
+paired per-round ratios with 95 % intervals, the new code with one thread and with
+``FECLIP_METRIC_THREADS`` unset (all CPUs), and every row value compared bit for bit. ``--stages``
+adds the same comparison for one category's ``compute_category_metrics``, its two AUPROs alone, and
+the pooled ``__micro__`` row.
+
+Run: ``python scripts/bench_metrics.py [--n-maps 200] [--size 336] [--seed 0]`` or
+``python scripts/bench_metrics.py --rows [--rows-images 1725] [--repeats 5] [--stages]``. The last line
+printed is one JSON object with all figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -163,12 +183,294 @@ def bench_metrics(n_maps: int = 200, size: int = 336, seed: int = 0) -> dict:
     return figures
 
 
+# -- metric_rows: this code against an earlier commit's -------------------------------------------------
+
+#: The last commit with the metrics before one sort, one labelling and merged pooled rows (2026-12-04).
+BEFORE_COMMIT = "77715b9cc44dcad72ca17f112c563cfd74caac4f"
+_BEFORE_MODULES = ("image", "pixel", "aupro", "aggregate")
+
+
+def load_before(commit: str = BEFORE_COMMIT) -> SimpleNamespace:
+    """``feclip/metrics`` of ``commit`` (``git show``) as the package ``feclip_metrics_before``."""
+    root = Path(__file__).resolve().parents[1]
+    pkg = Path(tempfile.mkdtemp(prefix="feclip_before_")) / "feclip_metrics_before"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in _BEFORE_MODULES:
+        src = subprocess.run(
+            ["git", "-C", str(root), "show", f"{commit}:feclip/metrics/{name}.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (pkg / f"{name}.py").write_text(src.replace("from feclip.metrics.", "from feclip_metrics_before."))
+    sys.path.insert(0, str(pkg.parent))
+    mods = {name: importlib.import_module(f"feclip_metrics_before.{name}") for name in _BEFORE_MODULES}
+    return SimpleNamespace(commit=commit, **mods)
+
+
+def metric_rows_before(before: SimpleNamespace, dataset_name, preds, category_has_masks, cfg) -> list:
+    """``feclip.engine.evaluate.metric_rows`` as of :data:`BEFORE_COMMIT` (its loop, ``_stack`` inlined),
+    on that commit's metrics."""
+    from feclip.results import MICRO, MetricRow
+
+    rows = []
+    groups = {c: [i for i, x in enumerate(preds.categories) if x == c] for c in category_has_masks}
+    if cfg.micro and len(groups) > 1:
+        groups[MICRO] = list(range(len(preds.categories)))
+    for category, idx in groups.items():
+        with_masks = all(category_has_masks.values()) if category == MICRO else category_has_masks[category]
+        masks = maps = None
+        if with_masks:
+            ms, mp = [preds.masks[i] for i in idx], [preds.maps[i] for i in idx]
+            masks = ms if len({m.shape for m in ms}) > 1 else np.stack(ms)
+            maps = mp if len({a.shape for a in mp}) > 1 else np.stack(mp)
+        values = before.aggregate.compute_category_metrics(
+            preds.labels[idx],
+            preds.scores[idx],
+            masks,
+            maps,
+            aupro_methods=tuple(cfg.aupro.methods),
+            fpr_limit=cfg.aupro.fpr_limit,
+        )
+        rows.extend(MetricRow(dataset_name, category, k, float(v), len(idx)) for k, v in values.items())
+    return rows
+
+
+def make_predictions(n: int, size: int, n_categories: int = 15, seed: int = 0):
+    """An MVTec-sized evaluation's :class:`~feclip.engine.evaluate.Predictions`: image i in category
+    i % n_categories, 73 % of each category anomalous with ``benchlib.blob_mask`` masks (as
+    ``benchlib.RandomAnomalySet``), maps = 0.4 + smoothed noise (sigma 4) + 0.15 x the smoothed mask
+    times a random gain, float32; image score = the map's maximum."""
+    from benchlib import MVTEC_ANOMALOUS_FRACTION, blob_mask
+
+    from feclip.engine.evaluate import Predictions
+
+    rng = np.random.default_rng(seed)
+    masks = [np.zeros((size, size), np.uint8) for _ in range(n)]
+    labels = np.zeros(n, np.int64)
+    for c in range(n_categories):
+        members = list(range(c, n, n_categories))
+        k = min(max(round(len(members) * MVTEC_ANOMALOUS_FRACTION), 1), len(members) - 1)
+        for i in rng.permutation(members)[:k].tolist():
+            labels[i] = 1
+            masks[i] = blob_mask(rng, size)
+    maps = []
+    for i in range(n):
+        coarse = rng.standard_normal((size // 8 + 1, size // 8 + 1)).astype(np.float32)
+        noise = gaussian_filter(np.kron(coarse, np.ones((8, 8), np.float32))[:size, :size], 4.0)
+        noise /= max(float(noise.std()), 1e-6)
+        signal = gaussian_filter(masks[i].astype(np.float32), 4.0) * rng.uniform(0.3, 1.5)
+        maps.append((0.4 + 0.05 * noise + 0.15 * signal).astype(np.float32))
+    scores = np.array([float(a.max()) for a in maps])
+    return Predictions(scores, maps, masks, labels, [f"category_{i % n_categories}" for i in range(n)])
+
+
+def _rows_diff(before_rows: list, after_rows: list) -> tuple[int, float]:
+    """(values not equal bit for bit, largest absolute difference); nan == nan counts as equal."""
+    assert [(r.category, r.metric) for r in before_rows] == [(r.category, r.metric) for r in after_rows]
+    differ, worst = 0, 0.0
+    for b, a in zip(before_rows, after_rows):
+        if math.isnan(b.value) and math.isnan(a.value):
+            continue
+        if b.value != a.value:
+            differ += 1
+            worst = max(worst, abs(b.value - a.value))
+    return differ, worst
+
+
+def _with_threads(threads: str | None, fn):
+    def run():
+        old = os.environ.get("FECLIP_METRIC_THREADS")
+        if threads is None:
+            os.environ.pop("FECLIP_METRIC_THREADS", None)
+        else:
+            os.environ["FECLIP_METRIC_THREADS"] = threads
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("FECLIP_METRIC_THREADS", None)
+            else:
+                os.environ["FECLIP_METRIC_THREADS"] = old
+
+    return run
+
+
+def _ratio_figures(figures: dict, times: dict, prefix: str, base: str, others: dict, n_images: int) -> None:
+    from benchlib import median_ci, paired_ratio
+
+    for name, values in times.items():
+        med = median_ci(values)[0]
+        figures[f"{prefix}_seconds_{name}"] = med
+        figures[f"{prefix}_ms_per_image_{name}"] = 1000 * med / n_images
+    for name, tag in others.items():
+        r = paired_ratio(times, base, name)
+        figures[f"{prefix}_speedup_{tag}"] = r[0]
+        figures[f"{prefix}_speedup_{tag}_ci"] = [r[1], r[2]]
+
+
+def bench_rows(
+    n_images: int = 1725,
+    size: int = 336,
+    n_categories: int = 15,
+    repeats: int = 5,
+    seed: int = 0,
+    stages: bool = False,
+    commit: str = BEFORE_COMMIT,
+) -> dict:
+    """``metric_rows`` before (``commit``) and now, one thread and all threads, side by side."""
+    from benchlib import interleaved
+
+    from feclip.config import EvalConfig
+    from feclip.engine.evaluate import metric_rows
+    from feclip.metrics.aggregate import metric_threads
+
+    before = load_before(commit)
+    preds = make_predictions(n_images, size, n_categories, seed)
+    has_masks = dict.fromkeys(dict.fromkeys(preds.categories), True)
+    cfg = EvalConfig()  # the paper preset: both AUPROs, micro rows
+    fns = {
+        "before": lambda: metric_rows_before(before, "b", preds, has_masks, cfg),
+        "after_1thread": _with_threads("1", lambda: metric_rows("b", preds, has_masks, cfg)),
+        "after": _with_threads(None, lambda: metric_rows("b", preds, has_masks, cfg)),
+    }
+    results = {name: fn() for name, fn in fns.items()}  # warm-up: first touch of the memory, imports
+    figures = {
+        "rows_before_commit": commit,
+        "rows_images": n_images,
+        "rows_size": size,
+        "rows_categories": n_categories,
+        "rows_anomalous_images": int(preds.labels.sum()),
+        "rows_threads": _with_threads(None, metric_threads)(),
+        "rows_repeats": repeats,
+        "rows_count": len(results["after"]),
+    }
+    for name in ("after_1thread", "after"):
+        differ, worst = _rows_diff(results["before"], results[name])
+        figures[f"rows_differing_values_{name}"] = differ
+        figures[f"rows_max_abs_diff_{name}"] = worst
+    times = interleaved(fns, repeats)
+    _ratio_figures(
+        figures, times, "rows", "before", {"after_1thread": "1thread", "after": "threads"}, n_images
+    )
+    if stages:
+        figures.update(bench_stages(before, preds, repeats))
+    return figures
+
+
+def bench_stages(before: SimpleNamespace, preds, repeats: int) -> dict:
+    """One category (``compute_category_metrics``, and each AUPRO alone) and the ``__micro__`` row."""
+    from benchlib import interleaved
+
+    from feclip.metrics import aupro, compute_category_metrics
+    from feclip.metrics.aggregate import _pixel_values
+    from feclip.metrics.aupro import pixel_group, pool_groups
+
+    cat = preds.categories[0]
+    idx = [i for i, c in enumerate(preds.categories) if c == cat]
+    labels, scores = preds.labels[idx], preds.scores[idx]
+    masks, maps = np.stack([preds.masks[i] for i in idx]), np.stack([preds.maps[i] for i in idx])
+    figures: dict = {"stage_category_images": len(idx)}
+    fns = {
+        "category_before": lambda: before.aggregate.compute_category_metrics(labels, scores, masks, maps),
+        "category_after": lambda: compute_category_metrics(labels, scores, masks, maps),
+        "exact_before": lambda: before.aupro.aupro(masks, maps, method="exact"),
+        "exact_after": lambda: aupro(masks, maps, method="exact"),
+        "zsad_before": lambda: before.aupro.aupro(masks, maps, method="zsad"),
+        "zsad_after": lambda: aupro(masks, maps, method="zsad"),
+    }
+    for fn in fns.values():
+        fn()
+    times = interleaved(fns, repeats)
+    for stage in ("category", "exact", "zsad"):
+        _ratio_figures(
+            figures,
+            {k: times[f"{stage}_{k}"] for k in ("before", "after")},
+            f"stage_{stage}",
+            "before",
+            {"after": "1thread"},
+            len(idx),
+        )
+
+    # The pooled row: before, everything stacked and split again; now, the categories' split pixels merged.
+    n = len(preds.labels)
+    all_masks, all_maps = np.stack(preds.masks), np.stack(preds.maps)
+    groups = {
+        c: [i for i, x in enumerate(preds.categories) if x == c] for c in dict.fromkeys(preds.categories)
+    }
+    parts = [
+        pixel_group(
+            ((preds.masks[i] > 0, preds.maps[i]) for i in g), np.float32, sum(preds.maps[i].size for i in g)
+        )
+        for g in groups.values()
+    ]
+    positions = [np.array(g) for g in groups.values()]
+    methods = ("exact", "zsad")
+    fns = {
+        "before": lambda: before.aggregate.compute_category_metrics(
+            preds.labels, preds.scores, all_masks, all_maps
+        ),
+        "after": lambda: _pixel_values(pool_groups(parts, positions, 1), methods, 0.3, 1),
+    }
+    for fn in fns.values():
+        fn()
+    _ratio_figures(figures, interleaved(fns, repeats), "stage_micro", "before", {"after": "1thread"}, n)
+    return figures
+
+
+def print_rows(f: dict) -> None:
+    print(
+        f"metric_rows: {f['rows_images']} maps of {f['rows_size']}x{f['rows_size']}, {f['rows_categories']} "
+        f"categories, {f['rows_anomalous_images']} anomalous, {f['rows_count']} rows, {f['rows_repeats']} rounds"
+    )
+    for name in ("before", "after_1thread", "after"):
+        print(
+            f"  {name:14s} {f[f'rows_seconds_{name}']:7.2f} s  {f[f'rows_ms_per_image_{name}']:6.2f} ms/image"
+        )
+    for tag, threads in (("1thread", "1 thread"), ("threads", f"{f['rows_threads']} threads")):
+        lo, hi = f[f"rows_speedup_{tag}_ci"]
+        print(f"  speed-up, {threads}: {f[f'rows_speedup_{tag}']:.2f}x (95% CI {lo:.2f}-{hi:.2f})")
+    for name in ("after_1thread", "after"):
+        print(
+            f"  {name}: {f[f'rows_differing_values_{name}']} values differ from before, "
+            f"max |diff| {f[f'rows_max_abs_diff_{name}']:.1e}"
+        )
+    for stage in ("category", "exact", "zsad", "micro"):
+        if f"stage_{stage}_speedup_1thread" in f:
+            lo, hi = f[f"stage_{stage}_speedup_1thread_ci"]
+            print(
+                f"  stage {stage:8s}: before {f[f'stage_{stage}_seconds_before']:.2f} s, after "
+                f"{f[f'stage_{stage}_seconds_after']:.2f} s: {f[f'stage_{stage}_speedup_1thread']:.2f}x "
+                f"(95% CI {lo:.2f}-{hi:.2f})"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-maps", type=int, default=200)
     parser.add_argument("--size", type=int, default=336)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", action="store_true", help="metric_rows now vs --before instead")
+    parser.add_argument("--rows-images", type=int, default=1725)
+    parser.add_argument("--rows-categories", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of --rows")
+    parser.add_argument("--stages", action="store_true", help="with --rows: one category, each AUPRO, micro")
+    parser.add_argument("--before", default=BEFORE_COMMIT, help="the commit to compare --rows against")
     args = parser.parse_args()
+    if args.rows:
+        f = bench_rows(
+            args.rows_images,
+            args.size,
+            args.rows_categories,
+            args.repeats,
+            args.seed,
+            args.stages,
+            args.before,
+        )
+        print_rows(f)
+        print(json.dumps(f))
+        return
     f = bench_metrics(args.n_maps, args.size, args.seed)
     print(
         f"{f['n_maps']} maps of {f['size']}x{f['size']}, {f['n_anomalous_images']} anomalous, {f['n_regions']} regions"

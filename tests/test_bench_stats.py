@@ -1,4 +1,4 @@
-"""The confidence interval that scripts/bench.py reports for its median ratios."""
+"""The confidence interval that scripts/bench.py reports for its median ratios (scripts/benchlib.py)."""
 
 import math
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 from scipy.stats import binom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from bench import median_ci, paired_ratio  # noqa: E402
+from benchlib import median_ci, paired_ratio  # noqa: E402
 
 
 def test_median_ci_is_the_widest_order_statistic_pair_inside_the_confidence():

@@ -5,6 +5,7 @@ import time
 import open_clip
 import pytest
 import torch
+from conftest import make_tiny_clip
 from safetensors.torch import save_file
 
 from feclip.errors import ConfigError, FEClipError, WeightsNotFoundError
@@ -18,8 +19,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def reference():
-    torch.manual_seed(3)
-    return load_clip("feclip-tiny")
+    return make_tiny_clip(3)
 
 
 @pytest.fixture()

@@ -192,3 +192,191 @@ def test_the_default_taps_are_the_spread3_set():
     spread3 = yaml.safe_load((CONF / "taps" / "spread3.yaml").read_text())["taps"]
     assert tuple(spread3) == FEClipConfig().taps
     assert to_run_config(_compose("train", ["taps=spread3"])).model == to_run_config(_compose("train")).model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Defaults of library functions and the lists of allowed values: one home each
+# ----------------------------------------------------------------------------------------------------
+
+import ast  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import textwrap  # noqa: E402
+
+from feclip import config as config_module  # noqa: E402
+from feclip import scoring, viz  # noqa: E402
+from feclip.config import DataConfig, EvalConfig  # noqa: E402
+from feclip.data import dataset, transforms  # noqa: E402
+from feclip.engine import cache  # noqa: E402
+from feclip.errors import ConfigError  # noqa: E402
+from feclip.losses import dice_loss, focal_loss  # noqa: E402
+from feclip.metrics import aggregate  # noqa: E402
+from feclip.models import adapters, clip, fewshot  # noqa: E402
+
+_AUPRO = importlib.import_module("feclip.metrics.aupro")  # feclip.metrics.aupro is also a function's name
+_RUN = RunConfig()
+
+# (function, parameter, the config default it must be): the function's default is that value, and its
+# source names it (a field, or the constant the field reads) instead of writing a literal of its own
+SIGNATURE_DEFAULTS = [
+    (_AUPRO.aupro, "fpr_limit", _RUN.eval.aupro.fpr_limit),
+    (aggregate.compute_category_metrics, "fpr_limit", _RUN.eval.aupro.fpr_limit),
+    (aggregate.compute_category_metrics, "aupro_methods", tuple(_RUN.eval.aupro.methods)),
+    (aggregate.category_metric_sets, "fpr_limit", _RUN.eval.aupro.fpr_limit),
+    (aggregate.category_metric_sets, "aupro_methods", tuple(_RUN.eval.aupro.methods)),
+    (cache.PrefixCache, "storage", _RUN.train.prefix_cache_storage),
+    (fewshot.tap_features, "which", _RUN.eval.fewshot_bank),
+    (fewshot.MemoryBank.build, "which", _RUN.eval.fewshot_bank),
+    (fewshot.MemoryBank.from_samples, "which", _RUN.eval.fewshot_bank),
+    (fewshot.MemoryBank.from_samples, "resize", _RUN.data.resize),
+    (fewshot.category_banks, "which", _RUN.eval.fewshot_bank),
+    (fewshot.category_banks, "resize", _RUN.data.resize),
+    (fewshot.fewshot_predict, "sigma", _RUN.eval.sigma),
+    (dataset.AnomalyDataset, "mask_resize", _RUN.data.mask_resize),
+    (dataset.AnomalyDataset, "resize", _RUN.data.resize),
+    (transforms.resize_rgb, "mode", _RUN.data.resize),
+    (transforms.resize_mask, "mode", _RUN.data.resize),
+    (transforms.resize_mask, "method", _RUN.data.mask_resize),
+    (scoring.aggregate_taps, "how", _RUN.eval.tap_aggregation),
+    (scoring.fewshot_scores, "sigma", _RUN.eval.sigma),
+    (focal_loss, "gamma", _RUN.train.loss.focal_gamma),
+    (focal_loss, "alpha", _RUN.train.loss.focal_alpha),
+    (dice_loss, "smooth", _RUN.train.loss.dice_smooth),
+    (clip.load_clip, "name", _RUN.backbone.name),
+    (clip.load_clip, "precision", _RUN.backbone.precision),
+]
+# parameters without a default: every caller passes the configured value
+REQUIRED = [
+    (adapters.FFEAdapter, ("p", "transform")),
+    (adapters.LFSAdapter, ("q", "stat", "kernel_size", "transform")),
+    (adapters.ConvAdapter, ("kernel_size",)),
+    (adapters.TapAdapter, ("adapters", "lam", "p", "q", "lfs_stat", "lfs_kernel", "transform")),
+    (dataset.AnomalyDataset, ("image_size",)),
+    (cache.PrefixCache, ("batch_size",)),
+]
+# dataclass fields whose default is a library module's constant (the module cannot import feclip.config)
+FIELDS_FROM_CONSTANTS = [
+    (DataConfig, "resize", transforms.DEFAULT_RESIZE),
+    (DataConfig, "mask_resize", transforms.DEFAULT_MASK_RESIZE),
+    (BackboneConfig, "name", clip.DEFAULT_MODEL),
+    (BackboneConfig, "precision", clip.DEFAULT_WEIGHT_PRECISION),
+    (fewshot.MemoryBank, "which", EvalConfig.fewshot_bank),
+]
+
+
+def _function(obj):
+    obj = obj.__init__ if inspect.isclass(obj) else obj
+    return inspect.unwrap(getattr(obj, "__func__", obj))
+
+
+def _is_literal(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return True
+    return isinstance(node, ast.Tuple | ast.List) and all(_is_literal(e) for e in node.elts)
+
+
+def _default_node(obj, param: str) -> ast.expr:
+    """The expression that ``param``'s default is written as in ``obj``'s source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(_function(obj))))
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
+    args = fn.args
+    positional = args.posonlyargs + args.args
+    defaults = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults) :]], args.defaults))
+    defaults |= {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None}
+    return defaults[param]
+
+
+def _field_node(cls, name: str) -> ast.expr:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)).body
+    return next(s.value for s in body if isinstance(s, ast.AnnAssign) and s.target.id == name)
+
+
+@pytest.mark.parametrize(
+    "func, param, want", SIGNATURE_DEFAULTS, ids=lambda x: getattr(x, "__qualname__", None)
+)
+def test_a_function_default_is_the_config_default_not_a_literal(func, param, want):
+    default = inspect.signature(func).parameters[param].default
+    assert (tuple(default) if isinstance(default, list | tuple) else default) == want
+    node = _default_node(func, param)
+    assert not _is_literal(node), (
+        f"{func.__qualname__}({param}=...) writes the literal {ast.unparse(node)}: default it to the "
+        "config field (or to the constant the field reads) instead"
+    )
+
+
+@pytest.mark.parametrize("cls, params", REQUIRED, ids=lambda x: getattr(x, "__name__", None))
+def test_parameters_every_caller_passes_have_no_default(cls, params):
+    signature = inspect.signature(cls)
+    assert all(signature.parameters[p].default is inspect.Parameter.empty for p in params)
+
+
+@pytest.mark.parametrize(
+    "cls, name, constant", FIELDS_FROM_CONSTANTS, ids=lambda x: getattr(x, "__name__", x)
+)
+def test_a_field_default_from_a_library_constant_names_it(cls, name, constant):
+    assert getattr(cls, name) == constant
+    node = _field_node(cls, name)
+    assert not _is_literal(node), f"{cls.__name__}.{name} writes {ast.unparse(node)}: name the constant"
+
+
+def test_the_aupro_defaults_are_read_from_the_metric(monkeypatch):
+    monkeypatch.setattr(_AUPRO, "DEFAULT_FPR_LIMIT", 0.25)
+    monkeypatch.setattr(_AUPRO, "DEFAULT_METHODS", ("zsad",))
+    assert RunConfig().eval.aupro.fpr_limit == 0.25
+    assert RunConfig().eval.aupro.methods == ["zsad"]
+    # feclip.viz resolves its None to the same limit (it does not import the metrics up front)
+    assert viz._fpr_limit(None) == 0.25 and viz._fpr_limit(0.1) == 0.1
+    for func in (viz.pro_points, viz.plot_roc_pro, viz.save_category_figures):
+        assert inspect.signature(func).parameters["fpr_limit"].default is None
+
+
+def test_feclip_predict_takes_sigma_from_the_scoring_config():
+    from feclip.apps.predict import build_parser
+
+    assert build_parser().parse_args(["x.png"]).sigma is None  # resolved to ScoringConfig.sigma in run()
+
+
+# (module, list, the option it lists, its dotted path in RunConfig)
+ALLOWED_LISTS = [
+    ("feclip.losses", "MASK_TARGETS", "train.loss.mask_target"),
+    ("feclip.losses", "MASK_LOSS_ON", "train.loss.mask_loss_on"),
+    ("feclip.losses", "MASK_LOSS_INPUTS", "train.loss.mask_loss_input"),
+    ("feclip.models.feclip", "AMP_MODES", "train.amp"),
+    ("feclip.models.clip", "WEIGHT_PRECISIONS", "backbone.precision"),
+    ("feclip.engine.train", "COMPILE_MODES", "train.compile"),
+    ("feclip.engine.cache", "PREFIX_CACHE_MODES", "train.prefix_cache"),
+    ("feclip.engine.cache", "PREFIX_CACHE_STORAGES", "train.prefix_cache_storage"),
+    ("feclip.loggers", "LOGGERS", "logger.kind"),
+    ("feclip.models.fewshot", "FEATURE_KINDS", "eval.fewshot_bank"),
+    ("feclip.metrics.aupro", "AUPRO_METHODS", "eval.aupro.methods"),
+    ("feclip.data.transforms", "RESIZE_MODES", "data.resize"),
+    ("feclip.data.transforms", "MASK_RESIZE_METHODS", "data.mask_resize"),
+    ("feclip.engine.train", "FC_PATCH_LR_FACTOR", "train.fc_patch.policy"),
+]
+
+
+@pytest.mark.parametrize("module, name, option", ALLOWED_LISTS, ids=lambda x: x)
+def test_validate_checks_an_option_against_the_list_of_the_module_that_reads_it(
+    monkeypatch, module, name, option
+):
+    home = importlib.import_module(module)
+    assert not hasattr(config_module, name), f"feclip.config writes {name} again: import it from {module}"
+    cfg = RunConfig()
+    cfg.validate()
+    narrowed = {"other": 1.0} if isinstance(getattr(home, name), dict) else ("other",)
+    monkeypatch.setattr(home, name, narrowed)  # the home's list no longer allows the default
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")) as raised:
+        cfg.validate()
+    assert "other" in str(raised.value)
+
+
+def test_backbone_precision_is_one_the_backbone_can_be_loaded_in():
+    for precision in clip.WEIGHT_PRECISIONS:
+        RunConfig(backbone=BackboneConfig(precision=precision)).validate()
+    with pytest.raises(ConfigError, match=r"backbone\.precision must be one of .*fp16.*'fp8'"):
+        RunConfig(backbone=BackboneConfig(precision="fp8")).validate()
+    # two lists, two names: what the weights are stored in, and what the model computes in
+    model_module = importlib.import_module("feclip.models.feclip")
+    assert not hasattr(clip, "PRECISIONS") and not hasattr(model_module, "PRECISIONS")
+    assert set(model_module.COMPUTE_PRECISIONS) < set(clip.WEIGHT_PRECISIONS)

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_run
 from hydra.errors import ConfigCompositionException
 
-from feclip.apps.train import CONF_DIR, to_run_config, variant_name
+from feclip.apps.train import CONF_DIR, variant_name
 from feclip.config import RunConfig
 
 GROUPS = ["backbone", "model", "taps", "protocol", "train", "eval", "logger"]
@@ -14,11 +14,6 @@ GROUPS = ["backbone", "model", "taps", "protocol", "train", "eval", "logger"]
 
 def options(group):
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
-
-
-def compose_run(overrides, name="train"):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_run_config(compose(config_name=name, overrides=overrides))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -8,7 +8,14 @@ What the CPU tests emulate is checked here for real, with the tiny random CLIP (
   as ``torch.cuda.set_sync_debug_mode`` sees it (the CPU count is in ``tests/test_hostsync.py``);
 * fp32 on CUDA (TF32 off) equals the CPU within rounding, outputs and gradients;
 * ``train.deterministic`` training is bit-for-bit repeatable on CUDA, and evaluation is repeatable;
-* ``DataLoader`` workers with pinned memory change no number.
+* ``DataLoader`` workers with pinned memory change no number;
+
+and on ViT-L/14@336 (random weights: kernels do not depend on them), through the profile and the
+repeated training of ``scripts/bench_gpu_kernels.py`` (the GPU bench reports the same as figures):
+
+* a fused SDPA kernel (flash, memory-efficient or cuDNN), never the math path, runs the attention of a
+  bf16 inference forward, a training step and a training step under ``train.deterministic``;
+* ``train.deterministic`` training of ViT-L is bit-for-bit repeatable.
 
 ``scripts/gpu_session.sh`` runs this file on the lent GPU machine (docs/gpu_bench.md).
 """
@@ -17,20 +24,32 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, make_tiny_clip, make_tiny_feclip, randomize_adapters
 
 from feclip.config import EvalConfig, LossConfig, TrainConfig
-from feclip.data import AnomalyDataset, list_samples, make_synthetic
+from feclip.data import AnomalyDataset, list_samples
 from feclip.engine import train as train_module
 from feclip.engine.cache import PrefixCache
 from feclip.engine.evaluate import predict
 from feclip.losses import feclip_loss
 from feclip.models import FEClip, FEClipConfig, load_clip
+
+sys.path.insert(0, str(REPO / "scripts"))  # the profile and the repeated training of the GPU bench
+from bench_gpu_kernels import (  # noqa: E402
+    ATTENTION_PATHS,
+    attention_ops,
+    classify_attention,
+    max_rel_diff,
+    repeated_training,
+    uses_fused_attention,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,30 +57,13 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda")
-    return make_synthetic(root, n_train_good=2, n_test_good=3, n_test_bad=3, image_size=64)
-
-
-def tiny_clip():
-    torch.manual_seed(0)
-    clip = load_clip("feclip-tiny")
-    clip.logit_scale.data.fill_(math.log(100.0))
-    return clip
+VIT_L = "ViT-L-14-336-quickgelu"
 
 
 def model_on(device: torch.device, precision: str | None = None, **kw) -> FEClip:
     """The tiny FE-CLIP with adapters that matter (random, not the near-identity initialisation)."""
-    torch.manual_seed(0)
-    model = FEClip(tiny_clip().to(device), FEClipConfig(**kw), precision=precision)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.adapters.parameters():
-            p.copy_((torch.randn(p.shape, generator=g) * 0.2).to(p.device))
-    return model
+    clip = make_tiny_clip(logit_scale=100.0).to(device)
+    return randomize_adapters(make_tiny_feclip(clip, seed=None, precision=precision, **kw), seed=7, scale=0.2)
 
 
 @contextmanager
@@ -255,3 +257,33 @@ def test_evaluation_is_repeatable_and_workers_change_nothing_on_cuda(sets):
     assert np.array_equal(a.scores, b.scores)
     assert all(np.array_equal(x, y) for x, y in zip(a.maps, b.maps))
     assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+
+
+# -- ViT-L: fused attention, deterministic training ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit_l():
+    """ViT-L/14@336 with random weights on CUDA (the kernels and their determinism do not depend on the
+    weights). FE-CLIP stores its frozen matrices in bf16 on CUDA: the tests below share that."""
+    return load_clip(VIT_L, pretrained=None, device=CUDA)
+
+
+def test_vit_l_attention_runs_a_fused_sdpa_kernel_in_inference_and_training(vit_l):
+    """The profiler sees a fused SDPA op (flash, memory-efficient or cuDNN) and no math-path op in a bf16
+    inference forward, a training step, and a training step under ``train.deterministic``."""
+    model = FEClip(vit_l, FEClipConfig())  # bf16 on CUDA: the precision of training and evaluation
+    assert model.precision == "bf16"
+    ops = attention_ops(model, CUDA)
+    assert tuple(ops) == ATTENTION_PATHS
+    for path, names in ops.items():
+        kinds = classify_attention(names)
+        assert uses_fused_attention(names), f"{path}: fused {kinds['fused']}, math {kinds['math']}"
+
+
+def test_vit_l_deterministic_training_is_bit_for_bit_repeatable(vit_l):
+    """ViT-L trained 3 cached steps (bf16, Adam) twice from the same start on the same batch under
+    ``train.deterministic``: the same weights bit for bit."""
+    a, b = repeated_training(vit_l, CUDA, steps=3, deterministic=True, batch=8)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"max rel. diff {max_rel_diff(a, b):.1e}"

@@ -66,9 +66,11 @@ def test_tables_are_derived_from_the_specs():
     # one object each, whichever module it is imported from
     assert feclip.data.DATASETS is DATASETS and feclip.data.DEFAULT_DIRS is DEFAULT_DIRS
     assert download.SOURCES is SOURCES
-    from feclip.data import samples
+    from feclip.data import layout, listing, sample
 
-    assert samples.DATASETS is DATASETS and samples.list_samples is list_samples
+    assert listing.list_samples is list_samples and feclip.data.list_samples is list_samples
+    assert sample.Sample is Sample and feclip.data.Sample is Sample
+    assert feclip.data.EmptyDatasetError is layout.EmptyDatasetError
 
 
 def _fake_reader(job: Listing, *, colour: str = "red") -> list[Sample]:

@@ -293,7 +293,7 @@ def test_download_hint_gives_a_command_producing_the_layout_the_run_reads(
     from feclip.apps import data as cli
     from feclip.config import DatasetRef, PathsConfig
     from feclip.data.download import download_hint
-    from feclip.engine.run import dataset_root, list_dataset
+    from feclip.engine.run_data import dataset_root, list_dataset
     from feclip.errors import DatasetError
 
     data_root = tmp_path / "data"

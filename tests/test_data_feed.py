@@ -3,10 +3,9 @@ evaluation; the numbers do not depend on it (nor does the run's identity or fold
 
 import pytest
 import torch
-from test_engine import compose_run
+from conftest import cache_override, compose_run
 from torch.utils.data import DataLoader
 
-from feclip.data import make_synthetic
 from feclip.engine import cache as cache_module
 from feclip.engine import evaluate as evaluate_module
 from feclip.engine import identity
@@ -16,10 +15,8 @@ from feclip.results import read_metrics
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("feed")
-    make_synthetic(root / "synthetic", n_train_good=2, n_test_good=2, n_test_bad=2, image_size=64)
-    return root
+def data_root(synthetic_sets):
+    return synthetic_sets(n_train_good=2, n_test_good=2, n_test_bad=2, image_size=64)["set_a"].parents[1]
 
 
 def overrides(data_root, results, *extra):
@@ -28,6 +25,7 @@ def overrides(data_root, results, *extra):
         "protocol=demo",
         f"paths.data_root={data_root}",
         f"paths.results_dir={results}",
+        cache_override(),
         "train.epochs=1",
         "train.batch_size=4",
         "train.progress=false",

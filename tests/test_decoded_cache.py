@@ -312,7 +312,7 @@ def test_runs_cache_under_paths_cache_dir_unless_switched_off(tmp_path):
 
     from feclip.config import RunConfig
     from feclip.engine import identity
-    from feclip.engine.run import _dataset
+    from feclip.engine.run import make_dataset as _dataset
 
     sample = Sample(_write(tmp_path / "x.png", np.zeros((H, W, 3), np.uint8)), None, 0, "c", "good")
     cfg = RunConfig()

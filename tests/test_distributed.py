@@ -17,25 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compose_run, make_tiny_feclip, smoke_overrides
 from safetensors.torch import load_file
-from test_engine import compose_run, smoke_overrides
 
 from feclip.config import LossConfig, TrainConfig
-from feclip.data import make_synthetic
 from feclip.engine import distributed as dist
 from feclip.engine.run import run
 from feclip.engine.train import ADAPTERS_FILE, STATE_FILE, train
 from feclip.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic(root / "synthetic", n_train_good=2, n_test_good=3, n_test_bad=3, image_size=64)
-    return root
 
 
 def assert_same_training(run_a: Path, run_b: Path) -> None:
@@ -73,7 +64,12 @@ def test_torchrun_on_two_processes_matches_one_process(data_root, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = tmp_path / "ddp" / "ddp" / "v" / "seed=42"
-    single = run(compose_run(smoke_overrides(data_root, tmp_path / "one", "study=ddp", "variant=v")))
+    # trained again in one process (not loaded from the adapters store the two-process run filled)
+    single = run(
+        compose_run(
+            smoke_overrides(data_root, tmp_path / "one", "study=ddp", "variant=v", "train.reuse=false")
+        )
+    )
     assert_same_training(ddp, single)
 
     # rank 0 alone wrote the run directory, its log and Hydra's outputs
@@ -115,10 +111,7 @@ def _train_tiny(run_dir: Path) -> None:
     """Two epochs over 5 images in global batches of 2: the last batch (1 image) leaves rank 1 of 2 an
     empty share; with ``mask_loss_on=abnormal`` the map losses see the single anomalous image on one
     rank only, so fc_patch has a gradient on that rank alone, and none at all in the other steps."""
-    from feclip.models import FEClip, FEClipConfig, load_clip
-
-    torch.manual_seed(0)
-    model = FEClip(load_clip("feclip-tiny"), FEClipConfig())
+    model = make_tiny_feclip()
     cfg = TrainConfig(
         epochs=2,
         batch_size=2,

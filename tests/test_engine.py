@@ -7,47 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_run, make_tiny_feclip, smoke_overrides
+from conftest import train_cli as _cli
 
-from feclip.apps.train import CONF_DIR, to_run_config
-from feclip.data import make_synthetic
 from feclip.engine import train as train_module
 from feclip.engine.run import run
 from feclip.engine.train import TrainingDivergedError, build_optimizer, epoch_order
 from feclip.errors import CheckpointMismatchError, DatasetError
 from feclip.results import COLUMNS, MICRO, read_metrics
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic(root / "synthetic", n_train_good=2, n_test_good=3, n_test_bad=3, image_size=64)
-    return root
-
-
-def compose_run(overrides, name="train"):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_run_config(compose(config_name=name, overrides=overrides))
-
-
-def smoke_overrides(data_root, results, *extra):
-    return [
-        "backbone=tiny",
-        "protocol=demo",
-        f"paths.data_root={data_root}",
-        f"paths.results_dir={results}",
-        "train.epochs=2",
-        "train.batch_size=4",
-        "train.progress=false",
-        "eval.batch_size=8",
-        *extra,
-    ]
 
 
 def test_smoke_train_and_eval_writes_a_valid_csv(data_root, tmp_path):
@@ -97,11 +67,10 @@ def test_a_complete_run_is_skipped_unless_forced(data_root, tmp_path):
 
 def _train_only(cfg, run_dir):
     from feclip.data import AnomalyDataset, list_samples
-    from feclip.engine.run import dataset_root, training_fingerprint
-    from feclip.models import FEClip, load_clip
+    from feclip.engine.run import training_fingerprint
+    from feclip.engine.run_data import dataset_root
 
-    torch.manual_seed(cfg.seed)
-    model = FEClip(load_clip("feclip-tiny"), cfg.model)
+    model = make_tiny_feclip(config=cfg.model, seed=cfg.seed)
     ds = AnomalyDataset(list_samples("synthetic", dataset_root(cfg.data.train, cfg.paths)), image_size=84)
     train_module.train(
         model, ds, cfg.train, run_dir, cfg.seed, torch.device("cpu"), training_fingerprint(cfg)
@@ -224,18 +193,6 @@ def test_missing_dataset_names_the_path_and_the_commands(tmp_path):
     ):
         run(cfg)
     assert not list(tmp_path.rglob("metrics.csv"))
-
-
-def _cli(args, env_extra=None, timeout=120):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
 
 
 def test_cli_user_errors_are_one_line_without_traceback(tmp_path):

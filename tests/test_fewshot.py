@@ -3,8 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_feclip, randomize_adapters
 
-from feclip.data import AnomalyDataset, list_samples, make_synthetic
+from feclip.data import AnomalyDataset, list_samples
 from feclip.errors import ConfigError, DatasetError
 from feclip.models import FEClip, FEClipConfig, load_clip
 from feclip.models.fewshot import (
@@ -22,20 +23,13 @@ TAPS = (15, 18, 21, 23)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = FEClip(load_clip("feclip-tiny"), FEClipConfig(taps=TAPS))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # non-trivial adapters, so fused and plain tokens differ
-        for p in m.adapters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return m.eval()
+    # non-trivial adapters, so fused and plain tokens differ
+    return randomize_adapters(make_tiny_feclip(taps=TAPS), seed=3, scale=0.3).eval()
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    roots = make_synthetic(
-        tmp_path_factory.mktemp("syn"), n_train_good=6, n_test_good=2, n_test_bad=2, image_size=64
-    )
+def data(synthetic_sets):
+    roots = synthetic_sets(n_train_good=6, n_test_good=2, n_test_bad=2, image_size=64)
     train = list_samples("synthetic", roots["set_a"], split="train", categories="brick")
     test = list_samples("synthetic", roots["set_a"], split="test", categories="brick")
     return train, test

@@ -6,27 +6,16 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_feclip as tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from feclip.config import EvalConfig, LossConfig, TrainConfig
-from feclip.data import AnomalyDataset, list_samples, make_synthetic
+from feclip.data import AnomalyDataset, list_samples
 from feclip.engine import hostsync
 from feclip.engine import train as train_module
 from feclip.engine.evaluate import predict
 from feclip.engine.hostsync import DEVICE_UNDER_TEST, HostSyncCounter
 from feclip.losses import feclip_loss
-from feclip.models import FEClip, FEClipConfig, load_clip
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostsync")
-    return make_synthetic(root, n_train_good=2, n_test_good=3, n_test_bad=3, image_size=64)
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    return FEClip(load_clip("feclip-tiny"), FEClipConfig(**kw))
 
 
 def test_the_counter_counts_device_reads_and_ignores_host_tensors():

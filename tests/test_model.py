@@ -2,15 +2,16 @@
 
 import dataclasses
 import itertools
-import math
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_clip, make_tiny_feclip
+from conftest import randomize_adapters as random_adapters
 
 from feclip.errors import CheckpointMismatchError, ConfigError
-from feclip.models import FEClip, FEClipConfig, load_adapters, load_clip, save_adapters
+from feclip.models import FEClip, FEClipConfig, load_adapters, save_adapters
 from feclip.models.prompts import PAPER_PROMPTS
 from feclip.scoring import ScoringConfig, score_output
 
@@ -19,11 +20,8 @@ TINY_TAPS = (15, 18, 21, 23)
 
 @pytest.fixture(scope="module")
 def clip():
-    torch.manual_seed(0)
-    model = load_clip("feclip-tiny")
     # a random CLIP starts at logit scale 1/0.07, the paper's temperature; OpenAI's trained value is 100
-    model.logit_scale.data.fill_(math.log(100.0))
-    return model
+    return make_tiny_clip(logit_scale=100.0)
 
 
 @pytest.fixture()
@@ -33,15 +31,11 @@ def images():
 
 
 def make(clip, **kw):
-    torch.manual_seed(0)
-    return FEClip(clip, FEClipConfig(**kw))
+    return make_tiny_feclip(clip, **kw)
 
 
 def randomize_adapters(model, scale=0.5):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.adapters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    random_adapters(model, seed=7, scale=scale)
 
 
 def scored(model, out):

@@ -6,37 +6,29 @@ CLIP's matrices are stored in bf16 with the numbers of autocast over fp32 weight
 """
 
 import copy
-import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_clip, make_tiny_feclip, randomize_adapters
 
 from feclip.config import EvalConfig, LossConfig
-from feclip.data import AnomalyDataset, list_samples, make_synthetic
+from feclip.data import AnomalyDataset, list_samples
 from feclip.engine.cache import PrefixCache
 from feclip.errors import ConfigError
 from feclip.losses import feclip_loss
-from feclip.models import FEClip, FEClipConfig, load_clip
+from feclip.models import FEClip, FEClipConfig
 from feclip.models.feclip import default_precision, precision_for
 from feclip.scoring import ScoringConfig, scores_and_maps
 
 
 def fresh_clip():
-    torch.manual_seed(0)
-    clip = load_clip("feclip-tiny")
-    clip.logit_scale.data.fill_(math.log(100.0))
-    return clip
+    return make_tiny_clip(logit_scale=100.0)
 
 
 def make(clip, precision, **kw):
-    torch.manual_seed(0)
-    model = FEClip(clip, FEClipConfig(**kw), precision=precision)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # adapters that matter, so that every path is exercised
-        for p in model.adapters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    # adapters that matter, so that every path is exercised
+    return randomize_adapters(make_tiny_feclip(clip, precision=precision, **kw), seed=7, scale=0.2)
 
 
 @pytest.fixture()
@@ -45,10 +37,8 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision")
-    sets = make_synthetic(root, n_train_good=2, n_test_good=2, n_test_bad=2, image_size=64)
-    return sets
+def data(synthetic_sets):
+    return synthetic_sets(n_train_good=2, n_test_good=2, n_test_bad=2, image_size=64)
 
 
 def test_defaults_follow_the_device_and_train_amp():

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_feclip, randomize_adapters
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -32,12 +33,8 @@ def write_rgb(path, h, w, seed):
 def tiny_model(seed=SEED, pretrained=None, **config):
     """A tiny FE-CLIP on a backbone drawn with ``seed`` (or loaded from ``pretrained``), with adapters
     moved away from their initialisation so that they change the scores."""
-    model = FEClip(load_clip("feclip-tiny", pretrained, seed=seed), FEClipConfig(**config))
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.adapters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
+    model = make_tiny_feclip(load_clip("feclip-tiny", pretrained, seed=seed), seed=None, **config)
+    return randomize_adapters(model, seed=11, scale=0.2).eval()
 
 
 def python_score(model, path):

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
+from conftest import compose_run
 from PIL import Image
-from test_engine import compose_run
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from feclip.data.transforms import center_crop, resize_mask, resize_rgb, short_side_size

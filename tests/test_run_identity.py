@@ -9,8 +9,9 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, compose_run, smoke_overrides
+from conftest import train_cli as _cli
 from safetensors.torch import load_file, save_file
-from test_engine import REPO, _cli, compose_run, data_root, smoke_overrides  # noqa: F401 - data_root: fixture
 
 from feclip.engine import identity
 from feclip.engine import train as train_module
@@ -24,7 +25,7 @@ def _values(out):
     return {(r["category"], r["metric"]): r["value"] for r in read_metrics(out / "metrics.csv")}
 
 
-def _eval(data_root, results, ckpt, *extra):  # noqa: F811
+def _eval(data_root, results, ckpt, *extra):
     cfg = compose_run(smoke_overrides(data_root, results, "study=e", f"checkpoint='{ckpt}'", *extra), "eval")
     return run(cfg, do_train=False)
 
@@ -32,7 +33,7 @@ def _eval(data_root, results, ckpt, *extra):  # noqa: F811
 # -- run identity ---------------------------------------------------------------------------------
 
 
-def test_two_checkpoints_of_one_study_and_seed_get_two_folders_with_their_own_numbers(data_root, tmp_path):  # noqa: F811
+def test_two_checkpoints_of_one_study_and_seed_get_two_folders_with_their_own_numbers(data_root, tmp_path):
     a = run(compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=1", "study=t", "variant=a")))
     b = run(compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=3", "study=t", "variant=b")))
     ea = _eval(data_root, tmp_path, a / "adapters.safetensors")
@@ -50,7 +51,7 @@ def test_two_checkpoints_of_one_study_and_seed_get_two_folders_with_their_own_nu
     assert (eb / "metrics.csv").stat().st_mtime_ns == stamp
 
 
-def test_a_missing_checkpoint_is_an_error_before_anything_is_built(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_a_missing_checkpoint_is_an_error_before_anything_is_built(data_root, tmp_path, monkeypatch):
     import feclip.engine.run as run_module
 
     monkeypatch.setattr(run_module, "build_clip", lambda *a, **k: pytest.fail("backbone built"))
@@ -74,7 +75,7 @@ def test_a_missing_checkpoint_is_an_error_before_anything_is_built(data_root, tm
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no such file" in res.stderr
 
 
-def test_a_folder_of_another_configuration_is_refused_untouched(data_root, tmp_path):  # noqa: F811
+def test_a_folder_of_another_configuration_is_refused_untouched(data_root, tmp_path):
     out = run(compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=1", "variant=v")))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(
@@ -88,7 +89,7 @@ def test_a_folder_of_another_configuration_is_refused_untouched(data_root, tmp_p
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
-def test_options_that_change_no_number_change_no_identity(data_root):  # noqa: F811
+def test_options_that_change_no_number_change_no_identity(data_root):
     base = compose_run(smoke_overrides(data_root, "r"))
     quiet = compose_run(
         smoke_overrides(data_root, "r", "eval.save_figures=true", "train.progress=true", "logger=wandb")
@@ -156,7 +157,7 @@ def test_cli_bad_value_is_one_line(tmp_path):
 # -- provenance -----------------------------------------------------------------------------------
 
 
-def test_a_fallback_backbone_is_named_in_the_folder_and_every_output(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_a_fallback_backbone_is_named_in_the_folder_and_every_output(data_root, tmp_path, monkeypatch):
     import feclip.models.clip as clip_module
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -181,7 +182,7 @@ def test_a_fallback_backbone_is_named_in_the_folder_and_every_output(data_root, 
     )
 
 
-def test_a_checkpoint_rebuilds_the_random_backbone_it_was_trained_on(data_root, tmp_path):  # noqa: F811
+def test_a_checkpoint_rebuilds_the_random_backbone_it_was_trained_on(data_root, tmp_path):
     trained = run(compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=2", "seed=1", "study=s")))
     evaluated = _eval(data_root, tmp_path, trained / "adapters.safetensors")  # seed 42 here
     assert _values(evaluated) == _values(trained)
@@ -213,7 +214,7 @@ def test_weights_sources_round_trip_and_paper_detection():
 # -- faults: nothing lost, nothing half-written -----------------------------------------------------
 
 
-def test_a_nan_checkpoint_is_refused(data_root, tmp_path):  # noqa: F811
+def test_a_nan_checkpoint_is_refused(data_root, tmp_path):
     trained = run(compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=1", "study=n")))
     from safetensors import safe_open
 
@@ -227,13 +228,16 @@ def test_a_nan_checkpoint_is_refused(data_root, tmp_path):  # noqa: F811
         _eval(data_root, tmp_path, tmp_path / "nan.safetensors")
 
 
-def test_an_interrupted_save_never_splits_the_checkpoint_pair(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_an_interrupted_save_never_splits_the_checkpoint_pair(data_root, tmp_path, monkeypatch):
     """Disk full after the training state was written: the next run resumes from that state and
     re-exports the adapters; the weights equal those of an uninterrupted run."""
     straight = run(
         compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=3", "study=p", "variant=a"))
     )
-    cfg_args = smoke_overrides(data_root, tmp_path, "train.epochs=3", "study=p", "variant=b")
+    # train.reuse=false: run b trains (the adapter store holds run a's training, the same identity)
+    cfg_args = smoke_overrides(
+        data_root, tmp_path, "train.epochs=3", "study=p", "variant=b", "train.reuse=false"
+    )
     real = train_module.save_adapters
     calls = {"n": 0}
 
@@ -255,8 +259,10 @@ def test_an_interrupted_save_never_splits_the_checkpoint_pair(data_root, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_failed_state_save_keeps_the_previous_state(data_root, tmp_path, monkeypatch):  # noqa: F811
-    cfg = compose_run(smoke_overrides(data_root, tmp_path, "train.epochs=3", "variant=d"))
+def test_a_failed_state_save_keeps_the_previous_state(data_root, tmp_path, monkeypatch):
+    cfg = compose_run(
+        smoke_overrides(data_root, tmp_path, "train.epochs=3", "variant=d", "train.reuse=false")
+    )
     real = torch.save
     calls = {"n": 0}
 
@@ -277,8 +283,11 @@ def test_a_failed_state_save_keeps_the_previous_state(data_root, tmp_path, monke
     assert not list(out.glob(".*.tmp"))
 
 
-def test_a_truncated_training_state_is_one_clear_error(data_root, tmp_path):  # noqa: F811
-    args = smoke_overrides(data_root, tmp_path, "train.epochs=2", "train.max_steps=1", "variant=t")
+def test_a_truncated_training_state_is_one_clear_error(data_root, tmp_path):
+    # train.reuse=false: the second run must resume from the run folder, not load the adapters store
+    args = smoke_overrides(
+        data_root, tmp_path, "train.epochs=2", "train.max_steps=1", "variant=t", "train.reuse=false"
+    )
     out = run(compose_run(args))
     (out / "metrics.csv").unlink()
     state = out / "train_state.pt"
@@ -287,7 +296,7 @@ def test_a_truncated_training_state_is_one_clear_error(data_root, tmp_path):  # 
         run(compose_run(args))
 
 
-def test_a_second_process_on_the_same_folder_is_refused(data_root, tmp_path):  # noqa: F811
+def test_a_second_process_on_the_same_folder_is_refused(data_root, tmp_path):
     cfg = compose_run(smoke_overrides(data_root, tmp_path, "train.max_steps=1", "variant=l"))
     out = tmp_path / "default" / "l" / "seed=42"
     code = (
@@ -305,7 +314,7 @@ def test_a_second_process_on_the_same_folder_is_refused(data_root, tmp_path):  #
     assert (run(cfg) / "metrics.csv").is_file()  # released with its process
 
 
-def test_an_unwritable_results_folder_is_one_line(data_root, tmp_path):  # noqa: F811
+def test_an_unwritable_results_folder_is_one_line(data_root, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     cfg = compose_run(smoke_overrides(data_root, blocker / "results", "train.max_steps=1"))
@@ -313,7 +322,7 @@ def test_an_unwritable_results_folder_is_one_line(data_root, tmp_path):  # noqa:
         run(cfg)
 
 
-def test_a_failing_target_keeps_the_rows_of_the_others(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failing_target_keeps_the_rows_of_the_others(data_root, tmp_path, monkeypatch):
     import feclip.engine.evaluate as evaluate_module
     from feclip.errors import DatasetError
 
@@ -337,14 +346,14 @@ def test_a_failing_target_keeps_the_rows_of_the_others(data_root, tmp_path, monk
     assert "cannot be decoded" in (out / "train.log").read_text()
 
 
-def test_home_in_paths_is_expanded_once_for_every_reader(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_home_in_paths_is_expanded_once_for_every_reader(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(data_root.parent))
     cfg = compose_run(smoke_overrides(f"'~/{data_root.name}'", tmp_path, "train.max_steps=1", "variant=h"))
     out = run(cfg)
     assert (out / "metrics.csv").is_file() and not (tmp_path / "~").exists()
 
 
-def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp_path, caplog, monkeypatch):  # noqa: F811
+def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO", logger="feclip.train")
     monkeypatch.setattr(train_module._LineProgress, "every_s", 0.0)  # a line after every batch
     run(
@@ -357,7 +366,7 @@ def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(data_root, tmp_path):  # noqa: F811
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(data_root, tmp_path):
     args = smoke_overrides(data_root, tmp_path, "train.epochs=60", "study=int", "variant=v")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", *args],
@@ -400,7 +409,7 @@ def _no_training(monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained before the check"))
 
 
-def test_an_undecodable_target_image_fails_before_training(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_an_undecodable_target_image_fails_before_training(data_root, tmp_path, monkeypatch):
     import shutil
 
     from feclip.errors import DatasetError
@@ -418,7 +427,7 @@ def test_an_undecodable_target_image_fails_before_training(data_root, tmp_path, 
     assert not (tmp_path / "r" / "default").exists()
 
 
-def test_fewshot_k_over_the_normal_images_fails_before_training(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_fewshot_k_over_the_normal_images_fails_before_training(data_root, tmp_path, monkeypatch):
     from feclip.errors import DatasetError
 
     _no_training(monkeypatch)

@@ -4,9 +4,9 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO, cache_override
 from hydra import compose, initialize_config_dir
 
 from feclip.apps.train import CONF_DIR
@@ -14,13 +14,19 @@ from feclip.data import make_synthetic
 from feclip.report import aggregate_seeds, load_results, macro_per_seed
 from feclip.results import MICRO, find_metrics, read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _multirun(args, cwd):
+    """``feclip-train -m ARGS``, its caches in the session's temporary folder."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", "-m", *args],
+        [
+            sys.executable,
+            "-c",
+            "from feclip.apps.train import train_main; train_main()",
+            "-m",
+            *args,
+            cache_override(),
+        ],
         capture_output=True,
         text=True,
         cwd=cwd,

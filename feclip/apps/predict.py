@@ -78,8 +78,8 @@ def build_parser() -> OneLineParser:
     p.add_argument(
         "--sigma",
         type=float,
-        default=4.0,
-        help="Gaussian smoothing of the map at the input size, in pixels; 0 = off (default 4)",
+        help="Gaussian smoothing of the map at the input size, in pixels; 0 = off "
+        "(default: the evaluation's, eval.sigma)",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the heatmap (default 0.5)")
     p.add_argument("--vmin", type=float, help="map value shown as dark blue (default: the image's minimum)")
@@ -102,16 +102,6 @@ def _report(problem: str) -> None:
     print(f"{PROG}: skipped: {' '.join(problem.split())}", file=sys.stderr)
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu)")
-    return name
-
-
 def check_options(args) -> None:
     """Refuse option values that would give silently wrong outputs (NaN, out of range)."""
 
@@ -123,7 +113,7 @@ def check_options(args) -> None:
         finite(name, getattr(args, name))
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.sigma < 0:
+    if args.sigma is not None and args.sigma < 0:
         raise ConfigError(f"--sigma must be >= 0, got {args.sigma}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ConfigError(f"--alpha must lie in [0, 1], got {args.alpha}")
@@ -150,9 +140,15 @@ def run(args) -> int:
     from feclip.models.provenance import file_sha256
 
     check_options(args)
+    if args.sigma is None:  # the evaluation's smoothing: its one home is feclip.scoring (imports torch)
+        from feclip.scoring import ScoringConfig
+
+        args.sigma = ScoringConfig.sigma
     out_dir = Path(args.out)
     check_out_dir(out_dir)
-    device = _device(args.device)
+    from feclip.device import resolve_device
+
+    device = str(resolve_device(args.device, option="--device"))
     items, problems = find_inputs(args.paths, exclude=out_dir)
     if not items:
         raise _nothing_to_do(args.paths, problems)

@@ -49,6 +49,8 @@ from feclip.data.sample import Sample, natural_key
 from feclip.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    DEFAULT_MASK_RESIZE,
+    DEFAULT_RESIZE,
     MASK_RESIZE_METHODS,
     RESIZE_MODES,
     load_mask,
@@ -88,7 +90,7 @@ class AnomalyDataset(Dataset):
 
     Args:
         samples: from :func:`feclip.data.list_samples` (any order is kept as given).
-        image_size: S, the square model input size (336 for ViT-L/14@336).
+        image_size: S, the square model input size (``model.image_size``: 336 for ViT-L/14@336).
         mean, std: per-channel normalisation (defaults: OpenAI CLIP).
         cache: keep the decoded, resized uint8 arrays in memory after the first read.
         mask_threshold: a mask pixel is anomalous when its gray value is ``> mask_threshold``; None
@@ -112,14 +114,14 @@ class AnomalyDataset(Dataset):
     def __init__(
         self,
         samples: Sequence[Sample],
-        image_size: int = 336,
+        image_size: int,
         *,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         cache: bool = True,
         mask_threshold: int | None = None,
-        mask_resize: str = "bilinear",
-        resize: str = "square",
+        mask_resize: str = DEFAULT_MASK_RESIZE,
+        resize: str = DEFAULT_RESIZE,
         disk_cache: str | os.PathLike | None = None,
     ) -> None:
         self.samples: list[Sample] = list(samples)

@@ -224,6 +224,8 @@ def probe_image(path: str | Path, what: str = "image") -> tuple[int, int]:
 
 #: How images (and their masks) become ``size x size`` (``data.resize`` in a run config).
 RESIZE_MODES: tuple[str, ...] = ("square", "center_crop")
+#: The default of ``mode`` here and of ``data.resize`` (:class:`feclip.config.DataConfig` reads it here).
+DEFAULT_RESIZE = "square"
 
 
 def short_side_size(shape: tuple[int, int], size: int) -> tuple[int, int]:
@@ -243,7 +245,7 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     return array[top : top + size, left : left + size]
 
 
-def resize_rgb(image: np.ndarray, size: int, mode: str = "square") -> np.ndarray:
+def resize_rgb(image: np.ndarray, size: int, mode: str = DEFAULT_RESIZE) -> np.ndarray:
     """Bicubic (PIL's, antialiased) resize to ``size x size``. (H, W, 3) uint8 -> (size, size, 3) uint8.
 
     ``mode``: ``"square"`` resizes both sides to ``size`` (the aspect ratio is not kept: the peers'
@@ -263,9 +265,13 @@ def resize_rgb(image: np.ndarray, size: int, mode: str = "square") -> np.ndarray
 
 #: How :func:`resize_mask` resizes a binary mask (``data.mask_resize`` in a run config).
 MASK_RESIZE_METHODS: tuple[str, ...] = ("bilinear", "nearest")
+#: The default of ``method`` here and of ``data.mask_resize`` (:class:`feclip.config.DataConfig` reads it).
+DEFAULT_MASK_RESIZE = "bilinear"
 
 
-def resize_mask(mask: np.ndarray, size: int, method: str = "bilinear", mode: str = "square") -> np.ndarray:
+def resize_mask(
+    mask: np.ndarray, size: int, method: str = DEFAULT_MASK_RESIZE, mode: str = DEFAULT_RESIZE
+) -> np.ndarray:
     """Resize of a binary mask to ``size x size``. (H, W) bool -> (size, size) bool.
 
     Args:

@@ -26,10 +26,16 @@ import logging
 import torch
 from torch.utils.data import DataLoader
 
+from feclip.config import TrainConfig
 from feclip.data.dataset import collate
 from feclip.errors import ConfigError
 
 log = logging.getLogger("feclip.cache")
+
+# the values of train.prefix_cache (read by feclip.engine.train.make_prefix_cache) and of
+# train.prefix_cache_storage (read here); feclip.config.RunConfig.validate checks them against these
+PREFIX_CACHE_MODES = ("auto", "on", "off")  # auto: on when it fits train.prefix_cache_max_gb
+PREFIX_CACHE_STORAGES = ("device", "pinned")
 
 
 def prefix_bytes(model, n_images: int, dtype: torch.dtype) -> int:
@@ -47,7 +53,9 @@ class PrefixCache:
     Args:
         model: the :class:`~feclip.models.FEClip` whose ``prefix`` is cached.
         dataset: an :class:`~feclip.data.AnomalyDataset`; ``cache[i]`` holds its image ``i``.
-        storage: ``device`` or ``pinned`` (host memory, copied to ``device`` per batch).
+        batch_size: images decoded and run through the prefix at a time (``train.batch_size``).
+        storage: ``device`` or ``pinned`` (host memory, copied to ``device`` per batch); default
+            ``train.prefix_cache_storage``'s.
         dtype: of the stored tokens; ``None`` (default) = ``model.token_dtype``, the dtype the prefix
             computes (another dtype rounds the tokens, and a cached step no longer equals an uncached one).
         num_workers: ``DataLoader`` processes that decode the images (0: in this process).
@@ -62,13 +70,15 @@ class PrefixCache:
         model,
         dataset,
         device: torch.device,
-        batch_size: int = 32,
-        storage: str = "device",
+        batch_size: int,
+        storage: str = TrainConfig.prefix_cache_storage,
         dtype: torch.dtype | None = None,
         num_workers: int = 0,
     ):
-        if storage not in ("device", "pinned"):
-            raise ConfigError(f"train.prefix_cache_storage must be 'device' or 'pinned', got {storage!r}")
+        if storage not in PREFIX_CACHE_STORAGES:
+            raise ConfigError(
+                f"train.prefix_cache_storage must be one of {PREFIX_CACHE_STORAGES}, got {storage!r}"
+            )
         self.device = device
         dtype = dtype or model.token_dtype
         h, w = model.grid

@@ -10,6 +10,11 @@ The identity of a run is
 - the data (:func:`data_fingerprint`: every listed image and mask by path relative to its dataset
   root, size and label).
 
+The *training identity* (:func:`training_identity`: what changes the trained adapters, a part of the
+run's identity with the training data's fingerprint and the precision) keys the adapter store, and
+:func:`outputs_identity` (the evaluated weights, the backbone, the target) the store of the model's
+outputs (:mod:`feclip.engine.store`): runs that differ only in evaluation options share both.
+
 ``identity.json`` in the run folder holds it. A folder is reused (a complete run skipped, a killed
 run resumed) only when its identity is the same; another identity is refused before anything in the
 folder is touched. :class:`RunLock` keeps two processes out of one run folder.
@@ -42,7 +47,13 @@ NOT_IDENTITY = (
     "data.num_workers",  # how many processes decode the images: the same numbers
     "data.decoded_cache",  # decoded images read from the disk cache are bit-identical to fresh ones
     "eval.save_figures",
+    "train.reuse",  # adapters of the same training identity loaded from the store: the same weights
+    "eval.reuse_outputs",  # the model's outputs read from the store: the same numbers, bit for bit
 )
+# train.* keys that change no trained weight (the rest of train.*, max_steps included, does)
+TRAIN_NOT_WEIGHTS = ("resume", "progress", "reuse")
+# bumped whenever the same key would name other trained adapters or other outputs (feclip.engine.store)
+STORE_FORMAT = 1
 # the files whose presence means a folder already holds (part of) a run
 RUN_FILES = ("metrics.csv", "adapters.safetensors", "train_state.pt", "metrics.partial.csv")
 
@@ -112,6 +123,96 @@ def make_identity(cfg, backbone: str, checkpoint: str, data: dict[str, str]) -> 
         "checkpoint": checkpoint,
         "data": data,
         "config": body["config"],
+    }
+
+
+def _training_config(cfg, weights) -> dict:
+    """The config values that change the trained weights: the seed, the backbone (``weights``: the
+    :class:`~feclip.models.provenance.WeightsSource` built, when known), the model, the training
+    dataset's reference and ``train.*`` less :data:`TRAIN_NOT_WEIGHTS`."""
+    train = plain(cfg.train)
+    for key in TRAIN_NOT_WEIGHTS:
+        train.pop(key, None)
+    return {
+        "seed": cfg.seed,
+        "backbone": plain(cfg.backbone),
+        "weights": weights.describe() if weights is not None else None,
+        "model": plain(cfg.model),
+        "data": plain(cfg.data.train),
+        "train": train,
+    }
+
+
+def training_fingerprint(cfg, weights=None) -> str:
+    """What a resumable checkpoint (``train_state.pt``) must agree on: the training config less
+    ``train.max_steps`` (a run may be resumed with another one). 12 hex."""
+    from feclip.results import config_hash
+
+    record = _training_config(cfg, weights)
+    record["train"].pop("max_steps", None)
+    return config_hash(record)
+
+
+def training_identity(cfg, weights, data_fingerprint: str, precision: str, init: str | None = None) -> dict:
+    """Everything that changes the trained adapters: the key record of the adapter store
+    (:class:`feclip.engine.store.AdapterStore`).
+
+    The training config (:func:`training_fingerprint`'s, ``train.max_steps`` included), the training
+    data's :func:`data_fingerprint`, the data options that change the training inputs (``resize``,
+    ``mask_resize``; the input size is ``backbone.image_size``), the model ``precision`` the training
+    ran at (:func:`feclip.models.feclip.precision_for` of ``train.amp`` and the device: bf16 only on
+    CUDA) and ``init``, the SHA-256 of the adapter file training started from (``checkpoint=`` with
+    training; None: the seeded initialisation). Nothing of ``eval.*``, paths, names or logging.
+    """
+    return {
+        "format": STORE_FORMAT,
+        **_training_config(cfg, weights),
+        "data_fingerprint": data_fingerprint,
+        "data_options": {"resize": cfg.data.resize, "mask_resize": cfg.data.mask_resize},
+        "precision": precision,
+        "init": init,
+    }
+
+
+def outputs_identity(
+    cfg,
+    weights,
+    ref,
+    data_fingerprint: str,
+    adapters_sha256: str,
+    precision: str,
+    device_type: str,
+    image_size: int,
+) -> dict:
+    """Everything the model's raw outputs on one target depend on: the key record of the outputs store
+    (:class:`feclip.engine.store.OutputStore`).
+
+    ``adapters_sha256``: of the adapter and fc_patch weights as evaluated
+    (:func:`feclip.engine.store.weights_sha256`: trained, loaded or untrained alike); the backbone built
+    and its options, the model config, the precision, the device type (outputs are kept bit for bit as
+    this device computes them), the input size, the target (reader, split, categories, options and its
+    :func:`data_fingerprint`), the data options and ``eval.batch_size`` (a batch's size may change
+    the rounding of a product). Not the scoring, post-processing, resolution or AUPRO options: those
+    are computed from the outputs.
+    """
+    return {
+        "format": STORE_FORMAT,
+        "adapters_sha256": adapters_sha256,
+        "backbone": plain(cfg.backbone),
+        "weights": weights.describe(),
+        "model": plain(cfg.model),
+        "precision": precision,
+        "device_type": device_type,
+        "image_size": int(image_size),
+        "data": {
+            "name": ref.name,
+            "split": ref.split,
+            "categories": list(ref.categories) if ref.categories is not None else None,
+            "options": json.loads(json.dumps(dict(ref.options), default=str)),
+            "fingerprint": data_fingerprint,
+        },
+        "data_options": {"resize": cfg.data.resize, "mask_resize": cfg.data.mask_resize},
+        "batch_size": cfg.eval.batch_size,
     }
 
 

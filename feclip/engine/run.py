@@ -11,28 +11,33 @@ directory and evaluates, the other ranks return once training is done.
 from __future__ import annotations
 
 import logging
-import platform
 import random
 import shutil
-import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from feclip.config import BackboneConfig, DatasetRef, PathsConfig, RunConfig
+from feclip.config import BackboneConfig, DatasetRef, RunConfig
+from feclip.device import resolve_device
 from feclip.engine import distributed as dist
 from feclip.engine.identity import (
     RunLock,
     check_folder,
-    data_fingerprint,
     make_identity,
+    outputs_identity,
     plain,
+    training_fingerprint,
+    training_identity,
     write_identity,
 )
-from feclip.errors import DatasetError, FEClipError, WeightsNotFoundError
-from feclip.fileio import atomic_write_text
+from feclip.engine.run_data import check_data, list_dataset, list_samples_of, make_dataset
+from feclip.engine.run_files import attach_file_log, environment_text, format_table, make_run_dir, to_yaml
+from feclip.engine.store import AdapterStore, OutputStore, store_key, weights_sha256
+from feclip.errors import FEClipError, WeightsNotFoundError
+from feclip.fileio import atomic_write, atomic_write_text
 from feclip.loggers import NullLogger, make_logger
 from feclip.models.provenance import (
     RANDOM,
@@ -54,14 +59,6 @@ from feclip.results import (
 )
 
 log = logging.getLogger("feclip")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU (the name is checked by
-    :meth:`RunConfig.validate`)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -149,41 +146,6 @@ def run_variant(variant: str, weights: WeightsSource, checkpoint_id: str) -> str
     return ",".join(parts) or "default"
 
 
-def dataset_root(ref: DatasetRef, paths: PathsConfig) -> Path:
-    """The folder of a dataset; the embedded synthetic sets are generated on first use."""
-    from feclip.data import DEFAULT_DIRS, make_synthetic
-
-    if ref.dir is None and ref.name not in DEFAULT_DIRS:
-        raise DatasetError(
-            f"data: dataset {ref.name!r} has no default folder; set its `dir` (relative to paths.data_root)"
-        )
-    root = Path(paths.data_root) / (ref.dir if ref.dir is not None else DEFAULT_DIRS[ref.name])
-    if ref.name == "synthetic" and not root.exists() and root.name in ("set_a", "set_b"):
-        log.info("generating the synthetic datasets under %s", root.parent)
-        make_synthetic(root.parent)
-    if not root.exists():
-        from feclip.data.download import download_hint
-
-        raise DatasetError(
-            f"dataset {ref.name!r} not found at {root} (paths.data_root={paths.data_root}, env DATA_ROOT). "
-            f"{download_hint(ref.name, paths.data_root, ref.dir)} (or see docs/datasets.md), "
-            f"then check it with `feclip-data check {root} --dataset {ref.name}`"
-        )
-    return root
-
-
-def list_dataset(ref: DatasetRef, paths: PathsConfig) -> list:
-    """The samples of one dataset reference (raises at once when the folder or its layout is wrong)."""
-    return list_samples_of(ref, paths, ref.split, ref.categories)
-
-
-def list_samples_of(ref: DatasetRef, paths: PathsConfig, split: str, categories) -> list:
-    """The samples of ``split`` of a dataset reference's folder, with its reader options."""
-    from feclip.data import list_samples
-
-    return list_samples(ref.name, dataset_root(ref, paths), split=split, categories=categories, **ref.options)
-
-
 def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], out_dir: Path) -> dict:
     """Few-shot memory banks, one per category, from ``k`` normal training images drawn by the run seed
     (:func:`feclip.models.fewshot.category_banks`), recorded in ``fewshot_references.csv`` beside
@@ -197,70 +159,23 @@ def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], o
     return banks
 
 
-def training_fingerprint(cfg: RunConfig, weights: WeightsSource | None = None) -> str:
-    """What a resumable checkpoint must agree on (``weights``: the backbone built, when known)."""
-    train = plain(cfg.train)
-    for key in ("resume", "progress", "max_steps"):
-        train.pop(key)
-    return config_hash(
-        {
-            "seed": cfg.seed,
-            "backbone": plain(cfg.backbone),
-            "weights": weights.describe() if weights is not None else None,
-            "model": plain(cfg.model),
-            "data": plain(cfg.data.train),
-            "train": train,
-        }
+def adapters_slot(
+    cfg: RunConfig, weights: WeightsSource, fingerprints: dict[str, str], device: torch.device
+) -> tuple[str, dict] | None:
+    """The adapter store's key and identity record of this run's training
+    (:func:`~feclip.engine.identity.training_identity`); None when ``train.reuse`` is off."""
+    from feclip.models.feclip import precision_for
+
+    if not cfg.train.reuse:
+        return None
+    record = training_identity(
+        cfg,
+        weights,
+        fingerprints[f"train:{cfg.data.train.name}"],
+        precision_for(cfg.train.amp, device),
+        init=file_sha256(cfg.checkpoint) if cfg.checkpoint else None,
     )
-
-
-def environment_text(device: torch.device, weights: WeightsSource | None = None) -> str:
-    import open_clip
-
-    lines = [
-        f"backbone {weights.describe() if weights else 'unknown'}"
-        + (" (FALLBACK: the configured weights were missing)" if weights and weights.fallback else "")
-        + (f" from {weights.path}" if weights and weights.path else ""),
-        f"python {sys.version.split()[0]} on {platform.platform()}",
-        f"torch {torch.__version__}, open_clip {open_clip.__version__}, numpy {np.__version__}",
-        f"feclip git {git_sha()}",
-        f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        f"torch threads {torch.get_num_threads()}",
-        dist.describe(),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _attach_file_log(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("feclip")
-    if logger.getEffectiveLevel() > logging.INFO:  # the run log is always at INFO, whatever the console says
-        logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return handler
-
-
-def format_table(rows: list[MetricRow]) -> str:
-    """Per-category table in percent, one block per dataset, with the macro mean."""
-    from feclip.results import MICRO
-
-    out = []
-    for dataset in dict.fromkeys(r.dataset for r in rows):
-        drows = [r for r in rows if r.dataset == dataset]
-        metrics = list(dict.fromkeys(r.metric for r in drows))
-        cats = list(dict.fromkeys(r.category for r in drows if r.category != MICRO))
-        value = {(r.category, r.metric): r.value for r in drows}
-        head = f"{'category':<16}" + "".join(f"{m:>17}" for m in metrics)
-        out += [f"== {dataset} ==", head]
-        for c in cats + ["macro mean"] + ([MICRO] if any(r.category == MICRO for r in drows) else []):
-            vals = [
-                np.mean([value[(k, m)] for k in cats]) if c == "macro mean" else value.get((c, m), np.nan)
-                for m in metrics
-            ]
-            out.append(f"{c:<16}" + "".join(f"{100 * v:>17.1f}" for v in vals))
-    return "\n".join(out)
+    return store_key(record), record
 
 
 def run(cfg: RunConfig, do_train: bool = True) -> Path:
@@ -295,6 +210,7 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
         target_samples = [list_dataset(ref, cfg.paths) for ref in cfg.data.targets]
     fingerprints = check_data(cfg, train_samples, target_samples)
     identity = make_identity(cfg, weights.describe(), checkpoint_id, fingerprints)
+    slot = adapters_slot(cfg, weights, fingerprints, device) if train_samples is not None else None
     cfg.variant = run_variant(cfg.variant, weights, checkpoint_id)
     out_dir = run_dir(cfg.paths.results_dir, cfg.study, cfg.variant, cfg.seed)
     metrics_path = out_dir / METRICS_FILE
@@ -311,6 +227,8 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
             "backbone": weights.describe(),
             "checkpoint": checkpoint_id,
             "identity": identity["hash"],
+            # the adapter store's entry of this training (train once, evaluate many), or null
+            "adapters_store": slot[0] if slot is not None else None,
         },
     }
     lock = RunLock(out_dir).acquire() if main else None
@@ -319,15 +237,24 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
         if main:
             if cfg.force and out_dir.exists():
                 shutil.rmtree(out_dir)
-            _make_run_dir(out_dir)
-            handler = _attach_file_log(out_dir / ("train.log" if do_train else "eval.log"))
-            write_identity(out_dir, identity)
-            atomic_write_text(out_dir / "config.yaml", _to_yaml(record))
+            make_run_dir(out_dir)
+            handler = attach_file_log(out_dir / ("train.log" if do_train else "eval.log"))
+            write_identity(out_dir, {**identity, "adapters_store": record["provenance"]["adapters_store"]})
+            atomic_write_text(out_dir / "config.yaml", to_yaml(record))
             atomic_write_text(out_dir / "env.txt", environment_text(device, weights))
         dist.barrier()  # force=true has cleared the folder before any rank looks for a checkpoint
         try:
             return _train_and_evaluate(
-                cfg, do_train, device, weights, checkpoint_id, train_samples, target_samples, out_dir, record
+                cfg,
+                device,
+                weights,
+                checkpoint_id,
+                train_samples,
+                target_samples,
+                out_dir,
+                record,
+                fingerprints,
+                slot,
             )
         except BaseException as e:
             if handler is not None:  # the run's own log says why it stopped
@@ -344,60 +271,8 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
             lock.release()
 
 
-def _make_run_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.tmp"):  # temporary files of a killed process
-            stale.unlink()
-    except OSError as e:
-        raise FEClipError(
-            f"cannot write the run folder {out_dir} ({e.strerror or e}); set paths.results_dir to a writable folder"
-        ) from None
-
-
-def check_data(cfg: RunConfig, train_samples, target_samples) -> dict[str, str]:
-    """Validate every listed dataset before any training (one line naming the dataset, category or file
-    on a problem) and return their fingerprints (label -> :func:`data_fingerprint`)."""
-    from feclip.data.validate import check_fewshot, check_target, check_train
-
-    fingerprints = {}
-    if train_samples is not None:
-        for warning in check_train(cfg.data.train.name, train_samples):
-            log.warning("data.train: %s", warning)
-        root = dataset_root(cfg.data.train, cfg.paths)
-        fingerprints[f"train:{cfg.data.train.name}"] = data_fingerprint(root, train_samples)
-    for i, (ref, samples) in enumerate(zip(cfg.data.targets, target_samples)):
-        one_size = cfg.eval.resolution == "original"  # maps of one category are stacked at their own size
-        for warning in check_target(ref.name, samples, one_size_per_category=one_size):
-            log.warning("data.targets[%d] (%s): %s", i, ref.name, warning)
-        root = dataset_root(ref, cfg.paths)
-        fingerprints[f"target{i}:{ref.name}"] = data_fingerprint(root, samples)
-        if cfg.eval.fewshot_k:
-            categories = sorted({s.category for s in samples})
-            pool = list_samples_of(ref, cfg.paths, "train", categories)
-            check_fewshot(ref.name, pool, categories, cfg.eval.fewshot_k)
-            fingerprints[f"fewshot{i}:{ref.name}"] = data_fingerprint(root, pool)
-    return fingerprints
-
-
-def _dataset(samples, cfg: RunConfig, model):
-    """The :class:`~feclip.data.AnomalyDataset` of listed samples, as ``cfg.data`` says."""
-    from feclip.data import AnomalyDataset
-
-    return AnomalyDataset(
-        samples,
-        image_size=model.image_size,
-        cache=cfg.data.cache_images,
-        mask_resize=cfg.data.mask_resize,
-        resize=cfg.data.resize,
-        # paths.cache_dir as given (relative: to the working folder; Hydra does not chdir)
-        disk_cache=Path(cfg.paths.cache_dir) / "decoded" if cfg.data.decoded_cache else None,
-    )
-
-
 def _train_and_evaluate(
     cfg: RunConfig,
-    do_train,
     device,
     weights: WeightsSource,
     checkpoint_id,
@@ -405,11 +280,13 @@ def _train_and_evaluate(
     target_samples,
     out_dir,
     record: dict,
+    fingerprints: dict[str, str],
+    slot: tuple[str, dict] | None,
 ) -> Path:
-    """Build the model, train, evaluate every target and write metrics.csv (``record``: the config as
-    it ran, for the tracker)."""
+    """Build the model, train (or load the adapters of the same training from the store: ``slot``),
+    evaluate every target and write metrics.csv (``record``: the config as it ran, for the tracker;
+    ``fingerprints``: the datasets', :func:`~feclip.engine.run_data.check_data`)."""
     from feclip.engine.evaluate import evaluate
-    from feclip.engine.train import train
     from feclip.models import FEClip, load_adapters
     from feclip.models.feclip import precision_for
 
@@ -426,40 +303,37 @@ def _train_and_evaluate(
     name = f"{cfg.study}/{cfg.variant}/seed={cfg.seed}"
     tracker = make_logger(cfg.logger, out_dir, name, record) if main else NullLogger()
 
-    # -- train ----------------------------------------------------------------------------------
+    # -- train, or load the adapters of the same training identity from the store --------------
     if train_samples is not None:
-        train_set = _dataset(train_samples, cfg, model)
-        log.info("training on %s: %r", cfg.data.train.name, train_set)
-        result = train(
-            model,
-            train_set,
-            cfg.train,
-            out_dir,
-            cfg.seed,
-            device,
-            training_fingerprint(cfg, weights),
-            on_epoch=tracker.log_epoch,
-            num_workers=workers,
-        )
-        log.info(
-            "trained %d epochs (%d steps) in %.1f s, last loss %.4f",
-            result.epochs_run,
-            result.steps,
-            result.seconds,
-            result.last_loss,
-        )
+        _train_or_load(cfg, model, train_samples, device, weights, out_dir, tracker, slot)
 
     # -- evaluate (rank 0 only); a failing target does not lose the others' rows ----------------
     if not main:
         return out_dir
+    # the model's outputs on a target come from the outputs store when these weights saw it before
+    outputs = OutputStore(cfg.paths.cache_dir) if cfg.eval.reuse_outputs and not cfg.eval.fewshot_k else None
+    weights_sha = weights_sha256(model) if outputs is not None else None
     rows: list[MetricRow] = []
     failed: list[str] = []
-    for ref, samples in zip(cfg.data.targets, target_samples):
+    for i, (ref, samples) in enumerate(zip(cfg.data.targets, target_samples)):
         try:
-            target = _dataset(samples, cfg, model)
+            target = make_dataset(samples, cfg, model)
             log.info("evaluating on %s: %r", ref.name, target)
             banks = build_banks(model, ref, cfg, target.categories, out_dir) if cfg.eval.fewshot_k else None
-            rows += evaluate(model, ref.name, target, cfg.eval, device, banks, out_dir, workers)
+            place = None
+            if outputs is not None:
+                key_record = outputs_identity(
+                    cfg,
+                    weights,
+                    ref,
+                    fingerprints[f"target{i}:{ref.name}"],
+                    weights_sha,
+                    model.precision,
+                    device.type,
+                    model.image_size,
+                )
+                place = outputs.slot(key_record, force=cfg.force, made_by=str(out_dir))
+            rows += evaluate(model, ref.name, target, cfg.eval, device, banks, out_dir, workers, place)
         except FEClipError as e:
             log.error("evaluation on %s failed: %s", ref.name, e)
             failed.append(f"{ref.name}: {e}")
@@ -489,7 +363,58 @@ def _train_and_evaluate(
     return out_dir
 
 
-def _to_yaml(data: dict) -> str:
-    import yaml
+def _train_or_load(
+    cfg: RunConfig, model, train_samples, device, weights, out_dir: Path, tracker, slot
+) -> None:
+    """Train the adapters into ``out_dir``, or, when the adapter store holds this training identity
+    (``slot``: its key and record; None when ``train.reuse`` is off), copy the stored file there and
+    load it. What is trained is stored. A second process of the same identity waits for the first
+    (the key's lock) and then loads; under torchrun rank 0 looks the entry up alone and the ranks
+    follow it, without waiting for other jobs. ``force=true`` trains and replaces the entry."""
+    from feclip.engine.train import ADAPTERS_FILE, STATE_FILE, train
+    from feclip.models import load_adapters
 
-    return yaml.safe_dump(data, sort_keys=False)
+    store = AdapterStore(cfg.paths.cache_dir) if slot is not None else None
+    key, identity = slot if slot is not None else (None, None)
+    alone = dist.world_size() == 1
+    with store.lock(key) if store is not None and alone else nullcontext():
+        stored = store.find(key, identity) if store is not None and not cfg.force and dist.is_main() else None
+        hit = stored is not None
+        if not alone:  # every rank follows rank 0
+            hit = bool(dist.sum_over_ranks(torch.tensor(float(hit), device=device)).item() > 0)
+        if hit:
+            if dist.is_main():
+                atomic_write(out_dir / ADAPTERS_FILE, lambda tmp: shutil.copyfile(stored, tmp))
+                (out_dir / STATE_FILE).unlink(missing_ok=True)  # nothing left to resume
+                meta = load_adapters(model, out_dir / ADAPTERS_FILE)
+                log.info(
+                    "adapters of this training identity loaded from the adapter store (%s: %s epochs, %s "
+                    "steps): not trained again (train.reuse=false or force=true trains)",
+                    stored.parent,
+                    int(meta.get("epoch", -1)) + 1,
+                    meta.get("step", "?"),
+                )
+            return
+        train_set = make_dataset(train_samples, cfg, model)
+        log.info("training on %s: %r", cfg.data.train.name, train_set)
+        result = train(
+            model,
+            train_set,
+            cfg.train,
+            out_dir,
+            cfg.seed,
+            device,
+            training_fingerprint(cfg, weights),
+            on_epoch=tracker.log_epoch,
+            num_workers=cfg.data.num_workers,
+        )
+        log.info(
+            "trained %d epochs (%d steps) in %.1f s, last loss %.4f",
+            result.epochs_run,
+            result.steps,
+            result.seconds,
+            result.last_loss,
+        )
+        if store is not None and dist.is_main():
+            info = {"made_by": str(out_dir), "steps": result.steps}
+            store.put(key, identity, out_dir / ADAPTERS_FILE, info)

@@ -1,7 +1,9 @@
 """The training loop: plain PyTorch over the device-resident model, readable top to bottom.
 
 Sections: setup (optimizer groups, resume) -> epochs (seeded order, step, NaN guard, fc_patch policy)
--> checkpoint (adapters as safetensors + optimizer state, every epoch, atomically).
+-> checkpoint (adapters as safetensors + optimizer state, every epoch, atomically). The module is
+longer than feclip's usual ~400 lines on purpose: the whole loop, with what it needs (optimizer groups,
+the checkpoint, the deterministic switch), reads top to bottom in one file.
 
 The host never waits for the device inside a step: the losses of the steps are kept on the device and
 read every :data:`CHECK_EVERY` steps and at the end of each epoch (the NaN guard, the progress bar and
@@ -50,6 +52,8 @@ log = logging.getLogger("feclip.train")
 ADAPTERS_FILE = "adapters.safetensors"
 STATE_FILE = "train_state.pt"
 FC_PATCH_LR_FACTOR = {"same": 1.0, "lr_div_10": 0.1, "lr_div_100": 0.01, "frozen_after": 0.01, "frozen": 0.0}
+# train.compile: off, or a torch.compile mode for the training forward (RunConfig.validate checks it)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 CHECK_EVERY = 25  # steps between two reads of the losses (NaN guard, progress): one wait each
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for reproducible results (NVIDIA's cuBLAS docs)
 _LOSS_COLUMNS = ("batch", "cls", "focal", "dice", "total")  # one row per step, kept on the device

@@ -13,6 +13,8 @@ propagates or skips it.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ import numpy as np
 __all__ = ["image_auroc", "image_ap", "f1_max"]
 
 NAN = float("nan")
+# Below this many distinct positive scores, rank_counts searches in one thread.
+_MIN_PARALLEL_SEARCH = 1 << 17
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -72,6 +76,69 @@ def split_sorted(targets: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     return pos, neg
 
 
+@dataclass(frozen=True)
+class RankCounts:
+    """The integer counts every rank metric is made of (see :func:`_rank_metrics`).
+
+    Attributes:
+        n_pos, n_neg: number of positive and of negative scores.
+        starts: (U,) index in the sorted positives of the first of each distinct positive score u_j.
+        counts: (U,) int64 number of positives scoring u_j.
+        lt, le: (U,) int64 number of negatives scoring < u_j and <= u_j.
+    """
+
+    n_pos: int
+    n_neg: int
+    starts: np.ndarray
+    counts: np.ndarray
+    lt: np.ndarray
+    le: np.ndarray
+
+
+def rank_counts(pos: np.ndarray, neg: np.ndarray, threads: int = 1) -> RankCounts | None:
+    """The :class:`RankCounts` of sorted (ascending) positive and negative scores; ``None`` when either
+    is empty. One ``searchsorted`` of the distinct positive scores into the negatives per side, split
+    over ``threads`` threads when there are many."""
+    n_pos, n_neg = len(pos), len(neg)
+    if n_pos == 0 or n_neg == 0:
+        return None
+    if n_pos > 1:
+        starts = np.flatnonzero(np.concatenate(([True], pos[1:] != pos[:-1])))
+    else:
+        starts = np.zeros(1, dtype=np.intp)
+    u = pos[starts]
+    counts = np.diff(np.append(starts, n_pos)).astype(np.int64)
+    lt = np.empty(len(u), dtype=np.int64)
+    le = np.empty(len(u), dtype=np.int64)
+
+    def search(chunk: slice) -> None:
+        lt[chunk] = np.searchsorted(neg, u[chunk], side="left")
+        le[chunk] = np.searchsorted(neg, u[chunk], side="right")
+
+    if threads > 1 and len(u) >= _MIN_PARALLEL_SEARCH:
+        bounds = np.linspace(0, len(u), threads + 1).astype(np.intp)
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(search, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+    else:
+        search(slice(None))
+    return RankCounts(n_pos, n_neg, starts, counts, lt, le)
+
+
+def metrics_from_counts(rc: RankCounts | None) -> tuple[float, float, float]:
+    """(AUROC, AP, F1-max) from :func:`rank_counts`; ``nan`` for all three when ``rc`` is ``None``."""
+    if rc is None:
+        return NAN, NAN, NAN
+    n_pos, n_neg, starts, counts, lt, le = rc.n_pos, rc.n_neg, rc.starts, rc.counts, rc.lt, rc.le
+    # Integer numerator: <= 2 P N, exact in int64 for any realistic pixel count (P N < 4.6e18).
+    numerator = int(np.sum(counts * (lt + le)))
+    auroc = numerator / (2 * n_pos * n_neg)
+    tp = (n_pos - starts).astype(np.float64)  # positives with score >= u_j
+    fp = (n_neg - lt).astype(np.float64)  # negatives with score >= u_j
+    ap = float(np.sum(counts * (tp / (tp + fp)))) / n_pos
+    f1 = float(np.max(2.0 * tp / (tp + fp + n_pos)))
+    return auroc, ap, f1
+
+
 def _rank_metrics(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float, float]:
     """(AUROC, AP, F1-max) from the sorted (ascending) positive and negative scores.
 
@@ -84,25 +151,7 @@ def _rank_metrics(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float, float
     - F1-max = max_j 2 tp_j / (tp_j + fp_j + P): for a fixed tp, F1 falls as fp grows, so the best
       threshold of the precision-recall curve is always one of the u_j.
     """
-    n_pos, n_neg = len(pos), len(neg)
-    if n_pos == 0 or n_neg == 0:
-        return NAN, NAN, NAN
-    if n_pos > 1:
-        starts = np.flatnonzero(np.concatenate(([True], pos[1:] != pos[:-1])))
-    else:
-        starts = np.zeros(1, dtype=np.intp)
-    u = pos[starts]
-    counts = np.diff(np.append(starts, n_pos)).astype(np.int64)
-    lt = np.searchsorted(neg, u, side="left").astype(np.int64)
-    le = np.searchsorted(neg, u, side="right").astype(np.int64)
-    # Integer numerator: <= 2 P N, exact in int64 for any realistic pixel count (P N < 4.6e18).
-    numerator = int(np.sum(counts * (lt + le)))
-    auroc = numerator / (2 * n_pos * n_neg)
-    tp = (n_pos - starts).astype(np.float64)  # positives with score >= u_j
-    fp = (n_neg - lt).astype(np.float64)  # negatives with score >= u_j
-    ap = float(np.sum(counts * (tp / (tp + fp)))) / n_pos
-    f1 = float(np.max(2.0 * tp / (tp + fp + n_pos)))
-    return auroc, ap, f1
+    return metrics_from_counts(rank_counts(pos, neg))
 
 
 def _image_rank_metrics(labels: Any, scores: Any) -> tuple[float, float, float]:

@@ -2,6 +2,8 @@
 
 Every adapter maps a patch-token grid to a grid of the same shape, ``(B, H, W, D) -> (B, H, W, D)``;
 the fusion ``lam * sum(adapters) + (1 - lam) * tokens`` (paper Eq. 2) happens in :class:`TapAdapter`.
+The options have no defaults here: their one home is :class:`feclip.models.feclip.FEClipConfig`, whose
+values :class:`~feclip.models.feclip.FEClip` passes.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class FFEAdapter(nn.Module):
     Shape: ``(B, H, W, D) -> (B, H, W, D)``.
     """
 
-    def __init__(self, dim: int, p: int = 3, transform: str = "dct"):
+    def __init__(self, dim: int, p: int, transform: str):
         super().__init__()
         self.p, self.transform = p, transform
         self.linear = nn.Linear(dim, dim)
@@ -92,9 +94,7 @@ class LFSAdapter(nn.Module):
     Shape: ``(B, H, W, D) -> (B, H, W, D)``.
     """
 
-    def __init__(
-        self, dim: int, q: int = 3, stat: str = "mean", kernel_size: int = 3, transform: str = "dct"
-    ):
+    def __init__(self, dim: int, q: int, stat: str, kernel_size: int, transform: str):
         super().__init__()
         self.q, self.stat, self.transform = q, stat, transform
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2)
@@ -125,7 +125,7 @@ class ConvAdapter(nn.Module):
     Shape: ``(B, H, W, D) -> (B, H, W, D)``.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3):
+    def __init__(self, dim: int, kernel_size: int):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2)
 
@@ -145,13 +145,13 @@ class TapAdapter(nn.Module):
     def __init__(
         self,
         dim: int,
-        adapters: str = "both",
-        lam: float = 0.1,
-        p: int = 3,
-        q: int = 3,
-        lfs_stat: str = "mean",
-        lfs_kernel: int = 3,
-        transform: str = "dct",
+        adapters: str,
+        lam: float,
+        p: int,
+        q: int,
+        lfs_stat: str,
+        lfs_kernel: int,
+        transform: str,
     ):
         super().__init__()
         self.lam = lam

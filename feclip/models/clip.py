@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL = "feclip-tiny"
 DEFAULT_MODEL = "ViT-L-14-336-quickgelu"
-PRECISIONS = ("fp32", "bf16", "fp16")
+# The dtypes the backbone's weights can be loaded in (``backbone.precision``): storage, not the compute
+# policy of the model (feclip.models.feclip.COMPUTE_PRECISIONS, which a CLIP of any of these runs at).
+WEIGHT_PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_WEIGHT_PRECISION = "fp32"  # backbone.precision's default (feclip.config.BackboneConfig)
 _CONFIG_DIR = Path(__file__).parent / "configs"
 _HF_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _TRUE = ("1", "true", "yes", "on")
@@ -239,7 +242,7 @@ def load_clip(
     name: str = DEFAULT_MODEL,
     pretrained: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
-    precision: str = "fp32",
+    precision: str = DEFAULT_WEIGHT_PRECISION,
     image_size: int | None = None,
     quick_gelu: bool | None = None,
     cache_dir: str | None = None,
@@ -252,7 +255,7 @@ def load_clip(
         pretrained: an open_clip tag (``"openai"``), a checkpoint file (``.safetensors``, ``.bin``, ``.pt``
             including OpenAI's TorchScript file), or ``None`` for random weights.
         device: where the weights go.
-        precision: ``fp32``, ``bf16`` or ``fp16`` weights.
+        precision: the dtype of the weights: ``fp32``, ``bf16`` or ``fp16`` (:data:`WEIGHT_PRECISIONS`).
         image_size: input size override (positional embeddings are interpolated), e.g. 518.
         quick_gelu: force QuickGELU; ``None`` decides by itself: OpenAI weights (the tag's config says so,
             or an OpenAI TorchScript file) get the QuickGELU they were trained with.
@@ -267,8 +270,8 @@ def load_clip(
     from feclip.models.provenance import WeightsSource, file_sha256
 
     oc = _open_clip()
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in WEIGHT_PRECISIONS:
+        raise ConfigError(f"precision must be one of {WEIGHT_PRECISIONS}, got {precision!r}")
     checkpoint, source, tag_quick_gelu = locate_weights(name, pretrained, cache_dir)
     # an explicit choice overrides the model config; None follows the weights (OpenAI -> QuickGELU)
     gelu_kwargs = {"force_quick_gelu": tag_quick_gelu} if quick_gelu is None else {"quick_gelu": quick_gelu}

@@ -1,6 +1,6 @@
 """FE-CLIP: a frozen CLIP ViT with frequency adapters at N taps (Gong et al., ICCV 2025).
 
-Forward pass (spec section 1), for images ``(B, 3, S, S)`` and a token grid ``h = w = S / patch``:
+Forward pass (docs/method.md, "The equations, as computed"), for images ``(B, 3, S, S)`` and a token grid ``h = w = S / patch``:
 
 1. embed: conv1 -> flatten -> prepend the class token -> + positional embedding -> ln_pre;
 2. run the frozen resblocks; after each tap block ``n`` replace the patch tokens by
@@ -53,7 +53,10 @@ from feclip.models.prompts import PAPER_PROMPTS, PROMPT_MODES, encode_states, pr
 from feclip.scoring import abnormal_probability
 
 FC_PATCH_INITS = ("random", "clip_proj")
-PRECISIONS = ("fp32", "bf16")
+# The model's compute policy (module docstring; FEClip.precision): not the dtype the backbone's weights
+# are loaded in (feclip.models.clip.WEIGHT_PRECISIONS, backbone.precision), which may also be fp16.
+COMPUTE_PRECISIONS = ("fp32", "bf16")
+AMP_MODES = ("bf16", "none")  # train.amp: bf16 (the model precision on CUDA) | none (fp32); precision_for
 
 
 def default_precision(device: torch.device | str) -> str:
@@ -256,8 +259,8 @@ class FEClip(nn.Module):
         as autocast casting fp32 weights). Going back to ``fp32`` after that is refused: the fp32
         weights are gone (load the CLIP again). Raises :class:`ConfigError`.
         """
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in COMPUTE_PRECISIONS:
+            raise ConfigError(f"precision must be one of {COMPUTE_PRECISIONS}, got {precision!r}")
         stored = getattr(self.clip.visual, "feclip_frozen_dtype", None)
         if precision == "fp32" and stored == torch.bfloat16:
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""Few-normal-shot FE-CLIP (paper section 4.6, spec section 1.11): everything but the arithmetic of
+"""Few-normal-shot FE-CLIP (paper section 4.6; docs/method.md, A13; docs/fewshot.md): everything but the arithmetic of
 the scores, in one place.
 
 * the references: :func:`pick_reference_samples` draws ``k`` of a category's normal *training* images
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from feclip.config import DataConfig, EvalConfig
 from feclip.errors import ConfigError, DatasetError
 from feclip.fileio import atomic_write_text
-from feclip.scoring import add_fewshot, combine, fewshot_maps, fewshot_scores
+from feclip.scoring import ScoringConfig, add_fewshot, combine, fewshot_maps, fewshot_scores
 
 FEATURE_KINDS = ("fused", "plain")
 
@@ -112,7 +113,7 @@ def _capture_adapter_inputs(model, store: list[torch.Tensor]):
             handle.remove()
 
 
-def tap_features(model, images: torch.Tensor, which: str = "fused"):
+def tap_features(model, images: torch.Tensor, which: str = EvalConfig.fewshot_bank):
     """Run ``model`` once; return its output and the per-tap patch features of kind ``which``.
 
     Shape: images ``(B, 3, S, S)`` -> (:class:`~feclip.models.FEClipOutput` with ``tap_tokens``,
@@ -150,7 +151,7 @@ class MemoryBank:
     features: torch.Tensor
     taps: tuple[int, ...]
     grid: tuple[int, int]
-    which: str = "fused"
+    which: str = EvalConfig.fewshot_bank
     reference_paths: list[str] = field(default_factory=list)
 
     @property
@@ -164,7 +165,7 @@ class MemoryBank:
         cls,
         model,
         images: torch.Tensor,
-        which: str = "fused",
+        which: str = EvalConfig.fewshot_bank,
         reference_paths: Sequence[str] = (),
         batch_size: int = 8,
     ) -> MemoryBank:
@@ -193,7 +194,12 @@ class MemoryBank:
 
     @classmethod
     def from_samples(
-        cls, model, samples: Sequence, which: str = "fused", batch_size: int = 8, resize: str = "square"
+        cls,
+        model,
+        samples: Sequence,
+        which: str = EvalConfig.fewshot_bank,
+        batch_size: int = 8,
+        resize: str = DataConfig.resize,
     ) -> MemoryBank:
         """Decode the reference ``samples`` (as :class:`~feclip.data.AnomalyDataset` does, with the same
         ``resize`` as the test images) and bank them."""
@@ -249,8 +255,8 @@ def category_banks(
     categories: Sequence[str],
     k: int,
     seed: int,
-    which: str = "fused",
-    resize: str = "square",
+    which: str = EvalConfig.fewshot_bank,
+    resize: str = DataConfig.resize,
 ) -> dict[str, MemoryBank]:
     """One bank per category, from ``k`` normal images of ``pool`` (a dataset's ``train`` samples)
     drawn with ``seed`` (:func:`pick_reference_samples`), decoded with the test images' ``resize``."""
@@ -282,7 +288,7 @@ def fewshot_predict(
     images: torch.Tensor,
     zero_shot_scores: torch.Tensor,
     zero_shot_maps: torch.Tensor,
-    sigma: float = 4.0,
+    sigma: float = ScoringConfig.sigma,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the few-shot part to zero-shot results computed by any scoring configuration.
 

@@ -52,7 +52,7 @@ def find_inputs(
     ``exclude`` (the output folder) are skipped. Output names are unique: a clash gets the suffix
     (``a_jpg``), then a counter.
     """
-    from feclip.data.samples import IMAGE_EXTENSIONS
+    from feclip.data.layout import IMAGE_EXTENSIONS
 
     exclude = exclude.resolve() if exclude is not None else None
     found: list[tuple[Path, str]] = []
