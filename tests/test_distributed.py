@@ -42,7 +42,8 @@ def assert_same_training(run_a: Path, run_b: Path) -> None:
 
 
 def test_torchrun_on_two_processes_matches_one_process(data_root, tmp_path):
-    args = smoke_overrides(data_root, tmp_path / "ddp", "study=ddp", "variant=v")
+    # train.reuse=false: the two processes train (the session's adapter store may hold this identity)
+    args = smoke_overrides(data_root, tmp_path / "ddp", "study=ddp", "variant=v", "train.reuse=false")
     res = subprocess.run(
         [
             sys.executable,
