@@ -403,3 +403,33 @@ def test_the_stores_keep_outputs_in_float32_as_the_model_computes_them(data_root
     assert cls.dtype == patch.dtype == np.float32
     assert cls.shape == (18, 4, 2) and patch.shape[:2] == (18, 4) and patch.shape[-1] == 2
     assert torch.from_numpy(patch).isfinite().all()
+
+
+def test_under_torchrun_every_rank_follows_rank_0_to_the_stored_adapters(data_root, tmp_path):
+    cache = tmp_path / "cache"
+    single = run(_cfg(data_root, tmp_path / "one", cache, "study=ddp", "variant=v"))
+    args = smoke_overrides(data_root, tmp_path / "ddp", f"paths.cache_dir={cache}", "study=ddp", "variant=v")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--no-python",
+            sys.executable,
+            "-c",
+            "from feclip.apps.train import train_main; train_main()",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=180,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = tmp_path / "ddp" / "ddp" / "v" / "seed=42"
+    log = (ddp / "train.log").read_text()
+    assert "loaded from the adapter store" in log and "epoch 1/2: loss" not in log
+    assert _values(ddp) == _values(single)
