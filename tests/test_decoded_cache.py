@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from feclip import fileio
 from feclip.data import AnomalyDataset, decoded
 from feclip.data import dataset as dataset_module
 from feclip.data.dataset import collate
@@ -276,7 +277,7 @@ def test_stale_temporary_folders_are_cleaned_fresh_ones_kept(files, tmp_path):
     for d in (old, fresh):
         d.mkdir(parents=True)
         (d / "images.npy").write_bytes(b"partial")
-    day_ago = time.time() - decoded.STALE_SECONDS - 60
+    day_ago = time.time() - fileio.STALE_SECONDS - 60
     os.utime(old, (day_ago, day_ago))
     AnomalyDataset(files, image_size=S, disk_cache=root).preload()
     assert not old.exists() and fresh.exists()

@@ -279,7 +279,7 @@ def test_an_interrupted_store_write_leaves_no_entry(data_root, tmp_path, monkeyp
         raise KeyboardInterrupt("killed while storing")
 
     with monkeypatch.context() as m:
-        m.setattr(store_module, "_fsync", killed)
+        m.setattr(store_module, "fsync_file", killed)
         with pytest.raises(KeyboardInterrupt):
             run(_cfg(data_root, tmp_path / "r", cache, "variant=a"))
     root = cache / ADAPTERS

@@ -44,7 +44,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import numpy as np
 
 from feclip.data.sample import Sample
 from feclip.errors import DatasetError
+from feclip.fileio import TMP_PREFIX, TRASH_PREFIX, clean_stale, fsync_file, key_lock
 
 __all__ = ["FORMAT_VERSION", "DecodedEntry", "entry_key", "open_entry", "open_or_build"]
 
@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 #: Bumped whenever the arrays an entry holds would differ for the same files and options.
 FORMAT_VERSION = 1
 IMAGES, MASKS, SIZES, META = "images.npy", "masks.npy", "sizes.npy", "meta.json"
-TMP_PREFIX, LOCK_PREFIX, TRASH_PREFIX = ".tmp-", ".lock-", ".trash-"
-STALE_SECONDS = 24 * 3600  # temporary folders older than this are left-overs of killed builds
 
 #: ``decode(i) -> (image (S, S, 3) uint8, mask (S, S) bool or None, (H0, W0))`` for sample ``i``.
 DecodeFn = Callable[[int], "tuple[np.ndarray, np.ndarray | None, tuple[int, int]]"]
@@ -165,50 +163,6 @@ def open_entry(path: Path, key: str, n: int, size: int) -> DecodedEntry:
     return DecodedEntry(path, arrays[IMAGES], arrays[MASKS], arrays[SIZES])
 
 
-@contextmanager
-def _build_lock(root: Path, key: str):
-    """Hold ``root/.lock-<key>`` exclusively (blocking) where ``fcntl`` exists; a no-op elsewhere."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: concurrent builders both decode, the rename keeps one entry
-        yield
-        return
-    fd = os.open(root / f"{LOCK_PREFIX}{key}", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _remove_quietly(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _clean_stale(root: Path) -> None:
-    """Remove temporary and set-aside folders older than :data:`STALE_SECONDS` (killed builds)."""
-    now = time.time()
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return
-    for child in children:
-        if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-            try:
-                if now - child.stat().st_mtime > STALE_SECONDS:
-                    _remove_quietly(child)
-            except OSError:
-                pass
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build(root: Path, key: str, n: int, size: int, decode: DecodeFn, num_threads: int, meta: dict) -> Path:
     """Decode every sample into a temporary folder and rename it to ``root/key`` (returned). When
     another process renamed its entry there first, this copy is discarded; the temporary folder is
@@ -244,7 +198,7 @@ def _build(root: Path, key: str, n: int, size: int, decode: DecodeFn, num_thread
         np.save(tmp / SIZES, sizes)
         (tmp / META).write_text(json.dumps(meta, indent=1))
         for name in (IMAGES, MASKS, SIZES, META):
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
         try:
             os.rename(tmp, root / key)
         except OSError:
@@ -253,7 +207,7 @@ def _build(root: Path, key: str, n: int, size: int, decode: DecodeFn, num_thread
             log.debug("decoded cache: %s was written by another process first", root / key)
     finally:
         if tmp.exists():
-            _remove_quietly(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
     return root / key
 
 
@@ -289,7 +243,7 @@ def open_or_build(
     except CorruptEntryError as e:
         log.warning("decoded-image cache: %s; rebuilding it", e)
     root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(root, key):
+    with key_lock(root, key, "decoded-image cache"):
         try:  # another process may have built (or repaired) it while we waited
             return open_entry(path, key, n, size)
         except FileNotFoundError:
@@ -300,8 +254,8 @@ def open_or_build(
                 os.rename(path, trash)
             except FileNotFoundError:  # someone else set it aside
                 pass
-            _remove_quietly(trash)
-        _clean_stale(root)
+            shutil.rmtree(trash, ignore_errors=True)
+        clean_stale(root)
         meta = {
             "format": FORMAT_VERSION,
             "key": key,

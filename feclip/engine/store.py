@@ -56,19 +56,18 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from feclip.data.decoded import LOCK_PREFIX, STALE_SECONDS, TMP_PREFIX, TRASH_PREFIX
 from feclip.engine.identity import STORE_FORMAT
+from feclip.fileio import LOCK_PREFIX, TMP_PREFIX, TRASH_PREFIX, clean_stale, fsync_file, key_lock
 
 __all__ = [
     "ADAPTERS",
@@ -134,59 +133,15 @@ def _now() -> str:
 
 @contextmanager
 def _key_lock(root: Path, key: str, what: str) -> Iterator[None]:
-    """Hold ``root/.lock-<key>`` exclusively (``flock``, blocking) for the block, saying so in the log
-    when another process holds it. Without ``fcntl`` or a writable ``root``: no lock (correctness never
-    depends on it: entries are renamed into place whole)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / f"{LOCK_PREFIX}{key}", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        log.warning("%s: cannot lock %s (%s); going on without the lock", what, root, e.strerror or e)
-        yield
-        return
-    try:
+    """:func:`~feclip.fileio.key_lock` on ``root/.lock-<key>``, or no lock where ``root`` cannot be
+    written (correctness never depends on it: entries are renamed into place whole)."""
+    with ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            log.info("%s: waiting for %s, which is making entry %s", what, holder, key)
-            t0 = time.perf_counter()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            log.info("%s: entry %s released after %.0f s of waiting", what, key, time.perf_counter() - t0)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(key_lock(root, key, what))
+        except OSError as e:
+            log.warning("%s: cannot lock %s (%s); going on without the lock", what, root, e.strerror or e)
         yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _clean_stale(root: Path) -> None:
-    """Remove temporary and set-aside folders older than :data:`STALE_SECONDS` (killed writes)."""
-    now = time.time()
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return
-    for child in children:
-        if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-            try:
-                if now - child.stat().st_mtime > STALE_SECONDS:
-                    shutil.rmtree(child, ignore_errors=True)
-            except OSError:
-                pass
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_entry(root: Path, key: str, files: dict[str, Callable[[Path], object]], meta: dict) -> Path:
@@ -194,7 +149,7 @@ def _write_entry(root: Path, key: str, files: dict[str, Callable[[Path], object]
     to ``root/key``, replacing an entry already there (``force``, or a corrupt one). The temporary
     folder is removed in every case; a failure leaves ``root/key`` as it was."""
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root)
+    clean_stale(root)
     tmp = root / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -202,7 +157,7 @@ def _write_entry(root: Path, key: str, files: dict[str, Callable[[Path], object]
             write(tmp / name)
         (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
         for name in [*files, META]:
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
         path = root / key
         if path.exists():  # replaced: set the old one aside first (a rename over a folder fails)
             trash = root / f"{TRASH_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
@@ -549,7 +504,7 @@ def clear(
             continue
         removed.append(entry)
     for kind in kinds:
-        _clean_stale(Path(cache_dir) / kind)
+        clean_stale(Path(cache_dir) / kind)
     return removed
 
 
