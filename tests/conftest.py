@@ -188,3 +188,27 @@ def train_cli(args, env_extra=None, timeout=120) -> subprocess.CompletedProcess:
             env=env,
             timeout=timeout,
         )
+
+
+def torchrun_train(args, nproc: int = 2, timeout: int = 180) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=NPROC feclip-train ARGS`` (offline, from the repository),
+    output captured."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "--no-python",
+            sys.executable,
+            "-c",
+            "from feclip.apps.train import train_main; train_main()",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=timeout,
+    )

@@ -11,13 +11,11 @@ moments in ``train_state.pt`` (linear in the gradients) are compared as well.
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_run, make_tiny_feclip, smoke_overrides
+from conftest import compose_run, make_tiny_feclip, smoke_overrides, torchrun_train
 from safetensors.torch import load_file
 
 from feclip.config import LossConfig, TrainConfig
@@ -44,25 +42,7 @@ def assert_same_training(run_a: Path, run_b: Path) -> None:
 def test_torchrun_on_two_processes_matches_one_process(data_root, tmp_path):
     # train.reuse=false: the two processes train (the session's adapter store may hold this identity)
     args = smoke_overrides(data_root, tmp_path / "ddp", "study=ddp", "variant=v", "train.reuse=false")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "--no-python",
-            sys.executable,
-            "-c",
-            "from feclip.apps.train import train_main; train_main()",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=180,
-    )
+    res = torchrun_train(args)
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = tmp_path / "ddp" / "ddp" / "v" / "seed=42"
     # trained again in one process (not loaded from the adapters store the two-process run filled)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, compose_run, smoke_overrides
+from conftest import REPO, compose_run, smoke_overrides, torchrun_train
 from safetensors.torch import load_file
 
 from feclip.apps.cache import main as cache_main
@@ -409,25 +409,7 @@ def test_under_torchrun_every_rank_follows_rank_0_to_the_stored_adapters(data_ro
     cache = tmp_path / "cache"
     single = run(_cfg(data_root, tmp_path / "one", cache, "study=ddp", "variant=v"))
     args = smoke_overrides(data_root, tmp_path / "ddp", f"paths.cache_dir={cache}", "study=ddp", "variant=v")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "--no-python",
-            sys.executable,
-            "-c",
-            "from feclip.apps.train import train_main; train_main()",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=180,
-    )
+    res = torchrun_train(args)
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = tmp_path / "ddp" / "ddp" / "v" / "seed=42"
     log = (ddp / "train.log").read_text()
