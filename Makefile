@@ -16,11 +16,11 @@ test-all:  ## every test, including those that need a GPU or real CLIP weights
 	$(PYTHON) -m pytest -q
 
 lint:  ## ruff lint + format check
-	$(PYTHON) -m ruff check feclip tests scripts
-	$(PYTHON) -m ruff format --check feclip tests scripts
+	$(PYTHON) -m ruff check feclip hydra_plugins tests scripts
+	$(PYTHON) -m ruff format --check feclip hydra_plugins tests scripts
 
 format:  ## ruff format in place
-	$(PYTHON) -m ruff format feclip tests scripts
+	$(PYTHON) -m ruff format feclip hydra_plugins tests scripts
 
 demo:  ## train + evaluate on the embedded synthetic data (feclip-train +experiment=demo)
 	feclip-train +experiment=demo
@@ -37,12 +37,12 @@ reproduce-study:  ## the earlier study's spread3-vs-last4 benchmark (MVTec AD, V
 	@test -n "$(DATA_ROOT)" || { echo "make reproduce-study: set DATA_ROOT=/path/to/datasets (see docs/datasets.md)"; exit 2; }
 	$(PYTHON) scripts/check_datasets.py --data-root "$(DATA_ROOT)" visa_to_mvtec study3
 	DATA_ROOT="$(DATA_ROOT)" feclip-train -m +experiment=benchmark_taps $(ARGS)
-	feclip-report results/benchmark_taps --out results/tables/benchmark_taps --study-numbers results/paper/study_numbers.csv
+	feclip-report results/benchmark_taps --out results/tables/benchmark_taps --study-numbers feclip/report/paper/study_numbers.csv
 	cp results/tables/benchmark_taps/summary.md results/tables/study_vs_ours.md
 	@echo "wrote results/tables/study_vs_ours.md"
 
 sweep:  ## run a study's sweep: make sweep EXP=taps [ARGS="hydra/launcher=slurm"]
-	@test -n "$(EXP)" || { echo "make sweep: name the study, e.g. make sweep EXP=taps (conf/experiment/)"; exit 2; }
+	@test -n "$(EXP)" || { echo "make sweep: name the study, e.g. make sweep EXP=taps (feclip/conf/experiment/)"; exit 2; }
 	feclip-train -m +experiment=$(EXP) $(ARGS)
 
 report:  ## aggregate a results tree: make report RESULTS=results/taps

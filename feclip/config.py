@@ -23,6 +23,9 @@ from typing import Any
 
 from feclip.data.transforms import DEFAULT_MASK_RESIZE, DEFAULT_RESIZE
 from feclip.errors import ConfigError
+from feclip.methods.anomalyclip import AnomalyClipConfig
+from feclip.methods.aprilgan import AprilGanConfig
+from feclip.methods.winclip import WinClipConfig
 from feclip.models.clip import DEFAULT_MODEL, DEFAULT_WEIGHT_PRECISION
 from feclip.models.feclip import FEClipConfig
 from feclip.scoring import ScoringConfig
@@ -172,6 +175,10 @@ class EvalConfig(ScoringConfig):
     batch_size: int = 32
     fewshot_k: int = 0  # 0 = zero-shot; k > 0 = k normal reference images per category (paper Table 5)
     fewshot_bank: str = "fused"  # fused (the tap tokens after fusion) | plain (before the tap's adapter)
+    # where the few-shot references come from, per category: train (the target's train split) | reference
+    # (its reference/ folder) | holdout (k normal test images, left out of the metrics) | auto (the first
+    # of those three holding a normal image of the category; docs/fewshot.md)
+    fewshot_source: str = "auto"
     save_figures: bool = False  # per category: best/worst montage and ROC/PRO curves under figures/
     # read the model's raw per-tap logits on a target from <paths.cache_dir>/outputs when the same
     # weights, backbone and data were evaluated before (no forward pass), and store them otherwise
@@ -191,6 +198,35 @@ class LoggerConfig:
 
 
 @dataclass
+class MethodConfig:
+    """Which method runs: FE-CLIP (``model.*``) or one of its peers, with that peer's options
+    (``method.<name>.*``; each dataclass lives beside its method in :mod:`feclip.methods`, defaults =
+    the authors' published setting). ``method=<name>`` (conf/method) also sets the reference's training
+    schedule and smoothing."""
+
+    name: str = "feclip"  # feclip | winclip | aprilgan | anomalyclip (feclip.methods.model.METHODS)
+    winclip: WinClipConfig = field(default_factory=WinClipConfig)
+    aprilgan: AprilGanConfig = field(default_factory=AprilGanConfig)
+    anomalyclip: AnomalyClipConfig = field(default_factory=AnomalyClipConfig)
+
+
+# FE-CLIP-only options a peer method does not read: a run of a peer refuses any of them set away from
+# its default (they would be silently ignored otherwise). train.fc_patch is not among them: the demo
+# and the ablations set it, and it names a layer a peer does not have (its policy is FE-CLIP's alone).
+FECLIP_ONLY = (
+    "model",
+    "eval.map_kind",
+    "eval.tap_aggregation",
+    "eval.map_taps",
+    "eval.score_taps",
+    "eval.tap_weights",
+    "eval.fewshot_k",
+    "train.loss",
+    "train.compile",
+)
+
+
+@dataclass
 class RunConfig:
     study: str = "default"
     variant: str = "default"
@@ -205,6 +241,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def validate(self) -> None:
         """Check option values the type system cannot; raises :class:`ConfigError` naming the field."""
@@ -217,7 +254,7 @@ class RunConfig:
         from feclip.metrics.aupro import AUPRO_METHODS
         from feclip.models.clip import WEIGHT_PRECISIONS
         from feclip.models.feclip import AMP_MODES
-        from feclip.models.fewshot import FEATURE_KINDS
+        from feclip.models.fewshot import FEATURE_KINDS, FEWSHOT_SOURCES
 
         choices = [
             ("backbone.precision", self.backbone.precision, WEIGHT_PRECISIONS),
@@ -232,6 +269,7 @@ class RunConfig:
             ("eval.resolution", self.eval.resolution, RESOLUTIONS),
             ("logger.kind", self.logger.kind, LOGGERS),
             ("eval.fewshot_bank", self.eval.fewshot_bank, FEATURE_KINDS),
+            ("eval.fewshot_source", self.eval.fewshot_source, FEWSHOT_SOURCES),
         ]
         for name, value, allowed in choices:
             if value not in allowed:
@@ -284,6 +322,7 @@ class RunConfig:
             raise ConfigError(f"eval.aupro.methods must be chosen from {AUPRO_METHODS}, got {bad}")
         self.eval.scoring()
         self.model.validate()
+        self._validate_method()
 
         # -- data options ------------------------------------------------------------------------
         from feclip.data.transforms import MASK_RESIZE_METHODS, RESIZE_MODES
@@ -297,6 +336,27 @@ class RunConfig:
         if self.data.resize == "center_crop" and self.eval.resolution != "input":
             raise ConfigError(
                 "data.resize=center_crop needs eval.resolution=input (the maps cover the central crop only)"
+            )
+
+    def _validate_method(self) -> None:
+        """``method.name`` is known; a peer's options are valid, and FE-CLIP-only options
+        (:data:`FECLIP_ONLY`) stay at their defaults, the prefix cache off or ``auto``."""
+        from feclip.methods.model import METHODS
+
+        name = self.method.name
+        if name not in METHODS:
+            raise ConfigError(f"method.name must be one of {METHODS}, got {name!r}")
+        if name == "feclip":
+            return
+        getattr(self.method, name).validate()
+        default = RunConfig()
+        changed = [key for key in FECLIP_ONLY if _get(self, key) != _get(default, key)]
+        if self.train.prefix_cache == "on":
+            changed.append("train.prefix_cache")
+        if changed:
+            raise ConfigError(
+                f"method={name} does not read {', '.join(changed)} (FE-CLIP's options): leave them at their "
+                f"defaults, and set {name}'s own under method.{name}.*"
             )
 
     def expand_paths(self) -> None:
@@ -327,3 +387,10 @@ def check_device_name(name: str) -> None:
         raise ConfigError(
             f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
         )
+
+
+def _get(cfg, dotted: str):
+    """``cfg.a.b`` for ``dotted`` = ``"a.b"``."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

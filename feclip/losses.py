@@ -9,6 +9,15 @@ the token grid by ``nearest`` sampling or ``maxpool``. ``mask_loss_input="logit_
 logit margin and applies the sigmoid afterwards (the probability is the sigmoid of the margin, so only
 the order of upsampling and squashing changes).
 
+Each term is computed from a logit wherever one exists, so that it stays exact where a probability
+would round to 0 or 1: the abnormal probability of the 2-way softmax is ``softmax([l0, l1])[1] =
+sigmoid(l1 - l0)``, so the BCE takes the margin ``l1 - l0`` (:func:`cls_bce`, PyTorch's
+``binary_cross_entropy_with_logits``), and the focal loss of a logit map (the token grid, or the
+upsampled margin) is torchvision's ``sigmoid_focal_loss`` (:func:`focal_loss`). The default map
+(``mask_loss_input="probability"`` with ``mask_target="upsample"``) is a bilinear mix of sigmoids, which
+is the sigmoid of no logit: its focal loss is computed on the probability, clamped to
+``[EPS, 1 - EPS]`` for the logarithms (:func:`focal_loss_from_probability`).
+
 No step of the loss waits on the device: the images the map losses see are chosen by 0/1 weights,
 not by boolean indexing, and the upsampling is two matrix products (:func:`bilinear_upsample`), whose
 backward pass is deterministic on CUDA, unlike ``F.interpolate``'s (which
@@ -22,10 +31,11 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
 
 from feclip.config import LossConfig
 
-EPS = 1e-6
+EPS = 1e-6  # probabilities are clamped to [EPS, 1 - EPS] where the loss takes their logarithm
 # the values of the options read here (train.loss.*; feclip.config.RunConfig.validate checks them)
 MASK_TARGETS = ("upsample", "nearest", "maxpool")  # mask_target: where the map and the mask meet
 MASK_LOSS_ON = ("all", "abnormal")  # mask_loss_on: the images the map losses see
@@ -67,13 +77,24 @@ def bilinear_upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 def _focal_elements(
     logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float | None
 ) -> torch.Tensor:
-    logits, target = logits.float(), target.float()
-    log_p = F.logsigmoid(logits)
-    log_not_p = F.logsigmoid(-logits)
-    log_pt = target * log_p + (1 - target) * log_not_p
-    loss = -((1 - log_pt.exp()) ** gamma) * log_pt
+    """Per-element focal loss of logits: torchvision's ``sigmoid_focal_loss`` (``alpha=None``: -1, its
+    "no weighting")."""
+    return sigmoid_focal_loss(
+        logits.float(), target.float(), alpha=-1.0 if alpha is None else alpha, gamma=gamma, reduction="none"
+    )
+
+
+def _focal_elements_from_probability(
+    prob: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float | None
+) -> torch.Tensor:
+    """Per-element focal loss of probabilities, clamped to ``[EPS, 1 - EPS]``: the formula of
+    ``sigmoid_focal_loss`` with ``p`` given instead of ``sigmoid(logit)``."""
+    p, t = prob.float().clamp(EPS, 1 - EPS), target.float()
+    ce = -(t * p.log() + (1 - t) * (1 - p).log())
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma
     if alpha is not None:
-        loss = loss * (target * alpha + (1 - target) * (1 - alpha))
+        loss = loss * (alpha * t + (1 - alpha) * (1 - t))
     return loss
 
 
@@ -83,13 +104,28 @@ def focal_loss(
     gamma: float = LossConfig.focal_gamma,
     alpha: float | None = LossConfig.focal_alpha,
 ) -> torch.Tensor:
-    """Binary focal loss from logits, mean over all elements.
+    """Binary focal loss from logits, mean over all elements: torchvision's ``sigmoid_focal_loss``.
 
-    ``FL = -a_t (1 - p_t)^gamma log(p_t)`` with ``p_t = p`` on positives, ``1 - p`` on negatives;
-    ``a_t = alpha`` on positives and ``1 - alpha`` on negatives, or 1 when ``alpha`` is None.
+    ``FL = -a_t (1 - p_t)^gamma log(p_t)`` with ``p = sigmoid(logit)``, ``p_t = p`` on positives,
+    ``1 - p`` on negatives; ``a_t = alpha`` on positives and ``1 - alpha`` on negatives, or 1 when
+    ``alpha`` is None. ``log(p_t)`` is computed from the logit (no clamping): finite for any logit.
     Shape: logits and target ``(B, H, W)`` -> scalar.
     """
     return _focal_elements(logits, target, gamma, alpha).mean()
+
+
+def focal_loss_from_probability(
+    prob: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = LossConfig.focal_gamma,
+    alpha: float | None = LossConfig.focal_alpha,
+) -> torch.Tensor:
+    """:func:`focal_loss` of a probability map that is the sigmoid of no logit (a bilinearly upsampled
+    probability, ``mask_loss_input="probability"``), mean over all elements. ``p`` is clamped to
+    ``[1e-6, 1 - 1e-6]`` for the logarithms: an element beyond the clamp contributes at most
+    ``-log(1e-6) = 13.8`` and no gradient. Shape: prob and target ``(B, H, W)`` -> scalar.
+    """
+    return _focal_elements_from_probability(prob, target, gamma, alpha).mean()
 
 
 def _dice_per_image(prob: torch.Tensor, target: torch.Tensor, smooth: float) -> torch.Tensor:
@@ -107,11 +143,16 @@ def dice_loss(
     return _dice_per_image(prob, target, smooth).mean()
 
 
-def bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on probabilities (clamped to [1e-6, 1 - 1e-6]). Shape: ``(B,)`` -> scalar."""
-    p = prob.float().clamp(EPS, 1 - EPS)
-    t = target.float()
-    return -(t * p.log() + (1 - t) * (1 - p).log()).mean()
+def cls_bce(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the CLS abnormal probability ``softmax([l0, l1])[1] = sigmoid(l1 - l0)``
+    against the image labels, from the logit margin ``l1 - l0`` (``binary_cross_entropy_with_logits``:
+    exact and finite for any margin, no clamping), mean over all elements (for the ``(N, B, 2)`` logits
+    of N taps: the mean over taps of each tap's BCE).
+
+    Shape: ``(..., B, 2)`` normal/abnormal logits and ``(B,)`` labels in {0, 1} -> scalar.
+    """
+    margin = (cls_logits[..., 1] - cls_logits[..., 0]).float()
+    return F.binary_cross_entropy_with_logits(margin, labels.float().expand_as(margin))
 
 
 def mask_to_grid(masks: torch.Tensor, size: tuple[int, int], how: str) -> torch.Tensor:
@@ -164,7 +205,6 @@ def feclip_loss(
     scalar tensors of this batch alone, unweighted (no device synchronisation until someone reads them).
     """
     n_taps = out.tap_cls_logits.shape[0]
-    cls_margin = (out.tap_cls_logits[..., 1] - out.tap_cls_logits[..., 0]).float()  # (N, B)
     map_margin = (out.tap_patch_logits[..., 1] - out.tap_patch_logits[..., 0]).float()  # (N, B, h, w)
     size = tuple(masks.shape[-2:])
     if cfg.mask_target == "upsample":
@@ -175,22 +215,24 @@ def feclip_loss(
     if n_kept is None:
         n_kept = labels.numel() if every_image else int(mask_loss_images(labels, cfg).sum())
 
-    l_cls = torch.stack([bce(torch.sigmoid(cls_margin[n]), labels) for n in range(n_taps)]).mean()
-    l_focal = cls_margin.new_zeros(())
-    l_dice = cls_margin.new_zeros(())
+    l_cls = cls_bce(out.tap_cls_logits, labels)  # over (N, B): the mean of the per-tap BCEs
+    l_focal = map_margin.new_zeros(())
+    l_dice = map_margin.new_zeros(())
     if n_kept > 0:
         # (B,) 0/1 weights of the images the map losses see; all of them: plain means
         weight = None if every_image else mask_loss_images(labels, cfg).float()
         for n in range(n_taps):
             logit_map = map_margin[n]  # (B, h, w)
-            if cfg.mask_target == "upsample":
-                if cfg.mask_loss_input == "logit_margin":
+            if cfg.mask_target == "upsample" and cfg.mask_loss_input != "logit_margin":
+                # the upsampled probability is the sigmoid of no logit: the probability form
+                prob = bilinear_upsample(torch.sigmoid(logit_map), size)
+                focal = _focal_elements_from_probability(prob, target, cfg.focal_gamma, cfg.focal_alpha)
+            else:  # a logit map: on the token grid, or the upsampled margin
+                if cfg.mask_target == "upsample":
                     logit_map = bilinear_upsample(logit_map, size)
-                else:  # upsample the probability; focal needs logits, so map back exactly
-                    prob = bilinear_upsample(torch.sigmoid(logit_map), size)
-                    logit_map = torch.logit(prob.clamp(EPS, 1 - EPS))
-            focal = _focal_elements(logit_map, target, cfg.focal_gamma, cfg.focal_alpha)  # (B, H, W)
-            dice = _dice_per_image(torch.sigmoid(logit_map), target, cfg.dice_smooth)  # (B,)
+                prob = torch.sigmoid(logit_map)
+                focal = _focal_elements(logit_map, target, cfg.focal_gamma, cfg.focal_alpha)  # (B, H, W)
+            dice = _dice_per_image(prob, target, cfg.dice_smooth)  # (B,)
             if weight is None:
                 focal, dice = focal.mean(), dice.mean()
             else:  # means over the kept images: sums weighted by 0/1, over their count

@@ -24,6 +24,11 @@ abnormal) and, for the few-shot part, ``tap_tokens`` ``(N, B, h, w, D)``.
   The few-shot map gets the zero-shot map's ``sigma`` (the blur is linear: the final map is the blur
   of the raw sum), and the score adds the maximum of that smoothed map, the map actually added.
 
+A peer method (:mod:`feclip.methods`) gives its own image scores and a map ``(B, h, w)`` or
+``(B, S, S)`` (:class:`~feclip.methods.base.MethodOutput`): only the upsampling and the smoothing above
+apply to it (:func:`method_scores_and_maps`); the map kinds, tap choices and the few-shot part are
+FE-CLIP's (``RunConfig.validate`` refuses them with another method).
+
 One module, not a package (about 400 lines): the tests replace :func:`upsample` here to watch every
 resize that :func:`anomaly_maps` and ``feclip-predict`` make.
 """
@@ -259,6 +264,32 @@ def score_output(
     )
 
 
+def is_method_output(out) -> bool:
+    """Whether ``out`` is a peer method's :class:`~feclip.methods.base.MethodOutput` (not FE-CLIP's)."""
+    from feclip.methods.base import MethodOutput
+
+    return isinstance(out, MethodOutput)
+
+
+def method_scores_and_maps(
+    out, cfg: ScoringConfig, size: int | tuple[int, int], rows: slice | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A peer method's image scores ``(B,)`` (its own) and maps ``(B, H, W)``: its map ``(B, h, w)`` or
+    ``(B, S, S)`` upsampled to ``size`` and smoothed with ``cfg.sigma``, as FE-CLIP's maps are.
+    ``rows``: only these images of the batch."""
+    scores, maps = out.image_scores.float(), out.maps.float()
+    if rows is not None:
+        scores, maps = scores[rows], maps[rows]
+    return scores, gaussian_blur(upsample(maps, size), cfg.sigma)
+
+
+def output_image_scores(model, out, cfg: ScoringConfig) -> torch.Tensor:
+    """The image scores ``(B,)`` of one output of ``model`` (FE-CLIP's CLS path, or a peer's own)."""
+    if is_method_output(out):
+        return out.image_scores.float()
+    return image_scores(out.tap_cls_logits, model.config.taps, cfg)
+
+
 def scores_and_maps(
     model,
     out,
@@ -273,6 +304,10 @@ def scores_and_maps(
     the model's taps and logit scale. ``banks`` (per category) with the images' ``categories`` add
     the few-shot part (:func:`add_fewshot_by_category`; ``out`` taken with ``return_tokens=True``).
     """
+    if is_method_output(out):
+        if banks is not None:
+            raise ConfigError("the few-shot part (eval.fewshot_k) is FE-CLIP's: method=feclip")
+        return method_scores_and_maps(out, cfg, model.image_size if size is None else size)
     scores, maps = score_output(
         out, model.config.taps, cfg, model.image_size if size is None else size, model.logit_scale
     )
@@ -286,6 +321,10 @@ def maps_at_sizes(model, out, cfg: ScoringConfig, sizes: Sequence[tuple[int, int
 
     Shape: ``out.tap_patch_logits`` ``(N, B, h, w, 2)`` -> ``B`` maps ``(H_j, W_j)``.
     """
+    if is_method_output(out):
+        return [
+            method_scores_and_maps(out, cfg, size, rows=slice(j, j + 1))[1][0] for j, size in enumerate(sizes)
+        ]
     taps, scale = model.config.taps, model.logit_scale
     return [
         anomaly_maps(out.tap_patch_logits[:, j : j + 1], taps, cfg, size, scale)[0]

@@ -1,7 +1,7 @@
 """Check that every dataset a protocol needs is present under DATA_ROOT, before a long sweep starts.
 
 Usage: ``python scripts/check_datasets.py [--data-root DIR] PROTOCOL [PROTOCOL ...]`` (protocol names
-of ``conf/protocol/``). Prints one line per dataset; for each missing or broken one, the command that
+of ``feclip/conf/protocol/``). Prints one line per dataset; for each missing or broken one, the command that
 gets it and the one that checks it. Exit status 1 when anything is missing.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parent.parent / "feclip" / "conf"
 
 
 def protocol_datasets(name: str) -> list[dict]:

@@ -16,6 +16,7 @@ from feclip.data import DEFAULT_DIRS, list_samples
 from feclip.data.download import (
     SOURCES,
     DownloadError,
+    DownloadProgress,
     Source,
     describe,
     download_file,
@@ -122,6 +123,78 @@ def test_fresh_download_verified(server, tmp_path):
     # a complete, verified file is not fetched again
     download_file(server.url, dest, sha256=_sha(server.payload))
     assert len(server.requests) == 1
+
+
+_LINE = re.compile(r"^cat: (\d+\.\d) MB / (\d+\.\d) MB \((\d+) %\)(, [\d.]+ MB/s)?$")
+
+
+def test_progress_off_a_terminal_is_a_line_per_ten_percent(server, tmp_path):
+    out = io.StringIO()  # not a terminal: lines, not a bar
+    progress = DownloadProgress("cat", file=out)
+    download_file(server.url, tmp_path / "a.tar", chunk_size=1024, progress=progress)
+    lines = out.getvalue().splitlines()
+    blocks = -(-len(server.payload) // 1024)
+    assert blocks > 30 and 10 <= len(lines) <= 11, lines  # the start, then one per 10 % (not per block)
+    parsed = [_LINE.match(line) for line in lines]
+    assert all(parsed), lines
+    percents = [int(m.group(3)) for m in parsed]
+    assert percents[0] == 0 and percents[-1] == 100 and percents == sorted(set(percents))
+    assert {float(m.group(2)) for m in parsed} == {round(len(server.payload) / 1e6, 1)}
+    assert "\r" not in out.getvalue()
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_from_the_resumed_bytes(server, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    made = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((kwargs, self))
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    (tmp_path / "a.tar.part").write_bytes(server.payload[:1000])
+    out = io.StringIO()
+    download_file(
+        server.url,
+        tmp_path / "a.tar",
+        chunk_size=1024,
+        progress=DownloadProgress("cat", file=out, terminal=True),
+    )
+    assert server.requests == ["bytes=1000-"]
+    ((kwargs, bar),) = made
+    assert kwargs["initial"] == 1000 and kwargs["total"] == len(server.payload) and kwargs["unit"] == "B"
+    assert bar.n == len(server.payload)
+    assert "cat" in out.getvalue() and "100%" in out.getvalue()  # the bar's last state, closed
+
+
+def test_progress_of_an_unknown_size_is_a_line_per_minute():
+    now = [0.0]
+    out = io.StringIO()
+    progress = DownloadProgress("x", file=out, terminal=False, clock=lambda: now[0])
+    for t, done in [
+        (0.0, 0),
+        (30.0, 5_000_000),
+        (61.0, 10_000_000),
+        (100.0, 12_000_000),
+        (125.0, 20_000_000),
+    ]:
+        now[0] = t
+        progress(done, None)
+    assert out.getvalue().splitlines() == ["x: 0.0 MB", "x: 10.0 MB, 0.2 MB/s", "x: 20.0 MB, 0.2 MB/s"]
+    # a known size: a line per 10 %, and one a minute in between
+    out = io.StringIO()
+    progress = DownloadProgress("y", file=out, terminal=False, clock=lambda: now[0])
+    for t, done in [(0.0, 0), (10.0, 10), (70.0, 50), (75.0, 60), (80.0, 150), (90.0, 1000)]:
+        now[0] = t
+        progress(done, 1000)
+    assert [line.split(" (")[1].split(")")[0] for line in out.getvalue().splitlines()] == [
+        "0 %",
+        "5 %",
+        "15 %",
+        "100 %",
+    ]
 
 
 def test_resume_from_partial_file_with_range(server, tmp_path):

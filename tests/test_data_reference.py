@@ -197,7 +197,7 @@ def test_mask_threshold_reaches_the_run_from_the_config(tmp_path):
 
 
 def test_paper_protocol_sets_the_recommended_reader_options():
-    protocol = yaml.safe_load((REPO / "conf" / "protocol" / "mvtec_to_all.yaml").read_text())
+    protocol = yaml.safe_load((REPO / "feclip" / "conf" / "protocol" / "mvtec_to_all.yaml").read_text())
     by_name = {t["name"]: t.get("options", {}) for t in protocol["targets"]}
     assert by_name["kvasir"] == {"mask_threshold": 127} and by_name["clinicdb"] == {"mask_threshold": 127}
     assert by_name["dagm"] == {"protocol": "anomalyclip"}

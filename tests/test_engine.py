@@ -381,8 +381,8 @@ def test_fewshot_changes_scores_records_references_and_is_deterministic(data_roo
     assert few1 == few1b
     assert few1 != zero
     refs = (out1 / "fewshot_references.csv").read_text().splitlines()
-    assert refs[0] == "dataset,category,k,seed,image_path" and len(refs) == 1 + 3  # one per category
-    assert all("/train/good/" in line for line in refs[1:])
+    assert refs[0] == "dataset,category,k,seed,source,image_path" and len(refs) == 1 + 3  # one per category
+    assert all(",train," in line and "/train/good/" in line for line in refs[1:])
     other = (out2 / "fewshot_references.csv").read_text().splitlines()[1:]
     assert [line.split(",")[-1] for line in other] != [line.split(",")[-1] for line in refs[1:]]
 

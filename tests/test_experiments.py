@@ -38,7 +38,7 @@ SINGLE_RUN = {"demo", "clip_baseline"}
 
 
 def composed_params(name):
-    """The experiment's ``hydra.sweeper.params`` as composed (its own axis, then the shared conf/sweep/)."""
+    """The experiment's ``hydra.sweeper.params`` as composed (its own axis, then the shared feclip/conf/sweep/)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"+experiment={name}"], return_hydra_config=True)
     return OmegaConf.to_container(cfg.hydra.sweeper.params) or {}
@@ -70,11 +70,11 @@ def test_sweep_expands_to_the_intended_number_of_runs(name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_RUNS))
 def test_the_shared_axes_come_last_and_have_one_home(name):
-    """Seeds (and the ablations' two directions) come from conf/sweep/, after the study's own axis, so
+    """Seeds (and the ablations' two directions) come from feclip/conf/sweep/, after the study's own axis, so
     that the jobs of a sweep run in the same order (seed the fastest-varying axis)."""
     own = yaml.safe_load((Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text())
     own_params = ((own.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
-    assert "seed" not in own_params, "the seeds live in conf/sweep/seeds.yaml"
+    assert "seed" not in own_params, "the seeds live in feclip/conf/sweep/seeds.yaml"
     keys = list(composed_params(name))
     assert keys[-1] == "seed"
     assert keys[: len(own_params)] == list(own_params)

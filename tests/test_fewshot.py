@@ -205,8 +205,13 @@ def test_category_banks_and_their_record(model, data, tmp_path):
     assert banks["brick"].reference_paths == [str(s.image_path) for s in refs]
     assert torch.equal(banks["brick"].features, MemoryBank.from_samples(model, refs).features)
     path = tmp_path / "fewshot_references.csv"
-    path.write_text("dataset,category,k,seed,image_path\nother,x,1,0,o.png\nsyn,old,1,0,gone.png\n")
+    header = "dataset,category,k,seed,source,image_path"
+    path.write_text(f"{header}\nother,x,1,0,train,o.png\nsyn,old,1,0,train,gone.png\n")
     record_references(path, "syn", 2, 3, banks)
     lines = path.read_text().splitlines()
-    assert lines[:2] == ["dataset,category,k,seed,image_path", "other,x,1,0,o.png"]
-    assert lines[2:] == [f"syn,brick,2,3,{s.image_path}" for s in refs]
+    assert lines[:2] == [header, "other,x,1,0,train,o.png"]
+    assert lines[2:] == [f"syn,brick,2,3,train,{s.image_path}" for s in refs]
+    # the source of each category is recorded; a file of the older layout is replaced whole
+    path.write_text("dataset,category,k,seed,image_path\nother,x,1,0,o.png\n")
+    record_references(path, "syn", 2, 3, banks, {"brick": "holdout"})
+    assert path.read_text().splitlines() == [header] + [f"syn,brick,2,3,holdout,{s.image_path}" for s in refs]

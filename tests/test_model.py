@@ -323,3 +323,58 @@ def test_the_head_runs_in_fp32_under_bf16_autocast(clip, images):
         assert getattr(under_amp, name).dtype == torch.float32, name
         assert torch.equal(getattr(under_amp, name), getattr(plain, name)), name
     assert whole.tap_patch_logits.dtype == torch.float32 and whole.tap_cls_logits.dtype == torch.float32
+
+
+# -- taps are 0-based -----------------------------------------------------------------------------
+
+
+def test_a_tap_equal_to_the_depth_reads_as_one_based_and_gives_the_zero_based_taps(clip):
+    """AnomalyCLIP's --features_list 6 12 18 24 is 1-based: 24 is no block of a 24-block ViT."""
+    with pytest.raises(ConfigError) as info:
+        FEClip(clip, FEClipConfig(taps=(6, 12, 18, 24)))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("model.taps are 0-based block indices in [0, 23] for this 24-block backbone")
+    assert message.endswith("the 0-based taps are model.taps=[5,11,17,23]")
+    assert make(clip, taps=(5, 11, 17, 23)).config.taps == (5, 11, 17, 23)  # what it suggests is valid
+
+
+@pytest.mark.parametrize(
+    "taps,suggested",
+    [((0, 24), None), ((23, 24), "[22,23]"), ((5, 25), None), ((-1, 3), None)],
+)
+def test_out_of_range_taps_say_they_are_zero_based(taps, suggested):
+    with pytest.raises(ConfigError, match=r"^model\.taps are 0-based block indices in \[0, 23\]") as info:
+        FEClipConfig(taps=taps).validate(depth=24)
+    message = str(info.value)
+    assert ("the 0-based taps are model.taps=" in message) == (suggested is not None)
+    if suggested is not None:
+        assert message.endswith(f"model.taps={suggested}")
+    assert ("24 is the block count, not an index (the last block is 23)" in message) == (24 in taps)
+
+
+def test_negative_taps_are_refused_without_a_depth():
+    with pytest.raises(ConfigError, match=r"model\.taps are 0-based block indices \(>= 0\), got \[-1, 3\]"):
+        FEClipConfig(taps=(-1, 3)).validate()
+    FEClipConfig(taps=(0, 24)).validate()  # without the depth, 24 may be a block of a deeper backbone
+
+
+def test_the_run_checks_taps_against_the_backbone_depth_before_building_it():
+    from feclip.engine.run import check_taps_fit
+
+    # ViT-L/14@336's depth from open_clip's model config alone: no weights are read
+    with pytest.raises(ConfigError, match=r"model\.taps=\[5,11,17,23\]$"):
+        check_taps_fit(FEClipConfig(taps=(6, 12, 18, 24)), "ViT-L-14-336-quickgelu")
+    check_taps_fit(FEClipConfig(taps=(5, 11, 17, 23)), "ViT-L-14-336-quickgelu")
+
+
+def test_feclip_train_refuses_one_based_taps_in_one_line_with_exit_2(tmp_path):
+    from conftest import train_cli
+
+    res = train_cli(["backbone=tiny", "model.taps=[6,12,18,24]", f"paths.results_dir={tmp_path}"])
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "model.taps are 0-based block indices in [0, 23]" in lines[0]
+    assert lines[0].endswith("the 0-based taps are model.taps=[5,11,17,23]")
+    assert not list(tmp_path.glob("*/*/seed=*"))  # refused before the run folder was made

@@ -104,9 +104,11 @@ def test_outputs_have_the_input_size_and_one_row_per_image(checkpoint, good_fold
         ]
     )
     assert rc == 0
+    # the raw maps at each image's own size, the overlay figures larger (header, colour bar)
+    assert np.load(out / "wide_map.npy").shape == (50, 70)
+    assert np.load(out / "sub" / "square_map.npy").shape == (64, 64)
     overlay = np.asarray(Image.open(out / "wide_overlay.png"))
-    assert overlay.shape == (50, 70, 3) and overlay.std() > 0
-    assert np.asarray(Image.open(out / "sub" / "square_overlay.png")).shape == (64, 64, 3)
+    assert overlay.shape[0] > 50 and overlay.shape[1] > 70 and overlay.std() > 0
     mask = np.asarray(Image.open(out / "wide_mask.png"))
     assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
     rows = read_scores(out / "scores.csv")
@@ -124,6 +126,41 @@ def test_outputs_have_the_input_size_and_one_row_per_image(checkpoint, good_fold
     assert [i["size"] for i in record["images"]] == [i["output_size"] for i in record["images"]]
     assert record["n_downscaled"] == 0 and record["options"]["max_side"] == 2048
     assert not list(out.rglob(".*tmp"))
+
+
+def test_the_raw_map_is_the_one_drawn_with_its_colour_bar_and_score(checkpoint, tmp_path, monkeypatch):
+    import feclip.viz as viz
+    from feclip.predict import score_batch
+
+    ckpt, model = checkpoint
+    rgb = write_rgb(tmp_path / "in" / "wide.png", 45, 77, seed=4)
+    figures = []
+    make_figure = viz.overlay_figure
+
+    def recording(*args, **kwargs):
+        figures.append(make_figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(viz, "overlay_figure", recording)
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--alpha", "0.6", str(tmp_path / "in")]) == 0
+    saved = np.load(out / "wide_map.npy")
+    assert saved.dtype == np.float32 and saved.shape == (45, 77)  # the original size
+    # the map made independently: the model's S x S map (sigma 4), bilinear to the original size
+    x = normalize(resize_rgb(load_rgb(tmp_path / "in" / "wide.png"), model.image_size))[None]
+    scores, maps = score_batch(model, x, 4.0)
+    expected = feclip.scoring.upsample(maps, (45, 77))[0].numpy()
+    np.testing.assert_allclose(saved, expected, rtol=0, atol=1e-6)
+    # the overlay figure draws exactly these values: its pixels below the header are overlay(image, map)
+    (figure,) = figures
+    picture = np.asarray(Image.open(out / "wide_overlay.png").convert("RGB"))
+    top = picture.shape[0] - max(45, 200)  # the header above the overlay (viz.overlay_figure's layout)
+    assert np.array_equal(picture[top : top + 45, :77], viz.overlay(rgb, saved, alpha=0.6))
+    (colorbar,) = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert colorbar.get_ylim() == pytest.approx((float(saved.min()), float(saved.max())))
+    (score,) = json.loads((out / "predict.json").read_text())["images"]
+    assert score["score"] == pytest.approx(float(scores[0]))
+    assert any(f"image score {score['score']:.4f}" in t.get_text() for t in figure.texts)
 
 
 def test_scores_equal_the_trained_model_on_its_own_backbone_seed(checkpoint, tmp_path):
@@ -392,7 +429,9 @@ def test_a_large_image_gets_capped_outputs_and_no_full_size_map(checkpoint, tmp_
     out = tmp_path / "out"
     args = ["--checkpoint", str(ckpt), "--max-side", "1024", "--threshold", "0.5", "--out", str(out)]
     assert main([*args, str(tmp_path / "big.png")]) == 0
-    assert np.asarray(Image.open(out / "big_overlay.png")).shape == (683, 1024, 3)
+    assert np.load(out / "big_map.npy").shape == (683, 1024)
+    height, width = np.asarray(Image.open(out / "big_overlay.png")).shape[:2]
+    assert height >= 683 and width >= 1024  # the overlay at 683 x 1024 plus its header and colour bar
     assert np.asarray(Image.open(out / "big_mask.png")).shape == (683, 1024)
     assert asked and max(max(size) for size in asked) <= 1024  # the map is never made at 3000 x 2000
     record = json.loads((out / "predict.json").read_text())

@@ -7,6 +7,8 @@ arithmetic is in the comments. Fractions in the tree, points (percent) in the re
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import os
 import subprocess
@@ -803,7 +805,9 @@ def test_reproduce_study_compares_with_the_study():
     makefile = Path(__file__).resolve().parent.parent / "Makefile"
     recipe = makefile.read_text().split("\nreproduce-study:", 1)[1].split("\n\n", 1)[0]
     report_lines = [line for line in recipe.splitlines() if "feclip-report" in line]
-    assert len(report_lines) == 1 and "--study-numbers results/paper/study_numbers.csv" in report_lines[0]
+    assert (
+        len(report_lines) == 1 and "--study-numbers feclip/report/paper/study_numbers.csv" in report_lines[0]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -826,8 +830,9 @@ def test_cli_writes_every_output(tree, paper_file, tmp_path, capsys):
         "summary.md",
         "summary.tex",
         "paired.csv",
-        "study_taps.png",
-        "study_bench.png",
+        "study_taps_image_auroc.png",
+        "study_taps_pixel_aupro_zsad.png",
+        "study_bench_image_auroc.png",
         "bars_image_auroc.png",
     ]
     for name in expected + ["bars_pixel_aupro_zsad.png"]:
@@ -847,7 +852,9 @@ def test_cli_writes_every_output(tree, paper_file, tmp_path, capsys):
     assert list(pd.read_csv(out / "paired.csv").columns) == report.PAIRED_COLUMNS
     tex = (out / "summary.tex").read_text()
     assert (
-        r"\begin{tabular}" in tex and r"85.3 $\pm$ 2.5 (3)$^\ddagger$" in tex and r"pixel\_aupro\_zsad" in tex
+        r"\begin{tabular}" in tex
+        and r"85.3 $\pm$ 2.5 (3)$^\ddagger$" in tex
+        and r"pixel\_aupro\_zsad: PRO (zsad, FPR$<$0.3)" in tex
     )
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
 
@@ -1026,7 +1033,8 @@ def test_paper_file_missing_or_a_folder(tree, tmp_path, capsys):
 
 
 def test_unknown_baseline_and_metrics_are_errors(tree, capsys):
-    assert "--baseline 'nope' is not a variant" in fails(capsys, tree, "--baseline", "nope", "--no-paper")
+    message = fails(capsys, tree, "--baseline", "nope", "--no-paper")
+    assert "--baseline 'nope' is not a value of any study's axes (valid: last3, last4, spread3)" in message
     message = fails(capsys, tree, "--metrics", "image_auroc,image_aurc", "--no-paper")
     assert "--metrics: image_aurc not in" in message and "image_auroc" in message
     assert "--metrics: none given" in fails(capsys, tree, "--metrics", ",", "--no-paper")
@@ -1177,3 +1185,267 @@ def test_study_numbers_file_missing_or_a_folder_or_binary(tree, tmp_path, capsys
     binary = tmp_path / "binary.csv"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     assert f"study numbers {binary}: not UTF-8 text" in fails(capsys, tree, "--study-numbers", binary)
+
+
+# --------------------------------------------------------------------------------------------------
+# figures a reader can read: short labels, per dataset, error bars, honest axes; names of the AUPROs
+# --------------------------------------------------------------------------------------------------
+
+TAPS8 = ["spread3", "last4", "last5", "last3", "spread4", "mix_late", "late_skip1", "stages"]
+POLICIES = ["lr_div_100", "same"]
+DIRECTIONS = {"visa_to_mvtec": ("visa", ["mvtec"]), "mvtec_to_visa": ("mvtec", ["visa", "btad"])}
+SEEDS5 = [42, 123, 456, 789, 1024]
+PANELS = ["mvtec (trained on visa)", "visa (trained on mvtec)", "btad (trained on mvtec)"]
+
+
+def write_two_axis_study(root: Path, taps=TAPS8, policies=POLICIES, study: str = "taps_fc") -> Path:
+    """taps (8) x fc_patch policy (2) x protocol (2), 5 seeds, every official category of MVTec AD, VisA
+    and BTAD (complete macros, compared with the paper); values from a seeded generator."""
+    rng = np.random.default_rng(0)
+    metrics = ["image_auroc", "image_ap", "pixel_auroc", "pixel_aupro", "pixel_aupro_zsad"]
+    for t, taps_set in enumerate(taps):
+        for p, policy in enumerate(policies):
+            for protocol, (train, targets) in DIRECTIONS.items():
+                variant = f"protocol={protocol},taps={taps_set},train.fc_patch.policy={policy}"
+                for seed in SEEDS5:
+                    values = {
+                        (dataset, category, metric): float(
+                            np.clip(0.8 + 0.02 * m - 0.004 * t + 0.01 * p + rng.normal(0, 0.02), 0, 1)
+                        )
+                        for dataset in targets
+                        for category in report.official_categories(dataset)
+                        for m, metric in enumerate(metrics)
+                    }
+                    write_run(root, study, variant, seed, train, values)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_axis(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    root = write_two_axis_study(tmp_path_factory.mktemp("two_axis") / "results")
+    paper = tmp_path_factory.mktemp("paper") / "paper_numbers.csv"
+    paper.write_text(PAPER_CSV + "FE-CLIP,zero_shot,mvtec,91.9,96.5,92.6,88.3\n")
+    return root, report.summarize(report.load_results(root), report.load_paper_numbers(paper))
+
+
+def short(taps_set: str, policy: str) -> str:
+    return f"{taps_set} · {policy.replace('_div_', '/')}"
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The text chunks of a PNG."""
+    from PIL import Image
+
+    return dict(Image.open(io.BytesIO(data)).text)
+
+
+def test_variant_axes_and_labels():
+    assert report.variant_axes("protocol=visa_to_mvtec,taps=spread3") == {
+        "protocol": "visa_to_mvtec",
+        "taps": "spread3",
+    }
+    assert report.variant_axes("eval,eval.map_taps=[15,18,21],+x=1") == {
+        "eval.map_taps": "[15,18,21]",
+        "x": "1",
+        "": "eval",
+    }
+    cells = pd.DataFrame(
+        [
+            (f"backbone=tiny,eval.aupro.include_normal={normal},protocol={p},taps={t}", train, dataset)
+            for t in ("spread3", "last4")
+            for normal in ("true", "false")
+            for p, (train, dataset) in {
+                "visa_to_mvtec": ("visa", "mvtec"),
+                "mvtec_to_visa": ("mvtec", "visa"),
+            }.items()
+        ],
+        columns=["variant", "train_dataset", "dataset"],
+    )
+    labels, roles = report.variant_labels(cells)
+    # protocol is told by the panel, backbone=tiny is the same everywhere: only the swept values remain;
+    # a word stands alone, a boolean keeps its axis' last name
+    assert roles.studied == ("eval.aupro.include_normal", "taps") and roles.facets == ("protocol",)
+    assert roles.fixed == (("backbone", "tiny"),)
+    assert labels["backbone=tiny,eval.aupro.include_normal=false,protocol=mvtec_to_visa,taps=last4"] == (
+        "include_normal=false · last4"
+    )
+    # variants that differ only by the panel: the facet's value; one variant alone: its name
+    one = pd.DataFrame([("protocol=a_to_b", "a", "b"), ("protocol=c_to_d", "c", "d")], columns=cells.columns)
+    assert set(report.variant_labels(one)[0].values()) == {"a_to_b", "c_to_d"}
+    assert report.variant_labels(one.iloc[:1])[0] == {"protocol=a_to_b": "protocol=a_to_b"}
+
+
+def test_two_axis_study_figures_are_readable(two_axis):
+    from matplotlib.lines import Line2D
+
+    _, summary = two_axis
+    plots = report.study_plots(summary)
+    # one figure per question (metric), the main metrics by default
+    assert sorted(plots) == [f"study_taps_fc_{m}.png" for m in sorted(report.MAIN_METRICS)]
+    expected = [short(t, p) for t in sorted(TAPS8) for p in POLICIES]
+    for plot in plots.values():
+        fig = plot.figure
+        axes = fig.axes
+        assert plot.panels == PANELS == [ax.get_title() for ax in axes]  # small multiples per dataset
+        # 16 rows, named by the swept values only (the panel tells the protocol), one row each
+        assert plot.labels == expected
+        assert [t.get_text() for t in axes[0].get_yticklabels()] == expected
+        assert "protocol=" not in " ".join(plot.labels) and "ERROR" not in plot.caption
+        assert "± 1 sample std over seeds (n = 5 seeds)" in plot.caption
+        assert fig.get_figheight() > 16 * 0.25  # grows with the variants
+        # legend outside every panel: a figure legend, none inside an axes
+        assert fig.legends and all(ax.get_legend() is None for ax in axes)
+        # the value axis is zoomed on the data, and says so
+        for ax in axes:
+            low = ax.get_xlim()[0]
+            assert low > 0 and f"axis from {low:.1f} (not 0)" in ax.get_xlabel()
+        # the paper's number is a dashed line in every panel (complete macros, the paper's protocol)
+        dashed = [
+            line.get_xdata()[0]
+            for ax in axes
+            for line in ax.get_lines()
+            if isinstance(line, Line2D) and line.get_linestyle() == "--"
+        ]
+        assert len(dashed) == 3
+        # the saved PNG says what it shows
+        meta = png_text(plot.png())
+        assert json.loads(meta["feclip.labels"]) == expected and json.loads(meta["feclip.panels"]) == PANELS
+    zsad = plots["study_taps_fc_pixel_aupro_zsad.png"]
+    assert zsad.title == "study taps_fc: PRO (zsad, FPR<0.3)"
+    assert "pixel_aupro_zsad: AnomalyCLIP's evaluation" in zsad.caption
+    mvtec = [line.get_xdata()[0] for line in zsad.figure.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert mvtec == [88.3]
+
+
+def test_report_writes_one_figure_per_metric_and_bars_from_zero(two_axis, tmp_path):
+    root, summary = two_axis
+    paper = tmp_path / "paper.csv"
+    paper.write_text(PAPER_CSV + "FE-CLIP,zero_shot,mvtec,91.9,96.5,92.6,88.3\n")
+    out = tmp_path / "report"
+    _, written = report.write_report(root, out, paper_path=paper, metrics=["image_auroc", "pixel_aupro"])
+    names = {p.name for p in written}
+    assert {"study_taps_fc_image_auroc.png", "study_taps_fc_pixel_aupro.png"} <= names
+    exact = png_text((out / "study_taps_fc_pixel_aupro.png").read_bytes())
+    assert (
+        exact["Title"] == "study taps_fc: AUPRO@0.3 (exact)" and "not the paper's PRO" in exact["Description"]
+    )
+    bars = report.paper_bar_plots(summary)
+    assert list(bars) == [  # the paper's metrics, in display order
+        "bars_image_auroc.png",
+        "bars_image_ap.png",
+        "bars_pixel_auroc.png",
+        "bars_pixel_aupro_zsad.png",
+    ]
+    for plot in bars.values():
+        assert plot.panels == ["mvtec", "visa", "btad"]
+        for ax in plot.figure.axes:
+            assert ax.get_xlim()[0] == 0  # bars start at 0
+            assert all(patch.get_x() == 0 for patch in ax.patches)
+            labels = [t.get_text() for t in ax.get_yticklabels()]
+            assert labels[0] == "paper" and "taps_fc: spread3 · lr/100" in labels
+    assert bars["bars_pixel_aupro_zsad.png"].title.startswith("PRO (zsad, FPR<0.3): ours vs the paper")
+
+
+def test_few_variants_stand_side_by_side_and_long_labels_get_a_key(tree, tmp_path):
+    plot = report.study_plots(report.summarize(report.load_results(tree)))["study_taps_image_auroc.png"]
+    assert [t.get_text() for t in plot.figure.axes[0].get_xticklabels()] == ["last3", "last4", "spread3"]
+    assert plot.figure.axes[0].get_ylim()[0] > 0 and "(not 0)" in plot.figure.axes[0].get_ylabel()
+    long = tmp_path / "long"
+    for i in range(3):
+        name = f"model.adapters={'very_long_adapter_setting_' * 3}{i}"
+        write_run(long, "s", name, 42, "mvtec", {("btad", "01", "image_auroc"): 0.5 + i / 10})
+    plot = report.study_plots(report.summarize(report.load_results(long)))["study_s_image_auroc.png"]
+    assert plot.labels == ["V1", "V2", "V3"] and plot.key["V3"].endswith("_2")
+    assert "V3  " + plot.key["V3"] in " ".join(t.get_text() for t in plot.figure.texts)
+
+
+def test_which_aupro_is_named_everywhere(tmp_path, paper_file):
+    root = tmp_path / "results"
+    for limit in ("0.3", "0.1"):
+        for seed in (1, 2):
+            values = {
+                ("btad", c, m): 0.8 for c in ("01", "02", "03") for m in ("pixel_aupro", "pixel_aupro_zsad")
+            }
+            write_run(root, "aupro", f"eval.aupro.fpr_limit={limit}", seed, "mvtec", values)
+    summary = report.summarize(report.load_results(root), report.load_paper_numbers(paper_file))
+    c = cell(summary, variant="eval.aupro.fpr_limit=0.1", metric="pixel_aupro_zsad")
+    assert c["metric_label"] == "PRO (zsad, FPR<0.1)" and c["not_compared"] == "aupro"  # not the paper's PRO
+    c = cell(summary, variant="eval.aupro.fpr_limit=0.3", metric="pixel_aupro_zsad")
+    assert c["metric_label"] == "PRO (zsad, FPR<0.3)" and c["paper"] == 80.4 and c["not_compared"] == ""
+    assert cell(summary, variant="eval.aupro.fpr_limit=0.3", metric="pixel_aupro")["metric_label"] == (
+        "AUPRO@0.3 (exact)"
+    )
+    markdown = report.render_markdown(summary, metrics=["pixel_aupro", "pixel_aupro_zsad"])
+    # two limits in one table: the header says L, the note says what L is and which AUPRO is which
+    assert "| pixel_aupro: AUPRO@L (exact) | pixel_aupro_zsad: PRO (zsad, FPR<L) |" in markdown
+    assert "PRO (zsad, FPR<L) = pixel_aupro_zsad: AnomalyCLIP's evaluation code" in markdown
+    assert "L = the variant's eval.aupro.fpr_limit" in markdown
+    assert "other AUPRO options than the paper's" in markdown
+    tex = report.render_latex(summary, metrics=["pixel_aupro_zsad"])
+    assert r"pixel\_aupro\_zsad: PRO (zsad, FPR$<$L)" in tex
+    titles = {p.title for p in report.study_plots(summary, ["pixel_aupro", "pixel_aupro_zsad"]).values()}
+    assert titles == {"study aupro: AUPRO@L (exact)", "study aupro: PRO (zsad, FPR<L)"}
+
+
+def test_the_report_default_fpr_limit_is_the_metrics_one():
+    aupro = pytest.importorskip("feclip.metrics.aupro", exc_type=ImportError)
+    from feclip.report import labels
+
+    assert float(labels.DEFAULT_FPR_LIMIT) == aupro.DEFAULT_FPR_LIMIT
+
+
+def test_baseline_is_a_value_of_the_studied_axis_within_each_protocol(tmp_path):
+    root = write_two_axis_study(tmp_path / "results", taps=["spread3", "last4", "stages"], policies=["same"])
+    per_seed = report.macro_per_seed(report.load_results(root))
+    by_value = report.paired_differences(per_seed, baseline="spread3")
+    by_item = report.paired_differences(per_seed, baseline="taps=spread3")
+    pd.testing.assert_frame_equal(by_value, by_item)
+    # a column per other axis; both protocol halves, each against its own spread3
+    assert "protocol" in by_value.columns and "train.fc_patch.policy" not in by_value.columns
+    assert set(by_value["protocol"]) == {"visa_to_mvtec", "mvtec_to_visa"}
+    assert set(by_value["dataset"]) == {"mvtec", "visa", "btad"}
+    for row in by_value.itertuples():
+        assert row.variant_b == f"protocol={row.protocol},taps=spread3,train.fc_patch.policy=same"
+        assert row.variant_a.startswith(f"protocol={row.protocol},") and row.n_shared == 5
+    assert len(by_value) == 2 * (1 + 2) * 5  # 2 variants x 3 (protocol, dataset) cells x 5 metrics
+    # the CLI: paired.csv gets the column, the report both halves
+    out = tmp_path / "report"
+    assert (
+        report_app.main([str(root), "--out", str(out), "--no-paper", "--no-plots", "--baseline", "spread3"])
+        == 0
+    )
+    paired = pd.read_csv(out / "paired.csv")
+    assert list(paired.columns) == report.PAIRED_COLUMNS[:2] + ["protocol"] + report.PAIRED_COLUMNS[2:]
+    assert set(paired["protocol"]) == {"visa_to_mvtec", "mvtec_to_visa"}
+
+
+def test_bad_baselines_name_the_valid_values(tmp_path, capsys):
+    root = tmp_path / "results"
+    for normal in ("true", "false"):
+        for norm in ("true", "false"):
+            variant = f"eval.aupro.include_normal={normal},eval.aupro.per_image_norm={norm}"
+            write_run(root, "aupro", variant, 42, "mvtec", {("btad", "01", "pixel_aupro_zsad"): 0.8})
+    message = fails(capsys, root, "--baseline", "true", "--no-paper", "--no-plots")
+    assert message.endswith(
+        "--baseline 'true' is ambiguous in study aupro: name one of eval.aupro.include_normal=true, "
+        "eval.aupro.per_image_norm=true"
+    )
+    message = fails(capsys, root, "--baseline", "maybe", "--no-paper", "--no-plots")
+    assert (
+        "--baseline 'maybe' is not a value of any study's axes (valid: eval.aupro.include_normal=false, "
+        in message
+    )
+    message = fails(
+        capsys, root, "--baseline", "eval.aupro.include_normal=true,eval.aupro.per_image_norm=true"
+    )
+    assert "names 2 values; name one value of the studied axis" in message
+    # a unique axis suffix is enough
+    assert report_app.main([str(root), "--baseline", "include_normal=true", "--no-paper", "--no-plots"]) == 0
+    paired = pd.read_csv(root / "report" / "paired.csv")
+    assert set(paired["variant_b"].str.split(",").str[0]) == {"eval.aupro.include_normal=true"}
+    # within each value of the other axis, its column in paired.csv
+    norms = paired["eval.aupro.per_image_norm"].astype(str).str.lower()
+    assert sorted(norms) == ["false", "true"]
+    for norm, a, b in zip(norms, paired["variant_a"], paired["variant_b"]):
+        assert a == f"eval.aupro.include_normal=false,eval.aupro.per_image_norm={norm}"
+        assert b == f"eval.aupro.include_normal=true,eval.aupro.per_image_norm={norm}"

@@ -104,7 +104,7 @@ def test_options_that_change_no_number_change_no_identity(data_root):
     # and they are left out of the folder name Hydra builds from the overrides
     from omegaconf import OmegaConf
 
-    excluded = OmegaConf.load(REPO / "conf" / "train.yaml").hydra.job.config.override_dirname.exclude_keys
+    excluded = OmegaConf.load(REPO / "feclip" / "conf" / "train.yaml").hydra.job.config.override_dirname.exclude_keys
     assert {"logger", "eval.save_figures", "train.progress"} <= set(excluded)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from feclip.apps.common import OneLineParser, one_line, run_app
 from feclip.data.catalogue import DATASETS, DEFAULT_DIRS, dataset_info
 from feclip.data.check import DEFAULT_LIMIT, DEFAULT_THREADS, check_dataset, format_report
-from feclip.data.download import SOURCES, DownloadError, describe, fetch, source_table
+from feclip.data.download import SOURCES, DownloadError, DownloadProgress, describe, fetch, source_table
 from feclip.data.listing import list_samples
 from feclip.data.sample import natural_key
 from feclip.data.synthetic import make_synthetic
@@ -82,21 +82,6 @@ def _cmd_check(args) -> int:
     return 1 if report.errors else 0
 
 
-def _progress_printer():
-    """A ``progress(done, total)`` callback printing about 20 lines to stderr (one per 100 MB when the
-    total is unknown)."""
-    state = {"last": -1}
-
-    def show(done: int, total: int | None) -> None:
-        step = int(done / total * 20) if total else done // (100 << 20)
-        if step != state["last"]:
-            state["last"] = step
-            amount = f"{done / 1e6:.0f} MB" + (f" / {total / 1e6:.0f} MB" if total else "")
-            print(f"  {amount}", file=sys.stderr, flush=True)
-
-    return show
-
-
 def _cmd_download(args) -> int:
     info = dataset_info(args.name)
     if args.name == "synthetic":
@@ -116,7 +101,7 @@ def _cmd_download(args) -> int:
         args.root,
         folder=args.dir,
         keep_archive=not args.remove_archive,
-        progress=_progress_printer(),
+        progress=DownloadProgress(args.name),
     )
     try:
         samples = list_samples(args.name, target, "test")

@@ -6,8 +6,9 @@
 
 PATHs are image files or folders (searched recursively for image suffixes). For each image: the
 image score (CLS path, mean over taps) is printed and collected in ``<out>/scores.csv`` (columns
-``path,score``), and ``<out>/<name>_overlay.png`` shows the anomaly map over the image at its original
-size, downscaled so that its longer side is at most ``--max-side`` (``<name>`` is the file stem, with
+``path,score``), ``<out>/<name>_map.npy`` holds the anomaly map (float32) at the image's original size,
+downscaled so that its longer side is at most ``--max-side``, and ``<out>/<name>_overlay.png`` draws it
+over the image at that size, with a colour bar and the image score (``<name>`` is the file stem, with
 the sub-folder path for images found inside a folder). With ``--threshold T`` the binary mask
 ``map >= T`` is written as ``<name>_mask.png`` (0/255). ``<out>/predict.json`` records the model (the
 backbone with its weights' hash or random seed), the options, each image's size and output size, and
@@ -180,7 +181,7 @@ def run(args) -> int:
                     _report(problems[-1])
                     continue
                 write_image_outputs(
-                    item, image, amap, out_dir, args.alpha, args.vmin, args.vmax, args.threshold
+                    item, image, amap, out_dir, args.alpha, args.vmin, args.vmax, args.threshold, score
                 )
                 rows.append((str(item.path), score))
                 images.append(

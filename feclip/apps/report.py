@@ -1,7 +1,7 @@
 """``feclip-report``: summarise a results tree into tables, paired comparisons and plots.
 
     feclip-report [results_dir] [--out DIR] [--paper FILE | --no-paper] [--study-numbers FILE]
-                  [--baseline VARIANT] [--metrics main|all|m1,m2] [--skip-nan-categories] [--no-plots]
+                  [--baseline VALUE] [--metrics main|all|m1,m2] [--skip-nan-categories] [--no-plots]
 
 Prints the Markdown summary, then one ``wrote PATH`` line per file written. What is computed and
 written: :mod:`feclip.report` (:func:`~feclip.report.write_report`). This module is the command line
@@ -62,10 +62,14 @@ def build_parser() -> OneLineParser:
         default=None,
         metavar="FILE",
         help="also compare with a reproduction study's numbers, matched by the variant's taps=<name>, "
-        "train and dataset (e.g. results/paper/study_numbers.csv; default: off)",
+        "train and dataset (e.g. feclip/report/paper/study_numbers.csv; default: off)",
     )
     parser.add_argument(
-        "--baseline", default=None, help="paired differences against this variant only (default: every pair)"
+        "--baseline",
+        default=None,
+        metavar="VALUE",
+        help="paired differences against one value of the studied axis (spread3 or taps=spread3), within "
+        "each value of the other axes such as protocol (default: every pair)",
     )
     parser.add_argument(
         "--metrics", default=None, help="table metrics: main (default), all, or a comma-separated list"

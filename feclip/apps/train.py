@@ -4,7 +4,10 @@
 ``feclip-train [+experiment=NAME] [key=value ...]`` trains then evaluates; ``feclip-eval checkpoint=FILE``
 evaluates a saved adapter file (or, without one, the untrained model / ``+experiment=clip_baseline``).
 A misspelled key fails at compose time (the configs are backed by the dataclasses); a user mistake
-prints one line ``feclip-train: error: ...`` and exits with status 2.
+prints one line ``feclip-train: error: ...`` and exits with status 2: a bad flag, a malformed override,
+an unknown key or group option, a value of the wrong type (Hydra's own report of those is several lines
+and exit status 1: :func:`_hydra_app` runs Hydra so that it raises them instead, and folds them).
+The configs are package data (``feclip/conf/``), so a wheel install has them too.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from feclip.apps.common import fail
+from feclip.apps.common import fail, one_line
 from feclip.config import RunConfig
 from feclip.errors import ConfigError, FEClipError
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+#: The Hydra configs, shipped inside the package (``feclip/conf/``) so that a wheel install has them.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("feclip")
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -49,10 +55,6 @@ def hydra_dir(results_dir: str) -> str:
     return str(Path(tempfile.gettempdir()) / f"feclip-hydra-{os.getuid() if hasattr(os, 'getuid') else 0}")
 
 
-if not OmegaConf.has_resolver("feclip_hydra_dir"):
-    OmegaConf.register_new_resolver("feclip_hydra_dir", hydra_dir)
-
-
 def variant_name(overrides: str, prefix: str = "") -> str:
     """A folder-safe variant name from Hydra's override string (``"default"`` when empty).
 
@@ -62,6 +64,21 @@ def variant_name(overrides: str, prefix: str = "") -> str:
     if prefix:
         return f"{prefix},{name}" if name else prefix
     return name or "default"
+
+
+def job_name(study: str, variant: str, seed: int, config_name: str, overrides: str) -> str:
+    """A job's name, its run folder under the results: ``<study>/<variant>/seed=<seed>``, with
+    ``variant: auto`` resolved as :func:`to_run_config` does (``feclip-eval``, config ``eval``: prefixed
+    ``eval``). The SLURM launcher names each job so (``hydra/launcher=slurm``)."""
+    if variant == "auto":
+        variant = variant_name(overrides, "eval" if config_name == "eval" else "")
+    return f"{study}/{variant}/seed={seed}"
+
+
+if not OmegaConf.has_resolver("feclip_hydra_dir"):
+    OmegaConf.register_new_resolver("feclip_hydra_dir", hydra_dir)
+if not OmegaConf.has_resolver("feclip_job_name"):
+    OmegaConf.register_new_resolver("feclip_job_name", job_name)
 
 
 def unknown_keys(node, path: str = "") -> list[str]:
@@ -130,6 +147,9 @@ def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
         raise SystemExit(fail(prog, e)) from None
     try:
         run(run_cfg, do_train=do_train)
+    except Exception as e:
+        setattr(e, _RAISED_IN_JOB, True)  # raised by the run, not by the command line or a config
+        _report_job_failure(e, prog, run_cfg)
     except KeyboardInterrupt:
         print(
             f"{prog}: interrupted; every finished epoch is kept in the run folder: run the same command "
@@ -137,19 +157,23 @@ def _execute(cfg: DictConfig, prog: str, do_train: bool) -> None:
             file=sys.stderr,
         )
         raise SystemExit(130) from None
-    except Exception as e:  # noqa: BLE001 - reported below, with a traceback only for bugs
-        user_error = isinstance(e, FEClipError)
-        if not _in_multirun():
-            if user_error:
-                raise SystemExit(fail(prog, e)) from None
-            raise
+
+
+def _report_job_failure(e: Exception, prog: str, run_cfg: RunConfig) -> None:
+    """A failed run: one line and exit 2 for a user error, the exception for a bug; in a sweep, logged and
+    recorded (with a traceback only for bugs), and the sweep goes on."""
+    user_error = isinstance(e, FEClipError)
+    if not _in_multirun():
         if user_error:
-            log.error("job failed: %s", e)
-        else:
-            log.exception("job failed")
-        record = f"{run_cfg.study}/{run_cfg.variant}/seed={run_cfg.seed}\t{type(e).__name__}: {str(e).splitlines()[0]}\n"
-        with open(Path(HydraConfig.get().sweep.dir) / FAILURES_FILE, "a") as f:
-            f.write(record)
+            raise SystemExit(fail(prog, e)) from None
+        raise e
+    if user_error:
+        log.error("job failed: %s", e)
+    else:
+        log.error("job failed", exc_info=e)
+    record = f"{run_cfg.study}/{run_cfg.variant}/seed={run_cfg.seed}\t{type(e).__name__}: {(str(e).splitlines() or [''])[0]}\n"
+    with open(Path(HydraConfig.get().sweep.dir) / FAILURES_FILE, "a") as f:
+        f.write(record)
 
 
 class SweepReport(Callback):
@@ -188,13 +212,129 @@ def _quiet_other_ranks() -> None:
         sys.argv += [o for o in OTHER_RANK_OVERRIDES if o not in sys.argv]
 
 
+#: Set on an exception raised by a run itself (a bug), so that :func:`_hydra_app` does not take it for
+#: a config error.
+_RAISED_IN_JOB = "_feclip_raised_in_job"
+
+#: Launcher configs that come with an extra: a missing one names the extra to install.
+LAUNCHER_EXTRAS = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_local": "slurm"}
+
+
+def _raised_by_hydra(err: BaseException) -> bool:
+    """Whether ``err`` was raised in Hydra's or OmegaConf's own code (its innermost frame)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module.split(".")[0] in ("hydra", "omegaconf")
+
+
+def is_config_error(err: BaseException) -> bool:
+    """Whether ``err``, raised outside a run, is a mistake on the command line or in a config: Hydra's
+    and OmegaConf's errors (composition, unknown key or option, wrong type, override syntax), and the
+    ``ValueError``/``ImportError`` Hydra raises itself (conflicting flags, a launcher plugin missing)."""
+    if getattr(err, _RAISED_IN_JOB, False):
+        return False
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return True
+    return isinstance(err, (ValueError, ImportError)) and _raised_by_hydra(err)
+
+
+def config_error_message(err: BaseException) -> str:
+    """Hydra's multi-line report of a config error as one line.
+
+    The OmegaConf error behind it is added when Hydra's message does not already hold it, without
+    OmegaConf's ``reference_type``/``object_type`` lines, Hydra's config search path and its advice to
+    add an unknown key with ``+`` (the schema refuses that too); a list of
+    available options (``Available options in 'taps':`` then one a line) becomes a comma-separated list;
+    a malformed override is named; a missing launcher config names the extra that brings it.
+    """
+    text = str(err)
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip() not in text:
+        text += "\n" + str(cause)
+    out: list[str] = []
+    listing = False  # inside "Available options in 'group':"
+    for raw in text.split("Config search path:")[0].splitlines():
+        line = raw.strip().rstrip(".")
+        # the schema refuses the "+key" that Hydra suggests for an unknown key just as well
+        if not line or line.startswith(("reference_type=", "object_type=", "To append to your config use")):
+            continue
+        if listing and raw.startswith("\t"):
+            out[-1] += (" " if out[-1].endswith(":") else ", ") + line
+            continue
+        listing = line.startswith("Available options")
+        out.append(line)
+    message = one_line("; ".join(out))
+    if isinstance(err, OverrideParseException):
+        message = f"cannot parse the override {err.override!r}: {message}"
+    for config, extra in LAUNCHER_EXTRAS.items():
+        if f"hydra/launcher/{config}'" in message:
+            message += f" (this launcher comes with the {extra} extra: pip install 'feclip[{extra}]')"
+            break
+    return message
+
+
+def _check_flags(prog: str, argv: list[str]) -> None:
+    """Hydra's command-line flags, checked with Hydra's own parser: a bad one is one line, exit 2."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str):
+        print(f"{prog}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args(argv)
+
+
+def _register_launchers() -> None:
+    """Register feclip's SLURM launcher with Hydra (when the slurm extra is installed).
+
+    Hydra finds plugins by scanning the ``hydra_plugins`` namespace, which a wheel install satisfies but
+    an editable one may not (setuptools' editable finder hides the folder from the scan)."""
+    try:
+        from hydra_plugins.feclip_launchers.slurm import NamedSlurmLauncher
+    except ImportError:  # no hydra-submitit-launcher: hydra/launcher=slurm says which extra is missing
+        return
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(NamedSlurmLauncher)
+
+
+def _hydra_app(app, prog: str) -> None:
+    """Run the ``@hydra.main`` function ``app`` with feclip's error discipline.
+
+    Hydra prints a config error (unknown key or option, wrong type, malformed override) as several lines
+    and exits 1. Here Hydra raises it instead (``HYDRA_FULL_ERROR=1`` while it runs, unless the user set
+    it: then Hydra's full report is kept), and an error raised outside a run is printed as one line
+    ``prog: error: ...`` with exit status 2. Errors of a run keep their handling in :func:`_execute`.
+    """
+    _check_flags(prog, sys.argv[1:])
+    _register_launchers()
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except Exception as err:
+        if user_full_error == "1" or not is_config_error(err):
+            raise
+        raise SystemExit(fail(prog, config_error_message(err))) from None
+    finally:
+        if user_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full_error
+
+
 def train_main() -> None:
     """Console script ``feclip-train`` (also under ``torchrun``: docs/distributed.md)."""
     _quiet_other_ranks()
-    _train()
+    _hydra_app(_train, "feclip-train")
 
 
 def eval_main() -> None:
     """Console script ``feclip-eval``."""
     _quiet_other_ranks()
-    _eval()
+    _hydra_app(_eval, "feclip-eval")

@@ -262,7 +262,7 @@ def check_dataset(
                 report.warnings.append(
                     f"the test split has no images, so this dataset cannot be an evaluation target ({detail})"
                 )
-            else:
+            elif split != "reference":  # few-shot reference/ images are optional: no note
                 report.notes.append(f"no {split} split ({detail})")
             continue
         report.errors.extend(problems)

@@ -373,7 +373,7 @@ def collate(items: list[dict]) -> dict:
     """Stack :class:`AnomalyDataset` items into a batch (the ``collate_fn`` of feclip's loaders).
 
     Returns ``image`` (B, 3, S, S), ``mask`` (B, S, S), ``label`` (B,), ``index`` (B,) int64 and
-    ``original_size``: B tuples (H0, W0).
+    ``original_size``: B tuples (H0, W0), ``category``: B names.
     """
     return {
         "image": torch.stack([it["image"] for it in items]),
@@ -381,4 +381,5 @@ def collate(items: list[dict]) -> dict:
         "label": torch.tensor([it["label"] for it in items]),
         "index": torch.tensor([it["index"] for it in items]),
         "original_size": [tuple(it["original_size"].tolist()) for it in items],
+        "category": [it["category"] for it in items],
     }

@@ -10,7 +10,8 @@ expected under ``$DATA_ROOT/<DEFAULT_DIRS[name]>``), is declared by the reader m
 the size and the sha256, and only then renames it to ``<file>``; a file that fails verification is
 deleted and never taken as complete. (The ``.part`` name is fixed, not a unique temporary name as
 :mod:`feclip.fileio` gives, because a later run resumes it.) :func:`fetch` downloads and extracts one
-dataset in place.
+dataset in place. :class:`DownloadProgress` reports a transfer: a tqdm bar on a terminal, a line every
+10 % or every minute elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import http.client
 import json
 import re
+import sys
 import tarfile
 import time
 import urllib.error
@@ -35,6 +37,7 @@ from feclip.fileio import atomic_write_text
 __all__ = [
     "SOURCES",
     "DownloadError",
+    "DownloadProgress",
     "Source",
     "describe",
     "download_file",
@@ -116,6 +119,87 @@ def _verify(path: Path, size: int | None, sha256: str | None) -> None:
             raise DownloadError(f"{path}: sha256 {got} does not match the expected {sha256}")
 
 
+class DownloadProgress:
+    """A ``progress(bytes_so_far, total_or_None)`` callback for :func:`download_file` and :func:`fetch`.
+
+    On a terminal (``file.isatty()``), a tqdm bar in bytes (starting at the bytes a resumed ``.part``
+    already holds). Elsewhere (a redirected stderr, a SLURM ``.err`` file, a CI log), one line when the
+    transfer starts, then one at every ``every_percent`` of a known size and one every ``every_s``
+    seconds in between (the only ones when the size is unknown), so that the log stays readable:
+    ``<desc>: 12.6 MB / 125.8 MB (10 %), 3.1 MB/s``. :func:`download_file` calls :meth:`close` when the
+    transfer ends.
+
+    Args:
+        desc: what is downloaded (the bar's and the lines' label).
+        file: where to write; ``None``: ``sys.stderr`` at the first report.
+        terminal: force the bar (True) or the lines (False); ``None``: ``file.isatty()``.
+        every_percent, every_s: the lines' spacing.
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        *,
+        file=None,
+        terminal: bool | None = None,
+        every_percent: float = 10.0,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.desc, self.file, self.terminal = desc, file, terminal
+        self.every_percent, self.every_s, self.clock = every_percent, every_s, clock
+        self._bar = None
+        self._start: tuple[float, int] | None = None  # (time, bytes) of the first report
+        self._last: tuple[float, float] | None = None  # (time, step) of the last line
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._start is None:
+            self.file = self.file if self.file is not None else sys.stderr
+            if self.terminal is None:
+                isatty = getattr(self.file, "isatty", None)
+                self.terminal = bool(isatty and isatty())
+            self._start = (self.clock(), done)
+            if self.terminal:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(
+                    total=total,
+                    initial=done,
+                    desc=self.desc,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=self.file,
+                    dynamic_ncols=True,
+                )
+                return
+        if self._bar is not None:
+            if total is not None and self._bar.total != total:
+                self._bar.total = total
+            self._bar.update(done - self._bar.n)
+            return
+        now = self.clock()
+        step = float(int(100.0 * done / total // self.every_percent)) if total else -1.0
+        if self._last is None or step != self._last[1] or now - self._last[0] >= self.every_s:
+            self._last = (now, step)
+            self._line(done, total, now)
+
+    def _line(self, done: int, total: int | None, now: float) -> None:
+        amount = f"{done / 1e6:.1f} MB" + (
+            f" / {total / 1e6:.1f} MB ({100.0 * done / total:.0f} %)" if total else ""
+        )
+        start_time, start_bytes = self._start
+        rate = f", {(done - start_bytes) / 1e6 / (now - start_time):.1f} MB/s" if now > start_time else ""
+        print(f"{self.desc}: {amount}{rate}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        """End the bar (lines need no ending)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def _total_from_content_range(value: str | None) -> tuple[int, int | None] | None:
     match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", value or "")
     if not match:
@@ -141,7 +225,9 @@ def download_file(
         size: expected size in bytes (None: the server's total is used).
         sha256: expected hex digest (None: size only).
         timeout: socket timeout in seconds.
-        progress: called as ``progress(bytes_so_far, total_or_None)``.
+        progress: called as ``progress(bytes_so_far, total_or_None)`` when the transfer starts (with the
+            bytes a resumed ``.part`` holds) and after every block, e.g. a :class:`DownloadProgress`;
+            its ``close()``, when it has one, is called when the transfer ends.
 
     Returns:
         ``dest``.
@@ -158,6 +244,10 @@ def download_file(
     except BaseException:
         _clean_up(dest.with_name(dest.name + ".part"), created)
         raise
+    finally:
+        close = getattr(progress, "close", None)
+        if close is not None:
+            close()
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -228,6 +318,8 @@ def _download(url, dest: Path, size, sha256, timeout, chunk_size, progress) -> P
                 raise DownloadError(f"{url}: the server reports {server_total} bytes, expected {size}")
             total = size if size is not None else server_total
             done = offset
+            if progress is not None:
+                progress(done, total)
             try:
                 with part.open(mode) as handle:
                     while block := response.read(chunk_size):

@@ -10,8 +10,11 @@ Several categories: ``<root>/<category>/`` each holding the above.
 
 Masks are all-or-nothing per category: with a ``ground_truth/`` (or ``masks/``) folder every
 anomalous image needs its mask (an error otherwise); without one the category is image-level only.
-There is a single split, ``test``. Images directly in ``<root>`` are not read (``feclip-data check``
-notes them). The dataset is declared at the end of the module (:data:`FOLDER`).
+The split ``test`` is every image but those of a ``reference/`` folder beside ``good/``
+(``<root>/reference/*.png``, or ``<root>/<category>/reference/*.png``): normal images kept for
+few-shot references only (docs/fewshot.md), listed as the split ``reference`` (a category without one
+has none; no split ``train``). Images directly in ``<root>`` are not read (``feclip-data check`` notes
+them). The dataset is declared at the end of the module (:data:`FOLDER`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from feclip.errors import DatasetError
 __all__ = ["FOLDER", "folder_notes", "list_folder", "mask_files"]
 
 _MASK_DIR_NAMES = ("ground_truth", "masks")
+#: The folder of a category's few-shot reference images (normal; never part of the test split).
+REFERENCE_DIR = "reference"
 
 #: Default of the reader option ``good_dir``: the folder of normal images.
 GOOD_DIR = "good"
@@ -65,6 +70,12 @@ def list_folder(job: Listing, *, good_dir: str = GOOD_DIR, category: str | None 
     samples: list[Sample] = []
     finder = MaskFinder(("_mask", ""))
     selected = job.select(list(found))
+    if job.split == "reference":  # a category without a reference/ folder simply has none
+        for name in selected:
+            ref_dir = child_dir(found[name], REFERENCE_DIR)
+            images = list_images(ref_dir) if ref_dir is not None else []
+            samples += [Sample(image, None, 0, name, REFERENCE_DIR) for image in images]
+        return samples
     for name in selected:
         cat_dir = found[name]
         mask_root = _mask_root(cat_dir)
@@ -73,6 +84,8 @@ def list_folder(job: Listing, *, good_dir: str = GOOD_DIR, category: str | None 
             samples.append(Sample(image, None, 0, name, "good"))
         for defect_dir in subdirs(cat_dir):
             if defect_dir == good or defect_dir == mask_root or defect_dir.name in _MASK_DIR_NAMES:
+                continue
+            if defect_dir.name.lower() == REFERENCE_DIR:  # few-shot references, not a defect type
                 continue
             for image in list_images(defect_dir):
                 mask = None
@@ -100,8 +113,13 @@ def folder_notes(job: Listing, *, good_dir: str = GOOD_DIR, category: str | None
     if root not in found.values():  # several categories: a sub-folder without good_dir/ is not one
         for d in subdirs(root):
             if d.name not in found:
+                where = (
+                    f"; references go in {root}/<category>/{REFERENCE_DIR}/"
+                    if d.name.lower() == REFERENCE_DIR
+                    else ""
+                )
                 notes.append(
-                    f"{job.name}: ignored {d} (no {good_dir}/ folder inside, so it is not a category)"
+                    f"{job.name}: ignored {d} (no {good_dir}/ folder inside, so it is not a category{where})"
                 )
     for folder in dict.fromkeys([root, *found.values()]):
         loose = list_images(folder)
@@ -127,11 +145,12 @@ def mask_files(job: Listing, *, good_dir: str = GOOD_DIR, category: str | None =
 FOLDER = DatasetInfo(
     name="folder",
     reader=list_folder,
-    splits=("test",),
+    splits=("test", "reference"),
     pixel_masks=None,
     categories=(),
     layout="<root>/good/*.png and <root>/<defect>/*.png, optional masks in "
-    "<root>/{ground_truth,masks}/<defect>/<stem>[_mask].png; or <root>/<category>/ holding that",
+    "<root>/{ground_truth,masks}/<defect>/<stem>[_mask].png, optional few-shot references in "
+    "<root>/reference/*.png; or <root>/<category>/ holding that",
     mask_files=mask_files,
     notes=folder_notes,
     takes_mask_threshold=True,

@@ -11,8 +11,12 @@ Keys ``Train``/``Test`` (AnomalyCLIP's DAGM script) are accepted; a file may hol
 whose ``mask_path`` is empty or a folder has no mask (image-level item, as in AnomalyCLIP's loader); a
 ``mask_path`` naming a file that does not exist is an error. Every item is type-checked: ``anomaly`` must
 be 0 or 1 (``"0"``/``"1"`` and booleans accepted), ``img_path`` a non-empty string, ``mask_path`` a string
-or null; a wrong item is an error naming the file, the key path and the item's index. The dataset is
-declared at the end of the module (:data:`META_JSON`).
+or null; a wrong item is an error naming the file, the key path and the item's index.
+
+The split ``reference`` is not in the file: it is the images of ``<root>/reference/<category>/``, normal
+images kept for few-shot references (docs/fewshot.md), one folder per category as the items'
+``cls_name`` names it; a category without a folder has none. The dataset is declared at the end of the
+module (:data:`META_JSON`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from feclip.data.layout import EmptyDatasetError, Listing
+from feclip.data.layout import EmptyDatasetError, Listing, child_dir, list_images, subdirs
 from feclip.data.sample import Sample
 from feclip.data.spec import DatasetInfo
 
-__all__ = ["META_JSON", "list_meta_json"]
+__all__ = ["META_JSON", "REFERENCE_DIR", "list_meta_json"]
+
+#: The folder of the few-shot reference images, one sub-folder per category.
+REFERENCE_DIR = "reference"
 
 
 def _label(value) -> int | None:
@@ -48,6 +55,8 @@ def list_meta_json(job: Listing, *, meta_file: str = "meta.json") -> list[Sample
         meta_file: the json file name, relative to the root.
     """
     root, split = job.root, job.split
+    if split == "reference":
+        return _list_references(job)
     path = root / meta_file
     if not path.is_file():
         raise job.layout_error(f"{path} not found")
@@ -90,6 +99,26 @@ def list_meta_json(job: Listing, *, meta_file: str = "meta.json") -> list[Sample
         [c for c in selected if c not in listed], [], lambda c: f"[{key}][{c}] is an empty list in {path}"
     )
     return samples
+
+
+def _list_references(job: Listing) -> list[Sample]:
+    """The images of ``<root>/reference/<category>/`` (normal), for the wanted categories that have one."""
+    folder = child_dir(job.root, REFERENCE_DIR)
+    if folder is None:
+        return []
+    loose = list_images(folder)
+    if loose:
+        raise job.layout_error(
+            f"{len(loose)} image file(s) directly in {folder} (e.g. {loose[0].name}); few-shot reference "
+            f"images go in {folder}/<category>/"
+        )
+    by_category = {d.name: d for d in subdirs(folder)}
+    wanted = job.categories if job.categories is not None else list(by_category)
+    return [
+        Sample(image, None, 0, category, REFERENCE_DIR)
+        for category in job.select([c for c in wanted if c in by_category])
+        for image in list_images(by_category[category])
+    ]
 
 
 def _item(job: Listing, path: Path, index: str, item, cls: str) -> Sample | None:
@@ -140,10 +169,11 @@ def _item(job: Listing, path: Path, index: str, item, cls: str) -> Sample | None
 META_JSON = DatasetInfo(
     name="meta_json",
     reader=list_meta_json,
-    splits=("train", "test"),
+    splits=("train", "test", "reference"),
     pixel_masks=None,
     categories=(),
     layout='<root>/meta.json = {"train"|"test": {<cls>: [{"img_path", "mask_path", "cls_name", '
-    '"specie_name", "anomaly"}]}} with paths relative to <root>',
+    '"specie_name", "anomaly"}]}} with paths relative to <root>; optional few-shot references in '
+    "<root>/reference/<cls_name>/*.png",
     takes_mask_threshold=True,
 )

@@ -14,7 +14,8 @@ the model's own precision and the tokens are served in the dtype they were compu
 computes the same numbers as an uncached one: the blocks after the first tap see the same tokens, at
 the same precision (bit for bit on the CPU, in fp32 and under bf16 autocast alike; tested).
 
-The images are decoded by a ``DataLoader`` with ``num_workers`` processes (``data.num_workers``).
+The images are decoded by a ``DataLoader`` with ``num_workers`` processes (``data.num_workers``); the
+build shows its progress (:mod:`feclip.progress`, ``train.progress``) and logs its time and images/s.
 :meth:`PrefixCache.epoch` uploads an epoch's order to the device once, so that a step's batch is three
 device-side gathers with no host work and no transfer.
 """
@@ -22,6 +23,7 @@ device-side gathers with no host work and no transfer.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 from feclip.config import TrainConfig
 from feclip.data.dataset import collate
 from feclip.errors import ConfigError
+from feclip.progress import progress as show_progress
 
 log = logging.getLogger("feclip.cache")
 
@@ -59,6 +62,7 @@ class PrefixCache:
         dtype: of the stored tokens; ``None`` (default) = ``model.token_dtype``, the dtype the prefix
             computes (another dtype rounds the tokens, and a cached step no longer equals an uncached one).
         num_workers: ``DataLoader`` processes that decode the images (0: in this process).
+        progress: show the build's progress (a bar on a terminal, log lines elsewhere).
 
     Shapes: ``tokens`` (N, 1 + h*w, D), ``masks`` (N, S, S) uint8 in {0, 1}, ``labels`` (N,) int64 on
     the device and ``host_labels`` (N,) int64 on the host; :meth:`batch` gives them for a list of
@@ -74,6 +78,7 @@ class PrefixCache:
         storage: str = TrainConfig.prefix_cache_storage,
         dtype: torch.dtype | None = None,
         num_workers: int = 0,
+        progress: bool = False,
     ):
         if storage not in PREFIX_CACHE_STORAGES:
             raise ConfigError(
@@ -100,8 +105,12 @@ class PrefixCache:
         )
         was_training = model.training
         model.eval()
+        start = time.perf_counter()
+        batches = show_progress(
+            loader, progress, "prefix cache", n, unit="image", count=lambda b: len(b["index"]), logger=log
+        )
         with torch.inference_mode():  # at the model's own precision, as the training forward
-            for batch in loader:
+            for batch in batches:
                 at = batch["index"].to(where, non_blocking=True)
                 images = batch["image"].to(device, non_blocking=True)
                 self.tokens[at] = model.prefix(images).to(dtype=dtype, device=where)
@@ -111,8 +120,16 @@ class PrefixCache:
                 )
                 self.host_labels[batch["index"]] = batch["label"]
         model.train(was_training)
+        seconds = time.perf_counter() - start  # the tokens' last copy may still run on the device
         size_gb = sum(t.numel() * t.element_size() for t in (self.tokens, self.masks)) / 1e9
-        log.info("prefix cache: %d images, %.2f GB on %s", n, size_gb, where)
+        log.info(
+            "prefix cache: %d images, %.2f GB on %s, built in %.1f s (%.1f images/s)",
+            n,
+            size_gb,
+            where,
+            seconds,
+            n / max(seconds, 1e-9),
+        )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -5,6 +5,13 @@ aggregation, upsampling and Gaussian smoothing as :class:`~feclip.scoring.Scorin
 few-shot part), then the maps are optionally post-processed on the CPU (:func:`postprocess`), and the
 metrics are computed per category and pooled (``__micro__``).
 
+Outputs beside a run's metrics (``out_dir``, the run folder): ``scores/<dataset>.csv``, one row per
+image (:data:`SCORE_COLUMNS`: its category, label, image score, the maximum of its map, its image and
+mask files), written whenever a target is evaluated, its predictions made by the model or read from
+the outputs store; with ``eval.save_figures`` the per-category figures (:func:`save_figures`). The
+forward pass (or the reading of stored outputs) and the figures show their progress
+(:mod:`feclip.progress`, ``train.progress``); each target's time and images/s are logged (the run log).
+
 The host keeps the device busy: ``DataLoader`` workers (``data.num_workers``) decode and collate the
 next batches (into pinned memory on CUDA, copied without blocking), and each batch's scores and maps
 travel to the host by non-blocking copies that are waited for (one synchronisation per batch) only
@@ -14,8 +21,14 @@ after the next batch has been queued on the device. The precision is the model's
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -26,12 +39,22 @@ from feclip.data.dataset import collate
 from feclip.engine import hostsync
 from feclip.engine.store import OutputSlot, RawOutputs
 from feclip.errors import DatasetError
+from feclip.fileio import atomic_write_text
 from feclip.metrics.aggregate import AUPRO_METRIC_NAMES, category_metric_sets
 from feclip.metrics.aupro import aupro_from_regions, check_aupro_options, region_pixels
+from feclip.progress import progress as show_progress
 from feclip.results import MICRO, MetricRow
-from feclip.scoring import image_scores, maps_at_sizes, scores_and_maps
+from feclip.scoring import maps_at_sizes, output_image_scores, scores_and_maps
 
 log = logging.getLogger("feclip.eval")
+
+SCORES_DIR = "scores"  # <run folder>/scores/<dataset>.csv
+#: The columns of a target's scores file, one row per image in the dataset's order: the dataset (as in
+#: metrics.csv), the category, the defect folder (``good`` for normal images), the label (0 normal, 1
+#: anomalous), the image score the metrics rank, the maximum of the image's map (the map the pixel
+#: metrics use: at the evaluation resolution, smoothed and post-processed), the image file and the
+#: mask file (empty for normal images and for images without pixel ground truth).
+SCORE_COLUMNS = ("dataset", "category", "defect", "label", "image_score", "map_max", "path", "mask_path")
 
 
 @dataclass
@@ -119,6 +142,8 @@ def predict(
     num_workers: int = 0,
     stored: RawOutputs | None = None,
     keep_outputs: bool = False,
+    progress: bool = False,
+    desc: str = "predict",
 ) -> Predictions:
     """Run ``model`` over ``dataset`` (an :class:`~feclip.data.AnomalyDataset`) with the options of ``cfg``
     (a :class:`feclip.config.EvalConfig`), at the model's precision.
@@ -129,6 +154,7 @@ def predict(
     ``stored``: the model's outputs over ``dataset`` (:mod:`feclip.engine.store`), scored instead of
     running the model (no forward pass; the same batches, so the same numbers); not with ``banks``.
     ``keep_outputs``: return the model's outputs in :attr:`Predictions.outputs` (for the store).
+    ``progress``: show the images done (:func:`feclip.progress.progress`, labelled ``desc``).
     """
     if stored is not None and banks is not None:
         raise ValueError("predict: stored outputs hold no tap tokens for the few-shot banks")
@@ -136,6 +162,7 @@ def predict(
     model.eval()
     scoring = cfg.scoring()
     original = cfg.resolution != "input"
+    is_peer = not hasattr(model, "fc_patch")  # a peer method (feclip.methods), not FE-CLIP
     scores, maps, masks, labels = [], [], [], []
     kept_cls, kept_patch = [], []
 
@@ -145,7 +172,10 @@ def predict(
             out = stored.output(batch["index"].tolist(), device)  # host tensor: no device wait
         else:
             images = batch["image"].to(device, non_blocking=True)
-            out = model(images, return_tokens=banks is not None)
+            if is_peer:  # feclip.methods.model.PeerModel: the categories, for prompts that name them
+                out = model(images, categories=batch["category"])
+            else:
+                out = model(images, return_tokens=banks is not None)
         if not original:
             cats = None
             if banks is not None:
@@ -153,7 +183,7 @@ def predict(
             batch_scores, batch_maps = scores_and_maps(model, out, scoring, banks=banks, categories=cats)
             results = [batch_scores.float(), batch_maps.float()]
         else:  # each image at its own size
-            batch_scores = image_scores(out.tap_cls_logits, model.config.taps, scoring)
+            batch_scores = output_image_scores(model, out, scoring)
             sizes = batch["original_size"]
             results = [batch_scores.float()] + [m.float() for m in maps_at_sizes(model, out, scoring, sizes)]
         if keep_outputs:  # 18 KB an image for ViT-L: they travel with the maps, in the same wait
@@ -178,7 +208,11 @@ def predict(
         labels.append(batch["label"])
 
     pending = None
-    for batch in _loader(dataset, cfg.batch_size, device, num_workers, original):
+    loader = _loader(dataset, cfg.batch_size, device, num_workers, original)
+    batches = show_progress(
+        loader, progress, desc, len(dataset), unit="image", count=lambda b: len(b["index"]), logger=log
+    )
+    for batch in batches:
         launched = launch(batch)  # batch i+1 is queued before batch i is waited for
         if pending is not None:
             collect(pending)
@@ -199,7 +233,14 @@ def predict(
 
 
 def predict_through_store(
-    model, dataset, cfg, device: torch.device, slot: OutputSlot, num_workers: int = 0
+    model,
+    dataset,
+    cfg,
+    device: torch.device,
+    slot: OutputSlot,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "predict",
 ) -> Predictions:
     """:func:`predict` with the outputs store (``eval.reuse_outputs``): the stored outputs of ``slot``
     when they are there (no forward pass), else the model's, then stored. A second process after the
@@ -210,7 +251,16 @@ def predict_through_store(
         with slot.lock():
             raw = slot.load(*shape)  # made by another process while this one waited?
             if raw is None:
-                preds = predict(model, dataset, cfg, device, num_workers=num_workers, keep_outputs=True)
+                preds = predict(
+                    model,
+                    dataset,
+                    cfg,
+                    device,
+                    num_workers=num_workers,
+                    keep_outputs=True,
+                    progress=progress,
+                    desc=desc,
+                )
                 if preds.outputs is not None:
                     slot.save(preds.outputs)
                 return preds
@@ -219,31 +269,107 @@ def predict_through_store(
         shape[0],
         slot.key,
     )
-    return predict(model, dataset, cfg, device, num_workers=num_workers, stored=raw)
+    return predict(
+        model, dataset, cfg, device, num_workers=num_workers, stored=raw, progress=progress, desc=desc
+    )
 
 
-def save_figures(out_dir, dataset_name: str, dataset, preds: Predictions) -> None:
-    """Per category: the best/worst montage and the ROC/PRO curves (``<out_dir>/figures/``)."""
-    from PIL import Image
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", str(name)).strip("._") or "dataset"
 
+
+def _format_value(value: float) -> str:
+    """The shortest text that reads back as the same float32 (scores and maps are float32 values);
+    a float64 that is not a float32 value keeps its full repr."""
+    value = float(value)
+    as32 = np.float32(value)
+    return str(as32) if float(as32) == value else repr(value)
+
+
+def scores_path(out_dir, dataset_name: str) -> Path:
+    """``<out_dir>/scores/<dataset>.csv`` (the name made file-safe)."""
+    return Path(out_dir) / SCORES_DIR / f"{_safe_name(dataset_name)}.csv"
+
+
+def write_scores(path, dataset_name: str, dataset, preds: Predictions) -> Path:
+    """One row per image of ``dataset`` (:data:`SCORE_COLUMNS`), in its order, written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SCORE_COLUMNS)
+    for i, sample in enumerate(dataset.samples):
+        writer.writerow(
+            [
+                dataset_name,
+                sample.category,
+                sample.defect,
+                int(preds.labels[i]),
+                _format_value(preds.scores[i]),
+                _format_value(np.max(preds.maps[i])),
+                str(sample.image_path),
+                "" if sample.mask_path is None else str(sample.mask_path),
+            ]
+        )
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _central_square(array: np.ndarray) -> np.ndarray:
+    """The central square of an original image or mask: what ``data.resize=center_crop`` shows the
+    model (its map covers that square only). Shape: ``(H, W, ...) -> (s, s, ...)``, s = min(H, W)."""
+    h, w = array.shape[:2]
+    side = min(h, w)
+    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+    return array[top : top + side, left : left + side]
+
+
+def original_picture(dataset, index: int, amap: np.ndarray, with_mask: bool):
+    """Image ``index`` as a montage shows it: the original image and mask at their own size (the
+    central square with ``data.resize=center_crop``) and its evaluated map (resized to the image by
+    :mod:`feclip.viz`). Returns ``(image (H, W, 3) uint8, mask (H, W) uint8 or None, map)``."""
+    image = dataset.original_image(index)
+    mask = dataset.original_mask(index) if with_mask else None
+    if getattr(dataset, "resize", "square") == "center_crop":
+        image = _central_square(image)
+        mask = None if mask is None else _central_square(mask)
+    return image, mask, amap
+
+
+def save_figures(
+    out_dir,
+    dataset_name: str,
+    dataset,
+    preds: Predictions,
+    fpr_limit: float | None = None,
+    aupro_methods=None,
+    progress: bool = False,
+) -> None:
+    """Per category: the montage (best and worst anomalous images, worst false positives, each at its
+    original aspect ratio, read from its files only when shown) and the ROC/PRO curves with
+    ``fpr_limit`` and ``aupro_methods`` (``eval.aupro.*``; ``None``: AUPRO's defaults), in
+    ``<out_dir>/figures/`` (:func:`feclip.viz.save_category_figures`)."""
     from feclip.viz import save_category_figures
 
-    for category, has_masks in dataset.category_has_masks.items():
+    categories = list(dataset.category_has_masks.items())
+    shown = show_progress(
+        categories, progress, f"{dataset_name}: figures", len(categories), unit="category", logger=log
+    )
+    for category, has_masks in shown:
         idx = [i for i, c in enumerate(preds.categories) if c == category]
-        size = preds.maps[idx[0]].shape
-        images = [
-            np.asarray(Image.fromarray(dataset.original_image(i)).resize(size[::-1], Image.BILINEAR))
-            for i in idx
-        ]
-        masks = [preds.masks[i] for i in idx] if has_masks else None
+
+        def picture(j: int, idx=idx, has_masks=has_masks):
+            return original_picture(dataset, idx[j], preds.maps[idx[j]], has_masks)
+
         save_category_figures(
             out_dir,
             f"{dataset_name}_{category}",
-            images,
-            masks,
+            None,
+            [preds.masks[i] for i in idx] if has_masks else None,
             [preds.maps[i] for i in idx],
             preds.scores[idx],
             preds.labels[idx],
+            fpr_limit,
+            aupro_methods=aupro_methods,
+            picture=picture,
+            names=[f"{dataset.samples[i].defect}/{Path(dataset.samples[i].image_path).name}" for i in idx],
         )
 
 
@@ -335,18 +461,54 @@ def evaluate(
     cfg,
     device: torch.device,
     banks: dict | None = None,
-    figures_dir=None,
+    out_dir=None,
     num_workers: int = 0,
     outputs: OutputSlot | None = None,
+    progress: bool = False,
+    on_predictions: Callable[[Predictions], None] | None = None,
 ) -> list[MetricRow]:
-    """Metric rows of ``model`` on one dataset (see :func:`predict` and :func:`metric_rows`); with
-    ``figures_dir`` (and ``cfg.save_figures``) also the per-category figures. ``outputs``: the place of
-    the model's outputs on this dataset in the outputs store (:func:`predict_through_store`; never with
-    ``banks``)."""
+    """Metric rows of ``model`` on one dataset (see :func:`predict` and :func:`metric_rows`).
+
+    ``out_dir`` (the run folder; ``None``: nothing written): ``scores/<dataset>.csv``
+    (:func:`write_scores`) and, with ``cfg.save_figures``, the per-category figures. ``outputs``: the
+    place of the model's outputs on this dataset in the outputs store (:func:`predict_through_store`;
+    never with ``banks``). ``progress``: show the progress of the forward pass and the figures
+    (``train.progress``). ``on_predictions``: called with the :class:`Predictions` once they are made
+    (e.g. the tracker's pictures). The time of each step and the images/s are logged.
+    """
+    start = time.perf_counter()
+    desc = f"{dataset_name}: predict"
     if outputs is not None and banks is None:
-        preds = predict_through_store(model, dataset, cfg, device, outputs, num_workers)
+        preds = predict_through_store(model, dataset, cfg, device, outputs, num_workers, progress, desc)
     else:
-        preds = predict(model, dataset, cfg, device, banks, num_workers)
-    if cfg.save_figures and figures_dir is not None:
-        save_figures(figures_dir, dataset_name, dataset, preds)
-    return metric_rows(dataset_name, preds, dataset.category_has_masks, cfg)
+        preds = predict(model, dataset, cfg, device, banks, num_workers, progress=progress, desc=desc)
+    predicted = time.perf_counter()
+    if on_predictions is not None:
+        on_predictions(preds)
+    written = ""
+    if out_dir is not None:
+        path = write_scores(scores_path(out_dir, dataset_name), dataset_name, dataset, preds)
+        written = f"; per-image scores in {path.relative_to(out_dir)}"
+        if cfg.save_figures:
+            save_figures(
+                out_dir, dataset_name, dataset, preds, cfg.aupro.fpr_limit, cfg.aupro.methods, progress
+            )
+    drawn = time.perf_counter()
+    rows = metric_rows(dataset_name, preds, dataset.category_has_masks, cfg)
+    done = time.perf_counter()
+    n = len(dataset)
+    figures = f", figures {drawn - predicted:.1f} s" if out_dir is not None and cfg.save_figures else ""
+    log.info(
+        "evaluated %s: %d images in %.1f s (%.1f images/s): predictions %.1f s (%.1f images/s)%s, "
+        "metrics %.1f s%s",
+        dataset_name,
+        n,
+        done - start,
+        n / max(done - start, 1e-9),
+        predicted - start,
+        n / max(predicted - start, 1e-9),
+        figures,
+        done - drawn,
+        written,
+    )
+    return rows

@@ -71,11 +71,21 @@ def plain(obj) -> dict:
 
 
 def number_config(cfg) -> dict:
-    """The config values that change a number, as plain JSON data (a :class:`RunConfig` in)."""
+    """The config values that change a number, as plain JSON data (a :class:`RunConfig` in). Of
+    ``method.*``, the name and the options of that method alone (the others' change nothing)."""
     plain_cfg = plain(cfg)
     for key in NOT_IDENTITY:
         _drop(plain_cfg, key)
+    plain_cfg["method"] = method_record(cfg)
     return plain_cfg
+
+
+def method_record(cfg) -> dict:
+    """``{"name": ...}`` for FE-CLIP (its options are ``model.*``), plus ``"options"`` for a peer."""
+    name = cfg.method.name
+    if name == "feclip":
+        return {"name": name}
+    return {"name": name, "options": plain(getattr(cfg.method, name))}
 
 
 def _stat_size(path: Path | None) -> int | None:
@@ -133,7 +143,7 @@ def _training_config(cfg, weights) -> dict:
     train = plain(cfg.train)
     for key in TRAIN_NOT_WEIGHTS:
         train.pop(key, None)
-    return {
+    record = {
         "seed": cfg.seed,
         "backbone": plain(cfg.backbone),
         "weights": weights.describe() if weights is not None else None,
@@ -141,6 +151,9 @@ def _training_config(cfg, weights) -> dict:
         "data": plain(cfg.data.train),
         "train": train,
     }
+    if cfg.method.name != "feclip":  # FE-CLIP's keys stay as they were (its stored adapters keep theirs)
+        record["method"] = method_record(cfg)
+    return record
 
 
 def training_fingerprint(cfg, weights=None) -> str:

@@ -10,6 +10,7 @@ directory and evaluates, the other ranks return once training is done.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import shutil
@@ -33,12 +34,13 @@ from feclip.engine.identity import (
     training_identity,
     write_identity,
 )
-from feclip.engine.run_data import check_data, list_dataset, list_samples_of, make_dataset
+from feclip.engine.run_data import check_data, fewshot_references, list_dataset, make_dataset
 from feclip.engine.run_files import attach_file_log, environment_text, format_table, make_run_dir, to_yaml
 from feclip.engine.store import AdapterStore, OutputStore, store_key, weights_sha256
-from feclip.errors import FEClipError, WeightsNotFoundError
+from feclip.errors import CheckpointMismatchError, ConfigError, FEClipError, WeightsNotFoundError
 from feclip.fileio import atomic_write, atomic_write_text
-from feclip.loggers import NullLogger, make_logger
+from feclip.loggers import NullLogger, make_logger, protocol_label, run_labels
+from feclip.methods.model import TRAINING_FREE
 from feclip.models.provenance import (
     RANDOM,
     SHA_CHARS,
@@ -120,7 +122,13 @@ def inspect_checkpoint(cfg: RunConfig) -> tuple[dict | None, str]:
             f"checkpoint={cfg.checkpoint}: no such file (expected an adapters.safetensors written by feclip-train)"
         )
     meta = read_metadata(path)
-    check_fits(meta, asdict(cfg.model), path)
+    made_for = meta.get("method", "feclip")  # FE-CLIP's files record no method
+    if made_for != cfg.method.name:
+        raise CheckpointMismatchError(
+            f"{path}: holds {made_for}'s weights, but this run is method={cfg.method.name}"
+        )
+    options = cfg.model if cfg.method.name == "feclip" else getattr(cfg.method, cfg.method.name)
+    check_fits(meta, asdict(options), path)
     return meta, f"{path}@sha256={file_sha256(path)[:SHA_CHARS]}"
 
 
@@ -146,17 +154,26 @@ def run_variant(variant: str, weights: WeightsSource, checkpoint_id: str) -> str
     return ",".join(parts) or "default"
 
 
-def build_banks(model, ref: DatasetRef, cfg: RunConfig, categories: list[str], out_dir: Path) -> dict:
-    """Few-shot memory banks, one per category, from ``k`` normal training images drawn by the run seed
-    (:func:`feclip.models.fewshot.category_banks`), recorded in ``fewshot_references.csv`` beside
-    metrics.csv."""
-    from feclip.models.fewshot import category_banks, record_references
+def build_banks(model, ref: DatasetRef, cfg: RunConfig, samples: list, out_dir: Path) -> tuple[list, dict]:
+    """Few-shot memory banks of one target, one per category, from ``k`` normal images drawn by the run
+    seed from ``eval.fewshot_source`` (:func:`~feclip.engine.run_data.fewshot_references`), recorded in
+    ``fewshot_references.csv`` beside metrics.csv. Returns the samples to evaluate (``samples`` less the
+    test images held out as references) and the banks."""
+    from feclip.models.fewshot import record_references, reference_banks
 
-    pool = list_samples_of(ref, cfg.paths, "train", categories)
-    k, seed = cfg.eval.fewshot_k, cfg.seed
-    banks = category_banks(model, pool, categories, k, seed, cfg.eval.fewshot_bank, cfg.data.resize)
-    record_references(out_dir / "fewshot_references.csv", ref.name, k, seed, banks)
-    return banks
+    refs = fewshot_references(ref, cfg, samples)
+    banks = reference_banks(model, refs, cfg.eval.fewshot_bank, cfg.data.resize, cfg.train.progress)
+    record_references(out_dir / "fewshot_references.csv", ref.name, refs.k, refs.seed, banks, refs.sources)
+    kept = refs.test_samples(samples)
+    log.info(
+        "few-shot references of %s (k=%d, seed=%d): %s%s",
+        ref.name,
+        refs.k,
+        refs.seed,
+        ", ".join(f"{c} from {src}" for c, src in refs.sources.items()),
+        f"; {len(samples) - len(kept)} test images held out (not scored)" if len(kept) < len(samples) else "",
+    )
+    return kept, banks
 
 
 def adapters_slot(
@@ -201,8 +218,13 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
     weights = plan_backbone(cfg.backbone, cfg.seed)
     if checkpoint_meta is not None:
         weights = align_with_checkpoint(weights, checkpoint_meta, cfg.checkpoint)
-    check_taps_fit(cfg.model, weights.name)
+    if cfg.method.name == "feclip":  # a peer checks its own taps when built
+        check_taps_fit(cfg.model, weights.name)
     train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
+    if train_name != "none" and cfg.method.name in TRAINING_FREE:
+        raise ConfigError(
+            f"method={cfg.method.name} is training-free: evaluate it with feclip-eval (or train.epochs=0)"
+        )
     if train_name != "none":
         checkpoint_id = "trained" if checkpoint_meta is None else f"{checkpoint_id}+trained"
     with dist.main_first():  # rank 0 first: it may generate the synthetic sets
@@ -287,7 +309,8 @@ def _train_and_evaluate(
     evaluate every target and write metrics.csv (``record``: the config as it ran, for the tracker;
     ``fingerprints``: the datasets', :func:`~feclip.engine.run_data.check_data`)."""
     from feclip.engine.evaluate import evaluate
-    from feclip.models import FEClip, load_adapters
+    from feclip.methods.model import build_model
+    from feclip.models import load_adapters
     from feclip.models.feclip import precision_for
 
     main = dist.is_main()
@@ -295,13 +318,15 @@ def _train_and_evaluate(
     seed_everything(cfg.seed)
     clip = build_clip(cfg.backbone, weights, device)
     # one precision for training (cached or not), few-shot banks and evaluation: train.amp's
-    model = FEClip(clip, cfg.model, precision=precision_for(cfg.train.amp, device))
+    model = build_model(cfg, clip, precision_for(cfg.train.amp, device), weights.name)
     if cfg.checkpoint:
         load_adapters(model, cfg.checkpoint)
         log.info("adapters loaded from %s", cfg.checkpoint)
     workers = cfg.data.num_workers
-    name = f"{cfg.study}/{cfg.variant}/seed={cfg.seed}"
-    tracker = make_logger(cfg.logger, out_dir, name, record) if main else NullLogger()
+    trained = train_samples is not None
+    protocol = protocol_label(cfg.data.train.name if trained else "none", [t.name for t in cfg.data.targets])
+    labels = run_labels(cfg.study, cfg.variant, cfg.seed, protocol, "train" if trained else "eval")
+    tracker = make_logger(cfg.logger, out_dir, record, labels) if main else NullLogger()
 
     # -- train, or load the adapters of the same training identity from the store --------------
     if train_samples is not None:
@@ -311,15 +336,19 @@ def _train_and_evaluate(
     if not main:
         return out_dir
     # the model's outputs on a target come from the outputs store when these weights saw it before
-    outputs = OutputStore(cfg.paths.cache_dir) if cfg.eval.reuse_outputs and not cfg.eval.fewshot_k else None
+    # (FE-CLIP's raw per-tap outputs; a peer's outputs are recomputed)
+    reuse = cfg.eval.reuse_outputs and not cfg.eval.fewshot_k and cfg.method.name == "feclip"
+    outputs = OutputStore(cfg.paths.cache_dir) if reuse else None
     weights_sha = weights_sha256(model) if outputs is not None else None
     rows: list[MetricRow] = []
     failed: list[str] = []
     for i, (ref, samples) in enumerate(zip(cfg.data.targets, target_samples)):
         try:
+            banks = None
+            if cfg.eval.fewshot_k:  # first: test images held out as references are not evaluated
+                samples, banks = build_banks(model, ref, cfg, samples, out_dir)
             target = make_dataset(samples, cfg, model)
             log.info("evaluating on %s: %r", ref.name, target)
-            banks = build_banks(model, ref, cfg, target.categories, out_dir) if cfg.eval.fewshot_k else None
             place = None
             if outputs is not None:
                 key_record = outputs_identity(
@@ -333,7 +362,20 @@ def _train_and_evaluate(
                     model.image_size,
                 )
                 place = outputs.slot(key_record, force=cfg.force, made_by=str(out_dir))
-            rows += evaluate(model, ref.name, target, cfg.eval, device, banks, out_dir, workers, place)
+            show = functools.partial(tracker.log_predictions, ref.name, target)  # the tracker's overlays
+            rows += evaluate(
+                model,
+                ref.name,
+                target,
+                cfg.eval,
+                device,
+                banks,
+                out_dir,
+                workers,
+                place,
+                progress=cfg.train.progress,
+                on_predictions=show,
+            )
         except FEClipError as e:
             log.error("evaluation on %s failed: %s", ref.name, e)
             failed.append(f"{ref.name}: {e}")

@@ -1,5 +1,6 @@
 """The data of one run: where each dataset lives, its listing with the reader options, the checks
-made before any training, and the torch dataset built from a listing as ``cfg.data`` says."""
+made before any training, the few-shot references of a target, and the torch dataset built from a
+listing as ``cfg.data`` says."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def list_samples_of(ref: DatasetRef, paths: PathsConfig, split: str, categories)
 def check_data(cfg: RunConfig, train_samples, target_samples) -> dict[str, str]:
     """Validate every listed dataset before any training (one line naming the dataset, category or file
     on a problem) and return their fingerprints (label -> :func:`data_fingerprint`)."""
-    from feclip.data.validate import check_fewshot, check_target, check_train
+    from feclip.data.validate import check_target, check_train
 
     fingerprints = {}
     if train_samples is not None:
@@ -66,11 +67,50 @@ def check_data(cfg: RunConfig, train_samples, target_samples) -> dict[str, str]:
         root = dataset_root(ref, cfg.paths)
         fingerprints[f"target{i}:{ref.name}"] = data_fingerprint(root, samples)
         if cfg.eval.fewshot_k:
-            categories = sorted({s.category for s in samples})
-            pool = list_samples_of(ref, cfg.paths, "train", categories)
-            check_fewshot(ref.name, pool, categories, cfg.eval.fewshot_k)
-            fingerprints[f"fewshot{i}:{ref.name}"] = data_fingerprint(root, pool)
+            references = fewshot_references(ref, cfg, samples)
+            for warning in references.warnings:
+                log.warning("data.targets[%d] (%s): %s", i, ref.name, warning)
+            fingerprints[f"fewshot{i}:{ref.name}"] = data_fingerprint(root, references.pool)
     return fingerprints
+
+
+def fewshot_references(ref: DatasetRef, cfg: RunConfig, samples):
+    """The few-shot references of one target (:func:`feclip.models.fewshot.choose_references`, with
+    ``eval.fewshot_k``, ``eval.fewshot_source`` and the run's seed), its train split and ``reference/``
+    images listed with its reader options where its layout has them. Raises one line when a category
+    has too few candidates or the layout lacks the source asked for."""
+    from feclip.models.fewshot import choose_references
+
+    source = cfg.eval.fewshot_source
+    categories = list(dict.fromkeys(s.category for s in samples))
+    pools = {
+        split: _optional_split(ref, cfg.paths, split, categories) if source in ("auto", split) else []
+        for split in ("train", "reference")
+    }
+    return choose_references(
+        ref.name, categories, cfg.eval.fewshot_k, cfg.seed, source, test=samples, **pools
+    )
+
+
+def _optional_split(ref: DatasetRef, paths: PathsConfig, split: str, categories: list[str]) -> list | None:
+    """The samples of ``split`` of the target's ``categories``: None when the layout has no such split,
+    ``[]`` when it holds no image. A split holding some categories but not others (a ``meta.json``
+    whose ``train`` lists a few classes) gives those."""
+    from feclip.data import dataset_info
+    from feclip.data.layout import EmptyDatasetError
+
+    if split not in dataset_info(ref.name).splits:
+        return None
+    try:
+        return list_samples_of(ref, paths, split, sorted(categories))
+    except EmptyDatasetError:
+        return []
+    except DatasetError:  # a category absent from the split: list it all, keep the target's
+        try:
+            listed = list_samples_of(ref, paths, split, None)
+        except EmptyDatasetError:
+            return []
+        return [s for s in listed if s.category in set(categories)]
 
 
 def make_dataset(samples, cfg: RunConfig, model):

@@ -46,6 +46,8 @@ from feclip.errors import ConfigError, FEClipError
 from feclip.fileio import atomic_write
 from feclip.losses import feclip_loss, mask_loss_images
 from feclip.models.checkpoint import read_metadata, save_adapters
+from feclip.progress import LineProgress as _LineProgress  # noqa: F401 - tests set its every_s here
+from feclip.progress import progress
 
 log = logging.getLogger("feclip.train")
 
@@ -115,6 +117,8 @@ def build_optimizer(model, cfg) -> torch.optim.Adam:
     ``frozen`` leaves fc_patch out (and stops its gradients); ``frozen_after`` trains it at lr/100
     until ``frozen_after_batches`` steps, then freezes it.
     """
+    if not hasattr(model, "fc_patch"):  # a peer method (feclip.methods.model.PeerModel): its own groups
+        return torch.optim.Adam(model.param_groups(cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
     policy = cfg.fc_patch.policy
     groups = [{"params": list(model.adapters.parameters()), "lr": cfg.lr, "name": "adapters"}]
     if policy == "frozen":
@@ -163,10 +167,16 @@ def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, step: int, fing
         "adapters": {k: v.detach().to("cpu").clone() for k, v in model.trainable_state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "fingerprint": fingerprint,
-        "fc_patch_frozen": not model.fc_patch.weight.requires_grad,
+        "fc_patch_frozen": _fc_patch_frozen(model),
     }
     _atomic_torch_save(state, run_dir / STATE_FILE)
     _export_adapters(model, run_dir, epoch, step)
+
+
+def _fc_patch_frozen(model) -> bool:
+    """Whether FE-CLIP's fc_patch is frozen (a peer method has none: False)."""
+    fc = getattr(model, "fc_patch", None)
+    return fc is not None and not fc.weight.requires_grad
 
 
 def _export_adapters(model, run_dir: Path, epoch: int, step: int) -> None:
@@ -207,7 +217,7 @@ def try_resume(model, optimizer, run_dir: Path, fingerprint: str) -> tuple[int, 
             "or another results directory"
         )
     model.load_state_dict(state["adapters"], strict=False)
-    if state["fc_patch_frozen"]:
+    if state["fc_patch_frozen"] and hasattr(model, "fc_patch"):
         model.fc_patch.requires_grad_(False)
     optimizer.load_state_dict(state["optimizer"])
     if dist.is_main() and _exported_epoch(run_dir / ADAPTERS_FILE) != state["epoch"]:
@@ -227,7 +237,7 @@ def _exported_epoch(path: Path) -> int | None:
 
 def make_prefix_cache(model, dataset, cfg, device: torch.device, num_workers: int = 0) -> PrefixCache | None:
     """The frozen-prefix cache when ``cfg.prefix_cache`` asks for it and it fits the memory budget."""
-    if cfg.prefix_cache == "off":
+    if cfg.prefix_cache == "off" or not hasattr(model, "prefix"):  # a peer method runs its whole forward
         return None
     size = prefix_bytes(model, len(dataset), model.token_dtype)
     if size > cfg.prefix_cache_max_gb * 1e9:
@@ -245,6 +255,7 @@ def make_prefix_cache(model, dataset, cfg, device: torch.device, num_workers: in
         batch_size=cfg.batch_size,
         storage=cfg.prefix_cache_storage,
         num_workers=num_workers,
+        progress=cfg.progress and dist.is_main(),
     )
 
 
@@ -298,6 +309,7 @@ def train(
             if cache is None and num_workers > 0 and getattr(dataset, "cache", False):
                 dataset.preload(num_threads=num_workers)  # forked workers inherit the decoded images
         forward = model.forward_from_prefix if cache is not None else model.forward
+        peer = model if not hasattr(model, "fc_patch") else None  # a peer method: its own loss
         if cfg.compile != "off":
             forward = torch.compile(forward, mode=cfg.compile)
         model.train()
@@ -323,7 +335,7 @@ def train(
             guard = _LossGuard(len(mine), device, epoch, step, run_dir, start_epoch + epochs_run)
             t_epoch = time.perf_counter()
             for batch, n_batch in zip(bar, batch_sizes):
-                loss, parts = _batch_loss(forward, batch, cfg, device)
+                loss, parts = _batch_loss(forward, batch, cfg, device, peer)
                 batch_loss = dist.sum_over_ranks(loss.detach())  # of the global batch (``loss`` itself alone)
                 guard.record(batch_loss, parts, n_batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -332,7 +344,11 @@ def train(
                 dist.all_reduce_gradients(params)
                 optimizer.step()
                 step += 1
-                if cfg.fc_patch.policy == "frozen_after" and step == cfg.fc_patch.frozen_after_batches:
+                if (
+                    cfg.fc_patch.policy == "frozen_after"
+                    and step == cfg.fc_patch.frozen_after_batches
+                    and hasattr(model, "fc_patch")
+                ):
                     model.fc_patch.requires_grad_(False)
                     log.info("fc_patch frozen after %d batches", step)
                 if guard.steps % CHECK_EVERY == 0:  # one read of the losses so far (raises on NaN)
@@ -417,7 +433,7 @@ class _LossGuard:
         )
 
 
-def _batch_loss(forward, batch: dict, cfg, device: torch.device):
+def _batch_loss(forward, batch: dict, cfg, device: torch.device, peer=None):
     """Forward and loss of one batch (this rank's micro-batch under torchrun): ``(loss, parts)``.
 
     ``batch`` holds prefix ``tokens`` (from :meth:`PrefixCache.epoch`; ``forward`` is then the model's
@@ -426,6 +442,9 @@ def _batch_loss(forward, batch: dict, cfg, device: torch.device):
     collated ``label`` otherwise): no wait on the device. Under torchrun the loss is weighted by this
     rank's share of the global batch, so that the ranks' losses sum to the loss of the whole batch; an
     empty share gives a constant 0 (and still joins the all-reduce of the shares).
+
+    ``peer``: the :class:`~feclip.methods.model.PeerModel` being trained (``forward`` is its forward),
+    whose own loss replaces FE-CLIP's; None for FE-CLIP.
     """
     host_labels = batch.get("host_label", batch["label"])
     labels = batch["label"].to(device, non_blocking=True)
@@ -439,6 +458,8 @@ def _batch_loss(forward, batch: dict, cfg, device: torch.device):
         n_kept = len(host_labels)
     masks = batch["mask"].to(device, non_blocking=True)
     inputs = batch["tokens"] if "tokens" in batch else batch["image"].to(device, non_blocking=True)
+    if peer is not None:  # its own forward (with the categories, for prompts that name them) and loss
+        return peer.loss(forward(inputs, categories=batch.get("category")), masks, labels)
     out = forward(inputs)  # at the model's precision (FEClip.precision)
     return feclip_loss(out, masks, labels, cfg.loss, shares, n_kept=n_kept)
 
@@ -453,42 +474,5 @@ def _collate_share(items: list[dict]) -> dict:
 
 
 def _progress(loader, enabled: bool, desc: str, total: int):
-    """A tqdm bar on a terminal; elsewhere (a redirected stderr, a SLURM ``.err`` file) a log line at
-    most every :attr:`_LineProgress.every_s` seconds, so that the log stays readable."""
-    if not enabled:
-        return loader
-    import sys
-
-    if not sys.stderr.isatty():
-        return _LineProgress(loader, desc, total)
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-class _LineProgress:
-    """Iterates ``loader``, logging ``desc: i/total batches (postfix)`` every ``every_s`` seconds
-    (the epoch's own summary line follows each epoch)."""
-
-    every_s = 60.0
-
-    def __init__(self, loader, desc: str, total: int) -> None:
-        self.loader, self.desc, self.total = loader, desc, total
-        self.postfix = ""
-
-    def set_postfix(self, **values) -> None:
-        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
-
-    def __iter__(self):
-        last = time.perf_counter()
-        for i, item in enumerate(self.loader, 1):
-            yield item
-            if time.perf_counter() - last >= self.every_s and i < self.total:
-                last = time.perf_counter()
-                log.info(
-                    "%s: %d/%d batches%s",
-                    self.desc,
-                    i,
-                    self.total,
-                    f" ({self.postfix})" if self.postfix else "",
-                )
+    """:func:`feclip.progress.progress` of an epoch's batches (lines on the training log)."""
+    return progress(loader, enabled, desc, total, unit="batch", logger=log)

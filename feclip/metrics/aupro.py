@@ -424,15 +424,17 @@ def _zsad_pro_sums(rp: RegionPixels, bucket: np.ndarray, n_thresholds: int) -> n
     return sums
 
 
-def aupro_zsad(rp: RegionPixels, fpr_limit: float) -> float:
-    """AnomalyCLIP-style AUPRO of prepared pixels (see the module docstring); ``nan`` when undefined."""
+def zsad_points(rp: RegionPixels) -> tuple[np.ndarray, np.ndarray] | None:
+    """(FPR, PRO) at every threshold of the ``cal_pro_score`` grid (:func:`zsad_thresholds`, ascending,
+    so FPR descending), a pixel anomalous when ``map > th``; ``None`` without regions, without normal
+    pixels or for constant maps. Shape: ``(T,), (T,)`` with T = 200 or 201."""
     n_neg, n_regions = len(rp.neg), rp.n_regions
     if n_neg == 0 or n_regions == 0:
-        return _NAN
+        return None
     lo = min(rp.neg[0], rp.pos[0])
     hi = max(rp.neg[-1], rp.pos[-1])
     if not hi > lo:
-        return _NAN
+        return None
     ths = zsad_thresholds(lo, hi, rp.neg.dtype)
     ths_cmp = _floor_to_dtype(ths, rp.neg.dtype)  # same strict comparisons, in the pixels' own dtype
     fp = n_neg - np.searchsorted(rp.neg, ths_cmp, side="right")
@@ -440,6 +442,15 @@ def aupro_zsad(rp: RegionPixels, fpr_limit: float) -> float:
     # An anomalous pixel is above thresholds 0 .. bucket-1 (the thresholds strictly below its score).
     bucket = np.searchsorted(ths_cmp, rp.pos, side="left").astype(np.int64)
     pro = _zsad_pro_sums(rp, bucket, len(ths)) / n_regions
+    return fpr, pro
+
+
+def aupro_zsad(rp: RegionPixels, fpr_limit: float) -> float:
+    """AnomalyCLIP-style AUPRO of prepared pixels (see the module docstring); ``nan`` when undefined."""
+    points = zsad_points(rp)
+    if points is None:
+        return _NAN
+    fpr, pro = points
     keep = fpr < fpr_limit
     if np.count_nonzero(keep) < 2:
         return _NAN

@@ -109,11 +109,42 @@ def plain_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
+def check_zero_based_taps(name: str, taps, depth: int | None) -> None:
+    """Refuse, naming the option ``name``, taps outside ``[0, depth - 1]`` (any negative one when
+    ``depth`` is None) in one line that says taps are 0-based. A list holding the depth itself reads as
+    1-based (AnomalyCLIP's ``--features_list 6 12 18 24``): the error gives its 0-based equivalent."""
+    taps = [int(t) for t in taps]
+    if depth is None:
+        if taps and min(taps) < 0:
+            raise ConfigError(f"{name} are 0-based block indices (>= 0), got {taps}")
+        return
+    if all(0 <= t < depth for t in taps):
+        return
+    message = (
+        f"{name} are 0-based block indices in [0, {depth - 1}] for this {depth}-block backbone, got {taps}"
+    )
+    if depth in taps:
+        message += f"; {depth} is the block count, not an index (the last block is {depth - 1})"
+        if min(taps) >= 1 and max(taps) == depth:  # a 1-based list, shifted, fits
+            zero_based = ",".join(str(t - 1) for t in taps)  # the override as it is typed
+            message += (
+                f": if these are 1-based (AnomalyCLIP's --features_list), the 0-based taps are "
+                f"{name}=[{zero_based}]"
+            )
+    raise ConfigError(message)
+
+
 @dataclass
 class FEClipConfig:
-    """Every architectural option of FE-CLIP (defaults: the paper preset, docs/method.md)."""
+    """Every architectural option of FE-CLIP (defaults: the paper preset, docs/method.md).
 
-    taps: tuple[int, ...] = (15, 18, 21, 23)  # 0-indexed resblocks after which adapters act
+    ``taps`` are **0-based** indices of the resblocks after which the adapters act: ``0`` is the first
+    block, ``depth - 1`` the last (``23`` on ViT-L/14). AnomalyCLIP's ``--features_list`` counts from 1
+    (its ``6 12 18 24`` are taps ``(5, 11, 17, 23)`` here); an index equal to the depth, such a
+    list's habit, is refused with the 0-based equivalent (:meth:`validate`).
+    """
+
+    taps: tuple[int, ...] = (15, 18, 21, 23)  # 0-based resblocks (AnomalyCLIP's list is 1-based)
     lam: float = 0.1  # fusion weight of Eq. 2
     p: int = 3  # FFE window size
     q: int = 3  # LFS sliding window size
@@ -148,10 +179,7 @@ class FEClipConfig:
             raise ConfigError("model.taps must name at least one block")
         if len(set(self.taps)) != len(self.taps) or list(self.taps) != sorted(self.taps):
             raise ConfigError(f"model.taps must be strictly increasing block indices, got {list(self.taps)}")
-        if depth is not None and not all(0 <= t < depth for t in self.taps):
-            raise ConfigError(
-                f"model.taps must lie in [0, {depth - 1}] for this {depth}-block backbone, got {list(self.taps)}"
-            )
+        check_zero_based_taps("model.taps", self.taps, depth)
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"model.lam must lie in [0, 1], got {self.lam}")
         if self.temperature <= 0:

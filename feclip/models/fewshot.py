@@ -1,14 +1,17 @@
 """Few-normal-shot FE-CLIP (paper section 4.6; docs/method.md, A13; docs/fewshot.md): everything but the arithmetic of
 the scores, in one place.
 
-* the references: :func:`pick_reference_samples` draws ``k`` of a category's normal *training* images
-  with ``numpy.random.default_rng(seed)`` from the path-sorted list, so a seed fixes the references;
+* the references: :func:`pick_reference_samples` draws ``k`` of a category's normal images with
+  ``numpy.random.default_rng(seed)`` from the path-sorted list, so a seed fixes the references;
+  :func:`choose_references` says where a target's come from, per category (``eval.fewshot_source``:
+  its train split, its ``reference/`` images, or ``k`` normal test images held out of the metrics);
 * the features: :func:`tap_features` (the model's tap tokens of either kind);
 * the memory bank: :class:`MemoryBank`, the per-tap patch features of the references, and the
   few-shot distance at tap ``n``, ``1 - max_m cos(token, bank_n[m])`` (0 when the token has an
   identical twin in the bank, at most 2);
-* a run's banks: :func:`category_banks` (one per category, drawn by the run's seed) and
-  :func:`record_references` (``fewshot_references.csv``);
+* a run's banks: :func:`reference_banks` (one per category, of :func:`choose_references`' choice),
+  :func:`category_banks` (the same from a pool of training images) and :func:`record_references`
+  (``fewshot_references.csv``);
 * :func:`fewshot_predict`: runs the model for a bank's kind of features and adds the few-shot part.
 
 The few-shot map and its combination with the zero-shot score and map are scoring, made in
@@ -24,6 +27,8 @@ adapter's input). Every tap of the model is banked; test tokens are always compa
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,17 +44,30 @@ from feclip.fileio import atomic_write_text
 from feclip.scoring import ScoringConfig, add_fewshot, combine, fewshot_maps, fewshot_scores
 
 FEATURE_KINDS = ("fused", "plain")
+#: ``eval.fewshot_source``: where a target's references come from. ``auto`` takes, per category, the first
+#: of :data:`REFERENCE_SOURCES` that holds any normal image of it.
+FEWSHOT_SOURCES = ("auto", "train", "reference", "holdout")
+#: The sources a category's references may come from, in the order ``auto`` tries them.
+REFERENCE_SOURCES = ("train", "reference", "holdout")
+#: The columns of ``fewshot_references.csv`` (:func:`record_references`).
+REFERENCES_HEADER = ("dataset", "category", "k", "seed", "source", "image_path")
 
 __all__ = [
     "FEATURE_KINDS",
+    "FEWSHOT_SOURCES",
+    "REFERENCES_HEADER",
+    "REFERENCE_SOURCES",
     "MemoryBank",
+    "References",
     "category_banks",
+    "choose_references",
     "combine",
     "fewshot_maps",
     "fewshot_predict",
     "fewshot_scores",
     "pick_reference_samples",
     "record_references",
+    "reference_banks",
     "tap_features",
 ]
 
@@ -63,8 +81,9 @@ def pick_reference_samples(samples: Sequence, k: int, seed: int, category: str |
     """Draw ``k`` normal reference images of one category, deterministically per ``seed``.
 
     Args:
-        samples: :class:`~feclip.data.Sample` records (typically the category's ``train`` split);
-            only normal ones (``label == 0``) are candidates.
+        samples: :class:`~feclip.data.Sample` records (the category's ``train`` split, its reference
+            images, or its test images: :func:`choose_references`); only normal ones (``label == 0``)
+            are candidates.
         k: how many references (the paper uses 1, 2 and 4).
         seed: the draw is ``numpy.random.default_rng(seed).choice(n, k, replace=False)`` over the
             candidates sorted by path, so it does not depend on the order of ``samples``.
@@ -91,6 +110,145 @@ def pick_reference_samples(samples: Sequence, k: int, seed: int, category: str |
     candidates = sorted(normal, key=lambda s: str(s.image_path))
     chosen = np.random.default_rng(seed).choice(len(candidates), size=int(k), replace=False)
     return [candidates[i] for i in sorted(chosen.tolist())]
+
+
+@dataclass
+class References:
+    """The few-shot references of one evaluation target, per category (:func:`choose_references`).
+
+    Attributes:
+        dataset: the target's dataset name.
+        k: references per category.
+        seed: the seed of the draw.
+        sources: category -> ``train``, ``reference`` or ``holdout`` (one of :data:`REFERENCE_SOURCES`).
+        chosen: category -> its ``k`` reference samples, sorted by path.
+        pool: every candidate the draws were made from (the data of the run's identity).
+        warnings: things to log (a draw every seed makes alike, test images held out by ``auto``).
+    """
+
+    dataset: str
+    k: int
+    seed: int
+    sources: dict[str, str]
+    chosen: dict[str, list]
+    pool: list
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def held_out(self) -> list:
+        """The references taken from the test set (``holdout``): not scored."""
+        return [s for c, chosen in self.chosen.items() if self.sources[c] == "holdout" for s in chosen]
+
+    def test_samples(self, samples: Sequence) -> list:
+        """``samples`` less the images held out as references (the images the metrics are over)."""
+        out = {str(s.image_path) for s in self.held_out}
+        return [s for s in samples if str(s.image_path) not in out]
+
+
+def _normal_of(pool: Sequence | None, category: str) -> list:
+    return [s for s in pool or () if s.label == 0 and s.category == category]
+
+
+def choose_references(
+    dataset: str,
+    categories: Sequence[str],
+    k: int,
+    seed: int,
+    source: str = EvalConfig.fewshot_source,
+    *,
+    train: Sequence | None = None,
+    reference: Sequence | None = None,
+    test: Sequence = (),
+) -> References:
+    """Where each category's ``k`` references come from, and which they are (no file access).
+
+    Per category, ``source`` (``eval.fewshot_source``) is ``train`` (its normal images of ``train``),
+    ``reference`` (its images of ``reference``), ``holdout`` (``k`` of its normal images of ``test``,
+    which are then left out of the metrics: :meth:`References.test_samples`) or ``auto``: the first of
+    these three that holds any normal image of the category (never chosen by count: a category with
+    two normal training images and ``k=4`` is an error, not a holdout). The draw is
+    :func:`pick_reference_samples` with ``seed`` in every case.
+
+    Args:
+        dataset: the dataset name (for messages and the record).
+        categories: the target's categories.
+        k: references per category.
+        seed: the seed of the draws.
+        source: one of :data:`FEWSHOT_SOURCES`.
+        train: the target dataset's ``train`` split, ``[]`` when it has none on disk, None when its
+            layout has no train split.
+        reference: its ``reference`` images (the ``reference/`` folders of ``folder`` and
+            ``meta_json``), ``[]`` when there are none on disk, None when the layout has none.
+        test: the target's test samples (the holdout's candidates).
+
+    Raises:
+        ConfigError: ``k`` is not a positive int, an unknown ``source``, or a ``source`` the layout
+            does not have.
+        DatasetError: one line naming every category with too few candidates: ``k`` (``k + 1`` for
+            ``holdout``: one normal image must stay in the test set), with their counts.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"few-shot k (eval.fewshot_k) must be a positive int, got {k!r}")
+    if source not in FEWSHOT_SOURCES:
+        raise ConfigError(f"eval.fewshot_source must be one of {FEWSHOT_SOURCES}, got {source!r}")
+    pools = {"train": train, "reference": reference, "holdout": test}
+    if source in ("train", "reference") and pools[source] is None:
+        what = "train split" if source == "train" else "reference/ folder (folder and meta_json layouts)"
+        raise ConfigError(
+            f"{dataset}: eval.fewshot_source={source}, but the {dataset} layout has no {what}; "
+            "use eval.fewshot_source=auto or holdout"
+        )
+    k = int(k)
+    sources: dict[str, str] = {}
+    short: list[str] = []
+    warnings: list[str] = []
+    for category in dict.fromkeys(categories):
+        if source == "auto":
+            found = [s for s in REFERENCE_SOURCES if _normal_of(pools[s], category)]
+            chosen_source = found[0] if found else "holdout"
+        else:
+            chosen_source = source
+        sources[category] = chosen_source
+        n = len(_normal_of(pools[chosen_source], category))
+        need = k + 1 if chosen_source == "holdout" else k
+        if n < need:
+            short.append(f"{category!r} ({_count(chosen_source, n, k)})")
+        elif n == need:
+            warnings.append(
+                f"{dataset}: category {category!r} has exactly {need} {_what(chosen_source)}: every seed uses "
+                "the same few-shot references"
+            )
+        if chosen_source == "holdout" and source == "auto" and n >= need:
+            warnings.append(
+                f"{dataset}: category {category!r} has no train split nor reference/ images: {k} of its "
+                f"{n} normal test images are held out as few-shot references and left out of its metrics "
+                "(listed in fewshot_references.csv)"
+            )
+    if short:
+        listed = ", ".join(short[:6]) + (f" (+{len(short) - 6} more)" if len(short) > 6 else "")
+        raise DatasetError(
+            f"{dataset}: few-shot k={k} (eval.fewshot_source={source}) has too few normal images in "
+            f"categor{'y' if len(short) == 1 else 'ies'} {listed}: lower eval.fewshot_k or add normal "
+            "images (a reference/ folder: docs/fewshot.md)"
+        )
+    chosen = {c: pick_reference_samples(pools[src], k, seed, c) for c, src in sources.items()}
+    pool = [s for src in REFERENCE_SOURCES for s in pools[src] or () if sources.get(s.category) == src]
+    pool = [s for s in pool if s.label == 0 or sources[s.category] != "holdout"]  # holdout: normals only
+    return References(dataset, k, int(seed), sources, chosen, pool, warnings)
+
+
+def _what(source: str) -> str:
+    return {
+        "train": "normal train images",
+        "reference": "reference/ images",
+        "holdout": "normal test images (holdout: k references + 1 left to test)",
+    }[source]
+
+
+def _count(source: str, n: int, k: int) -> str:
+    if source == "holdout":
+        return f"{n} normal test images; holdout needs k+1={k + 1}: k references + 1 left to test"
+    return f"{n} {_what(source)}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,18 +425,51 @@ def category_banks(
     return banks
 
 
+def reference_banks(
+    model,
+    references: References,
+    which: str = EvalConfig.fewshot_bank,
+    resize: str = DataConfig.resize,
+    progress: bool = False,
+) -> dict[str, MemoryBank]:
+    """One bank per category of the references :func:`choose_references` chose, decoded with the test
+    images' ``resize``; ``progress``: show the categories done (:func:`feclip.progress.progress`)."""
+    from feclip.progress import progress as show_progress
+
+    chosen = references.chosen
+    items = show_progress(list(chosen.items()), progress, "few-shot banks", len(chosen), unit="category")
+    return {
+        category: MemoryBank.from_samples(model, refs, which=which, resize=resize) for category, refs in items
+    }
+
+
 def record_references(
-    path: str | Path, dataset: str, k: int, seed: int, banks: dict[str, MemoryBank]
+    path: str | Path,
+    dataset: str,
+    k: int,
+    seed: int,
+    banks: dict[str, MemoryBank],
+    sources: dict[str, str] | None = None,
 ) -> Path:
     """Record the banks' reference images in ``path`` (``fewshot_references.csv``: columns
-    ``dataset,category,k,seed,image_path``), replacing the rows of ``dataset`` and keeping the
-    others' (a run evaluates several targets). Written atomically."""
+    :data:`REFERENCES_HEADER`, ``source`` being ``train``, ``reference`` or ``holdout``: a test image
+    left out of the metrics; ``sources``: per category, default ``train``), replacing the rows of
+    ``dataset`` and keeping the others' (a run evaluates several targets). Written atomically."""
     path = Path(path)
-    header = "dataset,category,k,seed,image_path"
-    rows = [f"{dataset},{c},{k},{seed},{p}" for c, bank in banks.items() for p in bank.reference_paths]
-    old = path.read_text().splitlines()[1:] if path.exists() else []
-    kept = [x for x in old if not x.startswith(f"{dataset},")]
-    return atomic_write_text(path, "\n".join([header, *kept, *rows]) + "\n")
+    sources = sources or {}
+    kept = []
+    if path.exists():
+        old = list(csv.reader(io.StringIO(path.read_text())))
+        if old and tuple(old[0]) == REFERENCES_HEADER:  # a file of another layout is replaced whole
+            kept = [row for row in old[1:] if row and row[0] != dataset]
+    rows = [
+        [dataset, c, k, seed, sources.get(c, "train"), p]
+        for c, bank in banks.items()
+        for p in bank.reference_paths
+    ]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([REFERENCES_HEADER, *kept, *rows])
+    return atomic_write_text(path, text.getvalue())
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@
   FEClipConfig and the backbone the adapters were trained on), or the bare CLIP baseline without one;
 * :mod:`feclip.predict.images`: the inputs (files and folders), each image decoded once, a batch
   scored;
-* :mod:`feclip.predict.outputs`: overlays, masks, ``scores.csv`` and ``predict.json``, written
-  atomically.
+* :mod:`feclip.predict.outputs`: overlay figures, raw maps (``.npy``), masks, ``scores.csv`` and
+  ``predict.json``, written atomically.
 
 The score and the map are computed from the full-resolution image exactly as in evaluation (decoded to
 RGB, bicubic to the model input size ``S``), by :mod:`feclip.scoring` with the evaluation's defaults:

@@ -13,9 +13,17 @@ Reads every ``<results_dir>/<study>/<variant>/seed=<seed>/metrics.csv`` (the sch
   (pooled) table when ``__micro__`` rows exist, and, in the Markdown, the paired differences between
   variants.
 - ``paired.csv``: paired differences between the variants of a study (same backbone) over their shared
-  seeds, with a 95% Student-t confidence interval.
-- ``bars_<metric>.png`` (ours vs the paper, per dataset) and ``study_<study>.png`` (mean ± std per
-  variant).
+  seeds, with a 95% Student-t confidence interval; with a baseline (one value of the studied axis,
+  ``spread3``), every variant against the baseline variant of the same other axes (``protocol``), a
+  column per other axis.
+- ``study_<study>_<metric>.png`` (one question per figure: a panel per dataset and training set, a row
+  per variant named by its swept values, mean ± 1 sample std over seeds, the paper's number as a line)
+  and ``bars_<metric>.png`` (ours vs the paper, per dataset, bars from 0).
+
+Names. A variant is named in the figures by the values of the axes its study varies within a panel
+(:func:`variant_labels`: ``protocol=visa_to_mvtec,taps=spread3`` -> ``spread3``), and every AUPRO by
+which one it is (:func:`metric_label`: ``PRO (zsad, FPR<0.3)`` is ``pixel_aupro_zsad``, the paper's PRO;
+``AUPRO@0.3 (exact)`` is ``pixel_aupro``).
 
 Aggregation. Per seed, the dataset value of a metric is the unweighted mean over its categories
 (``__micro__`` excluded), as :func:`feclip.metrics.macro_average`: by default one undefined (``nan``)
@@ -37,7 +45,7 @@ tree; :mod:`~feclip.report.backbones` groups and labels its backbones),
 :mod:`~feclip.report.references` (the paper's and a study's numbers), :mod:`~feclip.report.aggregate`
 (mean ± std over seeds, the comparison with the references), :mod:`~feclip.report.paired` (paired
 differences and their CIs), :mod:`~feclip.report.render` (Markdown and LaTeX tables),
-:mod:`~feclip.report.plots` (PNGs), :mod:`~feclip.report.write` (the whole report, written all or
+:mod:`~feclip.report.plots` (PNGs), :mod:`~feclip.report.labels` (variant and metric names), :mod:`~feclip.report.write` (the whole report, written all or
 nothing); :mod:`~feclip.report.orders` holds the display orders (:data:`DATASET_ORDER`) and
 :mod:`~feclip.report.errors` :class:`ReportError`. The command line is :mod:`feclip.apps.report`
 (``python -m feclip.report`` runs it too).
@@ -61,10 +69,25 @@ from feclip.report.aggregate import (
 )
 from feclip.report.backbones import backbone_group, backbone_label
 from feclip.report.errors import ReportError
+from feclip.report.labels import (
+    AxisRoles,
+    axis_roles,
+    fpr_limit,
+    metric_label,
+    variant_axes,
+    variant_labels,
+)
 from feclip.report.load import load_results
 from feclip.report.orders import DATASET_ORDER, METRIC_ORDER
 from feclip.report.paired import CONFIDENCE, PAIRED_COLUMNS, paired_ci, paired_differences
-from feclip.report.plots import render_paper_bars, render_studies
+from feclip.report.plots import (
+    ERROR_BARS,
+    Plot,
+    paper_bar_plots,
+    render_paper_bars,
+    render_studies,
+    study_plots,
+)
 from feclip.report.references import (
     DEFAULT_PAPER,
     PAPER_METHOD,
@@ -100,12 +123,22 @@ __all__ = [
     "format_paired",
     "render_markdown",
     "render_latex",
+    "variant_axes",
+    "axis_roles",
+    "variant_labels",
+    "metric_label",
+    "fpr_limit",
+    "AxisRoles",
+    "Plot",
+    "study_plots",
+    "paper_bar_plots",
     "render_paper_bars",
     "render_studies",
     "plot_paper_bars",
     "plot_studies",
     "write_report",
     "CONFIDENCE",
+    "ERROR_BARS",
     "DATASET_ORDER",
     "DEFAULT_PAPER",
     "KEYS",

@@ -22,6 +22,7 @@ import pandas as pd
 
 from feclip.errors import FEClipError
 from feclip.report.backbones import _grouped
+from feclip.report.labels import PRO_METRICS, fpr_limit, metric_label, paper_aupro_options
 from feclip.report.orders import _sort_key
 from feclip.report.references import NO_TRAINING, paper_train_dataset, variant_taps
 from feclip.results import MICRO, is_paper_backbone
@@ -43,10 +44,11 @@ KEYS = ["study", "variant", "backbone", "train_dataset", "dataset", "metric"]
 WHY_BACKBONE = "backbone"  # not the paper's CLIP (random, tiny fallback, another model, unknown)
 WHY_INCOMPLETE = "incomplete"  # the macro does not cover the official categories
 WHY_PROTOCOL = "protocol"  # trained on another auxiliary dataset than the paper's
+WHY_AUPRO = "aupro"  # an AUPRO under other options than the paper's (eval.aupro.* in the variant name)
 SUMMARY_COLUMNS = [
     "study", "variant", "backbone", "train_dataset", "dataset", "averaging", "metric", "mean", "std",
     "n_seeds", "categories", "incomplete", "paper", "gap", "not_compared", "study_mean", "study_std",
-    "gap_study", "not_compared_study", "flagged",
+    "gap_study", "not_compared_study", "flagged", "metric_label",
 ]  # fmt: skip
 
 
@@ -158,10 +160,14 @@ def _common_reasons(summary: pd.DataFrame) -> dict[str, pd.Series]:
 
     ``backbone``: not the paper's CLIP (:func:`feclip.results.is_paper_backbone`; ``unknown`` is not).
     ``incomplete``: the macro does not cover the dataset's official categories (every seed).
+    ``aupro``: an AUPRO computed with other options than the paper's (another FPR limit, normal images
+    left out, per-image normalisation: ``eval.aupro.*`` in the variant name).
     """
     return {
         WHY_BACKBONE: ~summary["backbone"].map(is_paper_backbone).astype(bool),
         WHY_INCOMPLETE: summary["incomplete"].astype(bool),
+        WHY_AUPRO: summary["metric"].isin(PRO_METRICS)
+        & ~summary["variant"].map(paper_aupro_options).astype(bool),
     }
 
 
@@ -289,5 +295,9 @@ def summarize(
     summary["categories"] = summary["categories"].fillna("")
     summary["incomplete"] = summary["incomplete"].eq(True)
     summary = _flag_fewer_seeds(_attach_study(_attach_paper(summary, paper), study))
+    # which AUPRO a row holds, with the FPR limit its variant ran with: "PRO (zsad, FPR<0.3)"
+    summary["metric_label"] = [
+        metric_label(m, [fpr_limit(v)]) for m, v in zip(summary["metric"], summary["variant"])
+    ]
     order = ["study", "averaging", "variant", "backbone", "train_dataset", "dataset", "metric"]
     return summary.sort_values(order, key=_sort_key).reset_index(drop=True)[SUMMARY_COLUMNS]

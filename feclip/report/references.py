@@ -49,8 +49,8 @@ PAPER_AUX_FOR_MVTEC = "visa"
 PAPER_AUX_DEFAULT = "mvtec"
 #: ``train_dataset`` of an evaluation-only run (no training recorded): compared with the paper too.
 NO_TRAINING = "none"
-#: The repository's copy of the paper's table (``results/paper/``).
-DEFAULT_PAPER = Path(__file__).resolve().parents[2] / "results" / "paper" / "paper_numbers.csv"
+#: The packaged copy of the paper's table (``feclip/report/paper/``, shipped in the wheel).
+DEFAULT_PAPER = Path(__file__).resolve().parent / "paper" / "paper_numbers.csv"
 #: A reproduction study's numbers (``--study-numbers``; the report reads it only when asked).
 STUDY_NUMBERS = DEFAULT_PAPER.parent / "study_numbers.csv"
 #: Key columns of a study numbers file: the taps set (from the variant name, :func:`variant_taps`), the

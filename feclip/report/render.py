@@ -14,10 +14,11 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from feclip.report.aggregate import WHY_PROTOCOL, _mode_count
+from feclip.report.aggregate import WHY_AUPRO, WHY_PROTOCOL, _mode_count
 from feclip.report.backbones import _backbone_labels
+from feclip.report.labels import PRO_METRICS, fpr_limit, metric_label, pro_note
 from feclip.report.orders import METRIC_ORDER, _ordered
-from feclip.report.paired import CONFIDENCE
+from feclip.report.paired import CONFIDENCE, PAIRED_COLUMNS
 from feclip.report.references import PAPER_METHOD, PAPER_SETTING
 from feclip.results import UNKNOWN, is_paper_backbone
 
@@ -72,6 +73,17 @@ def _study_cell(mean: float, std: float) -> str:
     return _num(mean) if std is None or math.isnan(std) else f"{_num(mean)} ± {_num(std)}"
 
 
+def _limits(cells: pd.DataFrame) -> set[str]:
+    """The AUPRO FPR limits the variants of a table ran with (:func:`feclip.report.labels.fpr_limit`)."""
+    return {fpr_limit(v) for v in cells["variant"]} if "variant" in cells else set()
+
+
+def _header(metric: str, limits: set[str]) -> str:
+    """A metric's column header: its name, and for an AUPRO which one (``pixel_aupro_zsad: PRO (zsad,
+    FPR<0.3)``)."""
+    return f"{metric}: {metric_label(metric, limits)}" if metric in PRO_METRICS else metric
+
+
 def _summary_table(
     cells: pd.DataFrame, metrics: Sequence[str], labels: dict[str, str]
 ) -> tuple[list[str], list[list[str]]]:
@@ -92,8 +104,9 @@ def _summary_table(
     with_paper = shown("paper", "not_compared")
     with_study = shown("study_mean", "not_compared_study")
     header = list(_SUMMARY_LABELS)
+    limits = _limits(cells)
     for m in metrics:
-        header += [m] + (["paper", "gap"] if m in with_paper else [])
+        header += [_header(m, limits)] + (["paper", "gap"] if m in with_paper else [])
         header += STUDY_HEADER if m in with_study else []
     rows = []
     row_keys = ["variant", "backbone", "train_dataset", "dataset"]
@@ -129,7 +142,8 @@ def _paired_table(
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one study's paired table: rows pair x backbone x dataset, a cell per metric."""
     metrics = [m for m in metrics if m in set(pairs["metric"])]
-    header = list(_PAIRED_LABELS) + list(metrics)
+    limits = {fpr_limit(v) for v in pd.concat([pairs["variant_a"], pairs["variant_b"]])}
+    header = list(_PAIRED_LABELS) + [_header(m, limits) for m in metrics]
     rows = []
     row_keys = ["variant_a", "variant_b", "backbone", "train_dataset", "dataset"]
     index = pairs.set_index(row_keys + ["metric"])
@@ -181,11 +195,18 @@ def _backbone_note(backbones: Sequence[str], labels: dict[str, str]) -> str:
 
 
 def _table_notes(
-    cells: pd.DataFrame, paper_label: str | None, labels: dict[str, str], study_label: str | None = None
+    cells: pd.DataFrame,
+    paper_label: str | None,
+    labels: dict[str, str],
+    study_label: str | None = None,
+    metrics: Sequence[str] = (),
 ) -> list[str]:
-    """Footnotes under a summary table: the seed flag, incomplete macros, backbones, the paper and study
-    legends."""
+    """Footnotes under a summary table: which AUPRO each PRO column is, the seed flag, incomplete macros,
+    backbones, the paper and study legends."""
     notes = []
+    pro = pro_note(metrics, _limits(cells))
+    if pro:
+        notes.append(pro)
     withheld_study = (
         cells.loc[cells["not_compared_study"] != "", "not_compared_study"]
         if "not_compared_study" in cells
@@ -208,6 +229,11 @@ def _table_notes(
     if foreign:
         notes.append(_backbone_note(foreign, labels))
     withheld = cells.loc[cells["not_compared"] != "", "not_compared"]
+    if withheld.str.contains(WHY_AUPRO).any():
+        notes.append(
+            "a PRO of a variant that sets other AUPRO options than the paper's (eval.aupro.fpr_limit other "
+            "than 0.3, include_normal=false, per_image_norm=true) is not compared with the paper."
+        )
     if withheld.str.contains(WHY_PROTOCOL).any():
         notes.append(
             "rows trained on another auxiliary dataset than the paper's (VisA for mvtec, MVTec AD "
@@ -277,31 +303,45 @@ def render_markdown(
             cells = summary[(summary["study"] == study) & (summary["averaging"] == averaging)]
             if cells.empty:
                 continue
-            header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
+            shown = _study_metrics(cells, metrics)
+            header, rows = _summary_table(cells, shown, labels)
             out += ["", f"### {label.capitalize()}", "", _markdown_table(header, rows, len(_SUMMARY_LABELS))]
-            notes = _table_notes(cells, paper_label, labels, study_label)
+            notes = _table_notes(cells, paper_label, labels, study_label, shown)
             out += [""] + notes if notes else []
         pairs = paired[paired["study"] == study] if paired is not None and not paired.empty else None
         if pairs is not None and not pairs.empty:
-            header, rows = _paired_table(pairs, _study_metrics(pairs, metrics), labels)
+            shown = _study_metrics(pairs, metrics)
+            header, rows = _paired_table(pairs, shown, labels)
+            intro = (
+                f"Cells: A − B in points, the mean of the per-seed differences over the seeds both share "
+                f"[{CONFIDENCE:.0%} CI, Student t, n−1 dof] (n shared seeds), within one backbone. "
+                "**Bold**: the CI excludes 0, the difference is distinguishable from seed noise; n/a: fewer "
+                "than 2 shared seeds."
+            )
+            context = [c for c in pairs.columns if c not in PAIRED_COLUMNS and (pairs[c] != "").any()]
+            if context:
+                intro += (
+                    " B is the baseline variant with the same "
+                    + ", ".join(f"`{c}`" for c in context)
+                    + " as A (a column of paired.csv)."
+                )
             out += [
                 "",
                 "### Paired differences",
                 "",
-                f"Cells: A − B in points, the mean of the per-seed differences over the seeds both share "
-                f"[{CONFIDENCE:.0%} CI, Student t, n−1 dof] (n shared seeds), within one backbone. "
-                "**Bold**: the CI excludes 0, the difference is distinguishable from seed noise; n/a: fewer "
-                "than 2 shared seeds.",
+                intro,
                 "",
                 _markdown_table(header, rows, len(_PAIRED_LABELS)),
             ]
+            pro = pro_note(shown, {fpr_limit(v) for v in pd.concat([pairs["variant_a"], pairs["variant_b"]])})
+            out += ["", pro] if pro else []
     return "\n".join(out) + "\n"
 
 
 _TEX_REPLACEMENTS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
     "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "†": r"$^\dagger$",
-    "‡": r"$^\ddagger$", "–": "--", "−": "$-$",
+    "‡": r"$^\ddagger$", "–": "--", "−": "$-$", "<": "$<$", ">": "$>$",
 }  # fmt: skip
 
 
@@ -349,8 +389,9 @@ def render_latex(
             cells = summary[(summary["study"] == study) & (summary["averaging"] == averaging)]
             if cells.empty:
                 continue
-            header, rows = _summary_table(cells, _study_metrics(cells, metrics), labels)
-            notes = _table_notes(cells, paper_label, labels, study_label)
+            shown = _study_metrics(cells, metrics)
+            header, rows = _summary_table(cells, shown, labels)
+            notes = _table_notes(cells, paper_label, labels, study_label, shown)
             blocks.append(
                 _latex_table(header, rows, f"study {study}, {averaging}", notes, len(_SUMMARY_LABELS))
             )

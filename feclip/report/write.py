@@ -21,7 +21,7 @@ from feclip.report.aggregate import macro_per_seed, summarize
 from feclip.report.errors import ReportError
 from feclip.report.load import load_results
 from feclip.report.orders import METRIC_ORDER, _ordered
-from feclip.report.paired import PAIRED_COLUMNS, paired_differences
+from feclip.report.paired import paired_differences
 from feclip.report.plots import render_paper_bars, render_studies
 from feclip.report.references import DEFAULT_PAPER, load_paper_numbers, load_study_numbers
 from feclip.report.render import _study_label, render_latex, render_markdown
@@ -119,7 +119,9 @@ def write_report(
         results_dir: the results tree (or one study's folder of it).
         out_dir: where to write; default ``<results_dir>/report``.
         paper_path: the paper's ``paper_numbers.csv``, or ``None`` for no comparison.
-        baseline: compare every variant of a study against this one (default: every pair).
+        baseline: one value of a study's axis (``spread3``, ``taps=spread3``): every variant against the
+            one with this value and the same other axes, within each value of those (default: every
+            pair); see :func:`paired_differences`.
         metrics: metrics of the tables and study plots (default :data:`MAIN_METRICS`); the CSVs hold all.
         skip_nan: average only the defined categories of a seed.
         plots: write the PNGs.
@@ -131,9 +133,6 @@ def write_report(
     """
     out_dir = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
     df = load_results(results_dir)
-    if baseline is not None and baseline not in set(df["variant"]):
-        variants = ", ".join(sorted(df["variant"].unique()))
-        raise ReportError(f"--baseline {baseline!r} is not a variant in {results_dir} (variants: {variants})")
     if metrics is not None:
         present = set(df["metric"])
         unknown = [m for m in metrics if m not in present and m not in METRIC_ORDER]
@@ -146,12 +145,15 @@ def write_report(
     study = load_study_numbers(study_path) if study_path is not None else None
     _check_out_dir(out_dir)
     summary = summarize(df, paper, skip_nan, study)
-    paired = paired_differences(macro_per_seed(df, skip_nan), baseline)
+    try:
+        paired = paired_differences(macro_per_seed(df, skip_nan), baseline)
+    except ReportError as err:  # the baseline: named as the option that set it
+        raise ReportError(f"--{err}") from None
     label = _study_label(study)
     markdown = render_markdown(summary, paired, metrics, study_label=label)
     files = {
         "summary.csv": _csv_text(summary).encode(),
-        "paired.csv": _csv_text(paired.reindex(columns=PAIRED_COLUMNS)).encode(),
+        "paired.csv": _csv_text(paired).encode(),
         "summary.md": markdown.encode(),
         "summary.tex": render_latex(summary, metrics, study_label=label).encode(),
     }
