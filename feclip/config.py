@@ -1,8 +1,8 @@
-"""Typed run configuration: plain dataclasses, the schema behind the Hydra configs in ``conf/``.
+"""Typed run configuration: plain dataclasses, the schema behind the Hydra configs in ``feclip/conf/``.
 
 The library takes these objects (never a DictConfig); :mod:`feclip.apps.train` registers them with Hydra's
 ConfigStore so that a misspelled key or a wrong type fails when the config is composed.
-Every default is the paper preset (docs/method.md), and this is its only home: ``conf/train.yaml``
+Every default is the paper preset (docs/method.md), and this is its only home: ``feclip/conf/train.yaml``
 composes these dataclasses first, and the YAML files there set only what differs from them
 (tests/test_config_defaults.py). A few defaults are also those of a library function that cannot import
 this module (it would import torch, or itself); their one literal is a constant beside that function,
@@ -201,7 +201,7 @@ class LoggerConfig:
 class MethodConfig:
     """Which method runs: FE-CLIP (``model.*``) or one of its peers, with that peer's options
     (``method.<name>.*``; each dataclass lives beside its method in :mod:`feclip.methods`, defaults =
-    the authors' published setting). ``method=<name>`` (conf/method) also sets the reference's training
+    the authors' published setting). ``method=<name>`` (feclip/conf/method) also sets the reference's training
     schedule and smoothing."""
 
     name: str = "feclip"  # feclip | winclip | aprilgan | anomalyclip (feclip.methods.model.METHODS)

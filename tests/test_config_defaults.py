@@ -1,13 +1,13 @@
 """Every default value has one home: the dataclasses of feclip/config.py (and FEClipConfig).
 
-``conf/train.yaml`` composes the schema (``run_schema``, :class:`feclip.config.RunConfig`) first, so a
+``feclip/conf/train.yaml`` composes the schema (``run_schema``, :class:`feclip.config.RunConfig`) first, so a
 dataclass default reaches ``feclip-train`` unless a YAML file sets the key. The rule for the YAML files,
-by folder of ``conf/``:
+by folder of ``feclip/conf/``:
 
-- settings over the schema (``backbone/``, ``model/``, ``train/``, ``eval/``, ``logger/``, the primary
+- settings over the schema (``backbone/``, ``model/``, ``method/``, ``train/``, ``eval/``, ``logger/``, the primary
   configs ``train.yaml`` and ``eval.yaml``, and ``experiment/`` outside its ``defaults`` and ``hydra``
   keys) set only values that differ from the dataclass default. A group option that is the defaults
-  (``model=feclip``, ``train=paper``, ...) is an empty file. An experiment may name a default value only
+  (``model=feclip``, ``method=feclip``, ``train=paper``, ...) is an empty file. An experiment may name a default value only
   as one point of its sweep (``hydra.sweeper.params``), never as a plain setting;
 - named sets (``taps/``, ``protocol/``, ``postprocess/``, ``tap_agg/``, ``preset/``) pin every value they
   name, default or not: each option stands for a fixed set (a tap set, a list of datasets, a
@@ -17,7 +17,7 @@ by folder of ``conf/``:
   ``protocol`` is selected because the dataclass has no dataset list;
 - ``hydra/`` and ``sweep/`` hold Hydra settings (launchers, the shared sweep axes), not run values.
 
-A new folder under ``conf/`` fails here until it is put in one of these classes.
+A new folder under ``feclip/conf/`` fails here until it is put in one of these classes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from feclip.config import BackboneConfig, LoggerConfig, PathsConfig, RunConfig, 
 from feclip.models.feclip import FEClipConfig
 
 CONF = Path(CONF_DIR)
-STATES_DIFFERENCES = {"backbone", "model", "train", "eval", "logger", "experiment"}
+STATES_DIFFERENCES = {"backbone", "model", "method", "train", "eval", "logger", "experiment"}
 NAMED_SETS = {"taps", "protocol", "postprocess", "tap_agg", "preset"}
 NOT_RUN_VALUES = {"hydra", "sweep"}
 # what the primary configs set on top of the schema (everything else composes to the dataclass default)

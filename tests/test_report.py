@@ -295,6 +295,22 @@ def test_baseline_limits_the_pairs(tree):
     }
 
 
+def test_an_evaluation_only_variant_pairs_with_a_trained_one(tmp_path):
+    root = tmp_path / "results"
+    for seed, values in COMPLETE.items():
+        write_run(root, "s", "trained", seed, "mvtec", values)
+        write_run(root, "s", "free", seed, "none", {k: v - 0.05 for k, v in values.items()})  # training-free
+        write_run(root, "s", "other", seed, "visa", values)  # trained on another set: never paired
+    paired = report.paired_differences(report.macro_per_seed(report.load_results(root)))
+    assert set(zip(paired["variant_a"], paired["variant_b"])) == {("free", "other"), ("free", "trained")}
+    p = cell(paired, variant_a="free", variant_b="trained", dataset="btad", metric="image_auroc")
+    # the same evaluated dataset and seeds; the pair's train reads A's, then B's
+    assert p["train_dataset"] == "none/mvtec" and p["n_shared"] == 2
+    assert p["mean_diff"] == pytest.approx(-5.0)
+    p = cell(paired, variant_a="free", variant_b="other", dataset="btad", metric="image_auroc")
+    assert p["train_dataset"] == "none/visa" and p["mean_diff"] == pytest.approx(-5.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # paper comparison
 # --------------------------------------------------------------------------------------------------

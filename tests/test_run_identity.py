@@ -355,10 +355,14 @@ def test_home_in_paths_is_expanded_once_for_every_reader(data_root, tmp_path, mo
 
 def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO", logger="feclip.train")
-    monkeypatch.setattr(train_module._LineProgress, "every_s", 0.0)  # a line after every batch
+    from feclip.progress import LineProgress
+
+    monkeypatch.setattr(LineProgress, "every_s", 0.0)  # a line after every batch
     run(
         compose_run(
-            smoke_overrides(data_root, tmp_path, "train.progress=true", "variant=pg", "train.epochs=1")
+            smoke_overrides(
+                data_root, tmp_path, "train.progress=true", "variant=pg", "train.epochs=1", "train.reuse=false"
+            )
         )
     )
     lines = [r.getMessage() for r in caplog.records if "batches" in r.getMessage()]

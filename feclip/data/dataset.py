@@ -373,13 +373,15 @@ def collate(items: list[dict]) -> dict:
     """Stack :class:`AnomalyDataset` items into a batch (the ``collate_fn`` of feclip's loaders).
 
     Returns ``image`` (B, 3, S, S), ``mask`` (B, S, S), ``label`` (B,), ``index`` (B,) int64 and
-    ``original_size``: B tuples (H0, W0), ``category``: B names.
+    ``original_size``: B tuples (H0, W0), ``category``: B names (when the items have one).
     """
-    return {
+    batch = {
         "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
         "label": torch.tensor([it["label"] for it in items]),
         "index": torch.tensor([it["index"] for it in items]),
         "original_size": [tuple(it["original_size"].tolist()) for it in items],
-        "category": [it["category"] for it in items],
     }
+    if items and all("category" in it for it in items):  # the peers' prompts may name it
+        batch["category"] = [it["category"] for it in items]
+    return batch

@@ -173,7 +173,7 @@ def predict(
         else:
             images = batch["image"].to(device, non_blocking=True)
             if is_peer:  # feclip.methods.model.PeerModel: the categories, for prompts that name them
-                out = model(images, categories=batch["category"])
+                out = model(images, categories=batch.get("category"))
             else:
                 out = model(images, return_tokens=banks is not None)
         if not original:

@@ -15,7 +15,6 @@ import logging
 import random
 import shutil
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from feclip.engine.store import AdapterStore, OutputStore, store_key, weights_sh
 from feclip.errors import CheckpointMismatchError, ConfigError, FEClipError, WeightsNotFoundError
 from feclip.fileio import atomic_write, atomic_write_text
 from feclip.loggers import NullLogger, make_logger, protocol_label, run_labels
-from feclip.methods.model import TRAINING_FREE
+from feclip.methods.model import TRAINING_FREE, check_options_fit, checkpoint_options
 from feclip.models.provenance import (
     RANDOM,
     SHA_CHARS,
@@ -127,8 +126,9 @@ def inspect_checkpoint(cfg: RunConfig) -> tuple[dict | None, str]:
         raise CheckpointMismatchError(
             f"{path}: holds {made_for}'s weights, but this run is method={cfg.method.name}"
         )
-    options = cfg.model if cfg.method.name == "feclip" else getattr(cfg.method, cfg.method.name)
-    check_fits(meta, asdict(options), path)
+    depth = meta.get("depth", "")  # a peer's file records its backbone's depth
+    prefix = "model" if cfg.method.name == "feclip" else f"method.{cfg.method.name}"
+    check_fits(meta, checkpoint_options(cfg, int(depth) if depth.isdigit() else None), path, prefix)
     return meta, f"{path}@sha256={file_sha256(path)[:SHA_CHARS]}"
 
 
@@ -218,12 +218,21 @@ def run(cfg: RunConfig, do_train: bool = True) -> Path:
     weights = plan_backbone(cfg.backbone, cfg.seed)
     if checkpoint_meta is not None:
         weights = align_with_checkpoint(weights, checkpoint_meta, cfg.checkpoint)
-    if cfg.method.name == "feclip":  # a peer checks its own taps when built
+    if cfg.method.name == "feclip":
         check_taps_fit(cfg.model, weights.name)
+    else:  # the peer's taps and windows against the backbone, before any folder is made
+        check_options_fit(cfg, weights.name)
     train_name = cfg.data.train.name if do_train and cfg.train.epochs > 0 else "none"
     if train_name != "none" and cfg.method.name in TRAINING_FREE:
         raise ConfigError(
             f"method={cfg.method.name} is training-free: evaluate it with feclip-eval (or train.epochs=0)"
+        )
+    if train_name != "none" and cfg.method.name != "feclip" and dist.world_size() > 1:
+        # a peer's loss is its reference's, not split into the ranks' shares of a batch (its dice is
+        # over the whole batch): under torchrun it would train other weights than in one process
+        raise ConfigError(
+            f"method={cfg.method.name} trains in one process: run feclip-train without torchrun "
+            "(torchrun trains FE-CLIP)"
         )
     if train_name != "none":
         checkpoint_id = "trained" if checkpoint_meta is None else f"{checkpoint_id}+trained"

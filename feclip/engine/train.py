@@ -46,7 +46,6 @@ from feclip.errors import ConfigError, FEClipError
 from feclip.fileio import atomic_write
 from feclip.losses import feclip_loss, mask_loss_images
 from feclip.models.checkpoint import read_metadata, save_adapters
-from feclip.progress import LineProgress as _LineProgress  # noqa: F401 - tests set its every_s here
 from feclip.progress import progress
 
 log = logging.getLogger("feclip.train")

@@ -27,7 +27,7 @@ The forward pass, for images ``(B, 3, S, S)`` and a token grid ``h = w = S / pat
    original path after the last block, *without* ``ln_post`` (as the reference computes it;
    ``cls_ln_post`` adds it);
 5. map: per tap ``(p_abnormal + 1 - p_normal) / 2`` upsampled bilinearly to ``S x S``, summed over taps
-   (test.py; its Gaussian ``sigma = map_sigma`` is the engine's smoothing, not applied here).
+   (test.py; its Gaussian ``sigma = 4`` is the engine's smoothing, ``eval.sigma``, not applied here).
 
 Loss (train.py): ``lam * sum_taps [Focal(P_t, G) + Dice(P_t[abn], G) + Dice(P_t[nor], 1 - G)] +
 CE(image logits, y)`` with ``P_t`` the tap's two-class probabilities upsampled to the mask size.
@@ -88,7 +88,6 @@ class AnomalyClipConfig:
     taps: tuple[int, ...] | None = None  # 0-based tap blocks; None: the top block (REFERENCE_TAPS, scaled)
     temperature: float = 0.07  # cos / temperature, for the maps and the image logits
     lam: float = 4.0  # weight of the map losses (train.py: lam = 4)
-    map_sigma: float = 4.0  # test.py's Gaussian smoothing of the S x S map (the engine's eval.sigma)
     object_word: str = "object"  # the object-agnostic class name
     abnormal_state: str = "damaged {}"  # the abnormal sentence's state template (normal: "{}")
     deep_prompts_fp16: bool = True  # the reference rounds the deep tokens to fp16 (``.half()``) each forward
@@ -120,8 +119,8 @@ class AnomalyClipConfig:
             raise ConfigError(f"anomalyclip.t_n_ctx must be >= 1 when depth > 1, got {self.t_n_ctx}")
         if self.temperature <= 0:
             raise ConfigError(f"anomalyclip.temperature must be > 0, got {self.temperature}")
-        if self.lam < 0 or self.map_sigma < 0:
-            raise ConfigError(f"anomalyclip.lam and map_sigma must be >= 0, got {self.lam}, {self.map_sigma}")
+        if self.lam < 0:
+            raise ConfigError(f"anomalyclip.lam must be >= 0, got {self.lam}")
         if "{}" not in self.abnormal_state:
             raise ConfigError(f"anomalyclip.abnormal_state must contain '{{}}', got {self.abnormal_state!r}")
         if self.taps is not None:

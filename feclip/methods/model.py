@@ -136,6 +136,49 @@ class PeerModel(nn.Module):
         }
 
 
+def backbone_geometry(backbone_name: str, image_size: int | None = None) -> tuple[int | None, int | None]:
+    """``(depth, grid side)`` of an open_clip vision tower, read from its model config (nothing built);
+    ``image_size``: ``backbone.image_size`` (None: the model's own). ``None`` where the config does not say."""
+    from feclip.models.clip import _open_clip
+
+    vision = (_open_clip().get_model_config(backbone_name) or {}).get("vision_cfg", {})
+    depth, patch = vision.get("layers"), vision.get("patch_size")
+    size = image_size or vision.get("image_size")
+    grid = size // patch if isinstance(size, int) and isinstance(patch, int) else None
+    return (depth if isinstance(depth, int) else None), grid
+
+
+def check_options_fit(cfg, backbone_name: str) -> None:
+    """A peer's options against the backbone (its taps within the depth, WinCLIP's windows within the
+    token grid), before anything is built or written; raises :class:`ConfigError` as building would."""
+    name = cfg.method.name
+    if name not in PEERS:
+        return
+    depth, grid = backbone_geometry(backbone_name, cfg.backbone.image_size)
+    options = getattr(cfg.method, name)
+    if name == "winclip":
+        if grid is not None:
+            options.validate(grid=(grid, grid))
+    elif depth is not None:
+        options.validate(depth)
+        if hasattr(options, "resolved"):  # AnomalyCLIP: its default taps and DPAM layer at this depth
+            options.resolved(depth).validate(depth)
+
+
+def checkpoint_options(cfg, depth: int | None) -> dict:
+    """What an adapter file of this run's method records as its ``config`` (the metadata
+    :func:`~feclip.models.checkpoint.check_fits` compares): FE-CLIP's ``model.*``, or the peer's
+    options as the peer holds them on a ``depth``-block backbone (AnomalyCLIP fills in its default taps
+    and DPAM layer: a file records them resolved)."""
+    name = cfg.method.name
+    if name == "feclip":
+        return asdict(cfg.model)
+    options = getattr(cfg.method, name)
+    if depth is not None and hasattr(options, "resolved"):
+        options = options.resolved(depth)
+    return asdict(options)
+
+
 def build_model(cfg, clip: nn.Module, precision: str, backbone: str | None = None) -> nn.Module:
     """The model a run config asks for: :class:`~feclip.models.FEClip` (``method.name=feclip``) or a
     :class:`PeerModel` over ``clip`` at ``precision`` (``fp32`` | ``bf16``)."""

@@ -40,11 +40,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise FEClipError(f"{path}: not a safetensors adapter file ({type(e).__name__}: {e})") from e
 
 
-def check_fits(meta: dict[str, str], model_config: dict, path: str | os.PathLike) -> None:
+def check_fits(
+    meta: dict[str, str], model_config: dict, path: str | os.PathLike, prefix: str = "model"
+) -> None:
     """Refuse, before any model is built, an adapter file trained with another model configuration.
 
-    ``model_config`` is the run's :class:`~feclip.models.FEClipConfig` as a plain dict; every field
-    the file records must have the same value (lists and tuples compare alike).
+    ``model_config`` is the run's :class:`~feclip.models.FEClipConfig` as a plain dict (or a peer's
+    options, ``prefix`` = ``method.<name>``: how the message names the fields); every field the file
+    records must have the same value (lists and tuples compare alike).
 
     Raises:
         CheckpointMismatchError: naming the fields that differ, both values.
@@ -57,7 +60,7 @@ def check_fits(meta: dict[str, str], model_config: dict, path: str | os.PathLike
         raise CheckpointMismatchError(f"{path}: the model config in the file's metadata is not an object")
     plain = json.loads(json.dumps(model_config, default=str))
     diffs = [
-        f"model.{k}={saved[k]!r} (this run: {plain[k]!r})"
+        f"{prefix}.{k}={saved[k]!r} (this run: {plain[k]!r})"
         for k in sorted(saved)
         if k in plain and saved[k] != plain[k]
     ]

@@ -112,7 +112,14 @@ def _checkpoint_metadata(checkpoint: str) -> dict[str, str]:
         raise FEClipError(f"adapter file not found: {path}")
     if not path.is_file():
         raise FEClipError(f"--checkpoint {path} is not a regular file")
-    return read_metadata(path)
+    meta = read_metadata(path)
+    method = meta.get("method", "feclip")  # a peer's file (feclip.methods.model.PeerModel) records its method
+    if method != "feclip":
+        raise FEClipError(
+            f"--checkpoint {path} holds {method}'s weights: feclip-predict runs FE-CLIP; evaluate {method} with "
+            f"feclip-eval method={method} checkpoint=..."
+        )
+    return meta
 
 
 def _checkpoint_weights(

@@ -7,11 +7,14 @@ Reads every ``<results_dir>/<study>/<variant>/seed=<seed>/metrics.csv`` (the sch
 - ``summary.csv``: tidy, one row per (study, variant, backbone, train_dataset, dataset, averaging,
   metric) with the mean and sample std over seeds, the number of seeds, the categories the macro covers,
   the paper's number and the gap, and (``study_path``) a reproduction study's number, its std and the
-  gap to it. All numbers in this file and in the tables are in percent (points), as papers print them.
+  gap to it. ``method`` says which method the variant ran (FE-CLIP or a peer: WinCLIP, APRIL-GAN,
+  AnomalyCLIP; from each run's config.yaml, else the variant's ``method=`` item), and ``paper`` is that
+  method's published number, never another method's. All numbers in this file and in the tables are in percent (points), as papers print them.
 - ``summary.md`` / ``summary.tex``: one table per study (rows variant x backbone x dataset, cells
   ``91.2 ± 0.3 (5)``, with paper/gap and study/study gap columns where there are such numbers), a micro
-  (pooled) table when ``__micro__`` rows exist, and, in the Markdown, the paired differences between
-  variants.
+  (pooled) table when ``__micro__`` rows exist, for a study that ran a peer method the published
+  numbers of FE-CLIP and of its peers with their source, and, in the Markdown, the paired differences
+  between variants.
 - ``paired.csv``: paired differences between the variants of a study (same backbone) over their shared
   seeds, with a 95% Student-t confidence interval; with a baseline (one value of the studied axis,
   ``spread3``), every variant against the baseline variant of the same other axes (``protocol``), a
@@ -77,7 +80,7 @@ from feclip.report.labels import (
     variant_axes,
     variant_labels,
 )
-from feclip.report.load import load_results
+from feclip.report.load import load_results, run_methods
 from feclip.report.orders import DATASET_ORDER, METRIC_ORDER
 from feclip.report.paired import CONFIDENCE, PAIRED_COLUMNS, paired_ci, paired_differences
 from feclip.report.plots import (
@@ -91,12 +94,18 @@ from feclip.report.plots import (
 from feclip.report.references import (
     DEFAULT_PAPER,
     PAPER_METHOD,
+    PAPER_METHODS,
     PAPER_SETTING,
+    PAPER_SOURCE,
     PAPER_TO_OURS,
     STUDY_NUMBERS,
     load_paper_numbers,
+    load_published_numbers,
     load_study_numbers,
+    method_name,
     paper_train_dataset,
+    published_source,
+    variant_method,
     variant_taps,
 )
 from feclip.report.render import MAIN_METRICS, format_cell, format_paired, render_latex, render_markdown
@@ -105,6 +114,7 @@ from feclip.report.write import plot_paper_bars, plot_studies, write_report
 __all__ = [
     "ReportError",
     "load_results",
+    "run_methods",
     "backbone_group",
     "backbone_label",
     "official_categories",
@@ -113,6 +123,10 @@ __all__ = [
     "micro_per_seed",
     "aggregate_seeds",
     "load_paper_numbers",
+    "load_published_numbers",
+    "published_source",
+    "method_name",
+    "variant_method",
     "load_study_numbers",
     "variant_taps",
     "paper_train_dataset",
@@ -146,6 +160,8 @@ __all__ = [
     "METRIC_ORDER",
     "PAIRED_COLUMNS",
     "PAPER_METHOD",
+    "PAPER_METHODS",
+    "PAPER_SOURCE",
     "PAPER_SETTING",
     "PAPER_TO_OURS",
     "STUDY_NUMBERS",

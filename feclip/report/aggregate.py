@@ -9,7 +9,8 @@ single seed.
 Only rows of the paper's CLIP (:func:`feclip.results.is_paper_backbone`; ``unknown``, the value of
 legacy files, is not) whose macro covers exactly the dataset's official categories
 (:func:`category_coverage`) are compared with the paper, and the same two rules hold for a reproduction
-study's numbers (:mod:`feclip.report.references`).
+study's numbers (:mod:`feclip.report.references`). A row is compared with the published number of its
+own method (``method``: FE-CLIP or a peer, :func:`feclip.report.load.run_methods`), never another's.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import pandas as pd
 from feclip.errors import FEClipError
 from feclip.report.backbones import _grouped
 from feclip.report.labels import PRO_METRICS, fpr_limit, metric_label, paper_aupro_options
+from feclip.report.load import run_methods
 from feclip.report.orders import _sort_key
-from feclip.report.references import NO_TRAINING, paper_train_dataset, variant_taps
+from feclip.report.references import DEFAULT_METHOD, NO_TRAINING, paper_train_dataset, variant_taps
 from feclip.results import MICRO, is_paper_backbone
 
 __all__ = [
@@ -46,7 +48,7 @@ WHY_INCOMPLETE = "incomplete"  # the macro does not cover the official categorie
 WHY_PROTOCOL = "protocol"  # trained on another auxiliary dataset than the paper's
 WHY_AUPRO = "aupro"  # an AUPRO under other options than the paper's (eval.aupro.* in the variant name)
 SUMMARY_COLUMNS = [
-    "study", "variant", "backbone", "train_dataset", "dataset", "averaging", "metric", "mean", "std",
+    "study", "variant", "method", "backbone", "train_dataset", "dataset", "averaging", "metric", "mean", "std",
     "n_seeds", "categories", "incomplete", "paper", "gap", "not_compared", "study_mean", "study_std",
     "gap_study", "not_compared_study", "flagged", "metric_label",
 ]  # fmt: skip
@@ -195,7 +197,10 @@ def _compare(
 def _attach_paper(summary: pd.DataFrame, paper: pd.DataFrame | None) -> pd.DataFrame:
     """Add ``paper``, ``gap`` (ours - paper, points) and ``not_compared`` to the summary.
 
-    A macro row gets the paper's number only when it is comparable: the paper's backbone
+    A row's paper number is its own method's (``method`` column; ``paper`` from
+    :func:`~feclip.report.references.load_published_numbers` has a ``method`` column, one from
+    :func:`~feclip.report.references.load_paper_numbers` holds FE-CLIP's numbers only, so a peer's rows get
+    none). A macro row gets it only when it is comparable: the paper's backbone
     (:func:`feclip.results.is_paper_backbone`; ``unknown`` is not), a complete macro (the dataset's
     official categories, every seed), and the paper's protocol (the paper's auxiliary training set, or
     evaluation only: ``train_dataset == "none"``). Where the paper has a number but the row is not
@@ -205,12 +210,13 @@ def _attach_paper(summary: pd.DataFrame, paper: pd.DataFrame | None) -> pd.DataF
     summary["paper"] = np.nan
     summary["not_compared"] = ""
     if paper is not None and not paper.empty and not summary.empty:
-        lookup = {(d, m): v for d, m, v in paper[["dataset", "metric", "paper"]].itertuples(index=False)}
-        reported = pd.Series(
-            [lookup.get((d, m), np.nan) for d, m in summary[["dataset", "metric"]].itertuples(index=False)],
-            index=summary.index,
-            dtype=float,
-        )
+        methods = paper["method"] if "method" in paper else pd.Series(DEFAULT_METHOD, index=paper.index)
+        lookup = {
+            (method, d, m): v
+            for method, d, m, v in zip(methods, paper["dataset"], paper["metric"], paper["paper"])
+        }
+        keys = summary[["method", "dataset", "metric"]].itertuples(index=False)
+        reported = pd.Series([lookup.get(tuple(k), np.nan) for k in keys], index=summary.index, dtype=float)
         reasons = _common_reasons(summary)
         reasons[WHY_PROTOCOL] = ~(
             (summary["train_dataset"] == NO_TRAINING)
@@ -272,14 +278,18 @@ def summarize(
     paper: pd.DataFrame | None = None,
     skip_nan: bool = False,
     study: pd.DataFrame | None = None,
+    methods: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The tidy summary (columns :data:`SUMMARY_COLUMNS`, numbers in percent).
 
     Args:
         df: rows of :func:`load_results`.
-        paper: :func:`load_paper_numbers` output (percent), or ``None``.
+        paper: :func:`load_published_numbers` output (every method's rows: each row is compared with its
+            own method's) or :func:`load_paper_numbers` output (FE-CLIP's only), percent; or ``None``.
         skip_nan: average only the defined categories of a seed.
         study: :func:`load_study_numbers` output (percent), or ``None`` (the study columns stay empty).
+        methods: the method of each (study, variant), :func:`~feclip.report.load.run_methods` output
+            (default: computed from ``df``, which reads each run's config.yaml).
     """
     parts = []
     for averaging, per_seed in (("macro", macro_per_seed(df, skip_nan)), ("micro", micro_per_seed(df))):
@@ -294,6 +304,9 @@ def summarize(
     summary = summary.merge(category_coverage(df, skip_nan), on=KEYS, how="left")
     summary["categories"] = summary["categories"].fillna("")
     summary["incomplete"] = summary["incomplete"].eq(True)
+    methods = run_methods(df) if methods is None else methods
+    summary = summary.merge(methods[["study", "variant", "method"]], on=["study", "variant"], how="left")
+    summary["method"] = summary["method"].fillna(DEFAULT_METHOD)
     summary = _flag_fewer_seeds(_attach_study(_attach_paper(summary, paper), study))
     # which AUPRO a row holds, with the FPR limit its variant ran with: "PRO (zsad, FPR<0.3)"
     summary["metric_label"] = [

@@ -4,6 +4,9 @@ The files follow the schema of :mod:`feclip.results` (the legacy 12-column one i
 ``unknown`` provenance). Any problem (a missing folder, a malformed line, the same run stored twice)
 is a :class:`~feclip.report.errors.ReportError` naming the file, and the line and field where there is
 one.
+
+:func:`run_methods` tells which method (FE-CLIP or a peer) each variant ran: the ``method.name`` of the
+``config.yaml`` beside its metrics.csv, else the ``method=<name>`` item of its variant name, else FE-CLIP.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import pandas as pd
 
 from feclip.report.backbones import _grouped
 from feclip.report.errors import ReportError
+from feclip.report.references import DEFAULT_METHOD, variant_method
 from feclip.results import COLUMNS, LEGACY_COLUMNS, UNKNOWN, find_metrics
 
-__all__ = ["load_results"]
+__all__ = ["CONFIG_FILE", "load_results", "run_methods"]
 
 #: The text columns of metrics.csv that must not be empty.
 _TEXT_FIELDS = ("study", "variant", "train_dataset", "dataset", "category", "metric")
 _PROVENANCE_FIELDS = ("backbone", "checkpoint")
+#: The resolved config a run writes beside its metrics.csv (``method: {name: ...}`` among its keys).
+CONFIG_FILE = "config.yaml"
 #: Float rounding a metric may carry past [0, 1] (an integral of 1.0000000000000002); a percentage
 #: written by mistake (85.3) is far outside.
 _VALUE_TOLERANCE = 1e-6
@@ -145,3 +151,69 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     df["value"] = df["value"].astype(float)
     _check_duplicates(df)
     return df
+
+
+def _config_method(path: Path) -> str | None:
+    """``method.name`` of a run's config.yaml; ``None`` when the file records no method (written before
+    the ``method`` group existed).
+
+    Raises:
+        ReportError: the file cannot be read, is not YAML, is not a mapping, or its ``method.name`` is
+            not a non-empty string.
+    """
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.load(f, Loader=loader)  # noqa: S506 - a safe loader
+    except UnicodeDecodeError:
+        raise ReportError(f"run config {path}: not UTF-8 text") from None
+    except OSError as err:
+        raise ReportError(f"cannot read run config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where is not None else ""
+        raise ReportError(f"run config {path}: {line}not valid YAML") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"run config {path}: not a mapping of config keys")
+    method = config.get("method")
+    if method is None:
+        return None
+    name = method.get("name") if isinstance(method, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise ReportError(f"run config {path}: method.name is {name!r}, not a method name")
+    return name.strip()
+
+
+def run_methods(df: pd.DataFrame) -> pd.DataFrame:
+    """The method each (study, variant) of a results frame ran: columns ``study, variant, method``.
+
+    Per run folder (the ``source`` column's folder), the ``method.name`` of its ``config.yaml``; where
+    there is no such file (or it predates the ``method`` group), the ``method=<name>`` item of the variant
+    name (:func:`~feclip.report.references.variant_method`); else :data:`DEFAULT_METHOD` (FE-CLIP). A frame
+    without ``source`` reads only the variant names.
+
+    Raises:
+        ReportError: an unreadable or malformed config.yaml, or two runs of one (study, variant) that
+            ran different methods (the message names both folders).
+    """
+    columns = ["study", "variant", "method"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    keys = ["study", "variant", "source"] if "source" in df else ["study", "variant"]
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    for key in df[keys].drop_duplicates().itertuples(index=False):
+        study, variant = str(key[0]), str(key[1])
+        folder = Path(key[2]).parent if len(key) > 2 else None
+        config = folder / CONFIG_FILE if folder is not None else None
+        method = _config_method(config) if config is not None and config.is_file() else None
+        method = method or variant_method(variant) or DEFAULT_METHOD
+        where = str(folder) if folder is not None else variant
+        seen = found.setdefault((study, variant), (method, where))
+        if seen[0] != method:
+            raise ReportError(
+                f"study {study} variant {variant}: runs of two methods, {seen[0]} ({seen[1]}) and {method} "
+                f"({where}); keep one method per variant"
+            )
+    return pd.DataFrame([[s, v, m] for (s, v), (m, _) in found.items()], columns=columns)

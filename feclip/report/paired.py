@@ -7,7 +7,8 @@ difference of their macro values over the seeds both have, its mean and a Studen
 By default every pair of variants is compared. A baseline names one value of the axis a study varies
 (``spread3``, ``taps=spread3``): each variant is then compared with the baseline variant that shares its
 values of every other axis (``protocol``, ...), so a study swept over both training directions gets
-both halves, and ``paired.csv`` gets a column per other axis.
+both halves, and ``paired.csv`` gets a column per other axis. An evaluation-only variant (a
+training-free method) pairs with a trained one on the datasets both evaluate (:func:`_shared_cells`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from feclip.report.backbones import _grouped
 from feclip.report.errors import ReportError
 from feclip.report.labels import BARE, variant_axes
 from feclip.report.orders import _sort_key
-from feclip.report.references import _split_overrides
+from feclip.report.references import NO_TRAINING, _split_overrides
 
 __all__ = ["CONFIDENCE", "PAIRED_COLUMNS", "paired_ci", "paired_differences"]
 
@@ -123,6 +124,24 @@ def _context_column(key: str) -> str:
     return f"axis:{name}" if name in PAIRED_COLUMNS else name
 
 
+def _shared_cells(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """The (dataset, metric, seed) cells two variants share, with ``value_a``, ``value_b`` and the pair's
+    ``train_dataset``.
+
+    An inner join: the seeds both have; a ``nan`` value stays ``nan`` (and so does the mean). The
+    training sets must match, except that an evaluation-only variant (``train_dataset`` ``none``: a
+    training-free method such as WinCLIP, a saved checkpoint) pairs with a trained one on the same
+    evaluated dataset and seeds; the pair's ``train_dataset`` then reads ``none/mvtec`` (A's, then B's).
+    """
+    both = a.merge(b, on=["dataset", "metric", "seed"], suffixes=("_a", "_b"))
+    train_a, train_b = both["train_dataset_a"], both["train_dataset_b"]
+    same = train_a == train_b
+    keep = same | (train_a == NO_TRAINING) | (train_b == NO_TRAINING)
+    both = both[keep].copy()
+    both["train_dataset"] = train_a[keep].where(same[keep], train_a[keep] + "/" + train_b[keep])
+    return both
+
+
 def paired_differences(
     per_seed: pd.DataFrame, baseline: str | None = None, confidence: float = CONFIDENCE
 ) -> pd.DataFrame:
@@ -166,8 +185,7 @@ def paired_differences(
                 contexts += [k for k in context if k not in contexts]
                 pairs = _pairs_against(variants, axis, value, context)
         for a, b, where in pairs:
-            # inner join: the seeds both variants have; a nan value stays nan (and so does the mean)
-            both = by_variant[a].merge(by_variant[b], on=cell_keys + ["seed"], suffixes=("_a", "_b"))
+            both = _shared_cells(by_variant[a], by_variant[b])
             for (train, dataset, metric), cell in both.groupby(cell_keys, sort=False):
                 cell = cell.sort_values("seed")
                 diffs = (cell["value_a"] - cell["value_b"]).to_numpy() * 100.0

@@ -8,7 +8,8 @@
   each, the figure growing with them); the value axis is zoomed on the data and says so when it does
   not start at 0.
 - ``bars_<metric>.png`` (:func:`paper_bar_plots`): per dataset, our rows compared with the paper and the
-  paper's bar, bars from 0, with the gap written on each bar.
+  paper's bar, bars from 0, with the gap written on each bar; where FE-CLIP's peers ran too, each
+  method's published bar with its own rows below it.
 
 Every figure says what its error bars are, which AUPRO it shows (:func:`feclip.report.labels.metric_label`)
 and keeps its legend outside the data. A :class:`Plot` keeps the figure with its title, caption, panel
@@ -47,7 +48,14 @@ from feclip.report.labels import (
     variant_order,
 )
 from feclip.report.orders import DATASET_ORDER, METRIC_ORDER, _ordered
-from feclip.report.references import NO_TRAINING, PAPER_METHOD, PAPER_SETTING
+from feclip.report.references import (
+    DEFAULT_METHOD,
+    NO_TRAINING,
+    PAPER_METHOD,
+    PAPER_METHODS,
+    PAPER_SETTING,
+    method_name,
+)
 from feclip.report.render import _study_metrics
 
 __all__ = ["ERROR_BARS", "Plot", "paper_bar_plots", "render_paper_bars", "render_studies", "study_plots"]
@@ -116,6 +124,24 @@ def _panels(cells: pd.DataFrame) -> list[tuple[str, str]]:
     rank = {d: i for i, d in enumerate(DATASET_ORDER)}
     found = set(zip(cells["train_dataset"], cells["dataset"]))
     return sorted(found, key=lambda p: (rank.get(p[1], len(rank)), p[1], p[0]))
+
+
+#: Marks a study figure's cell of an evaluation-only variant drawn in the panel of a trained one.
+_JOINED = "evaluation_only"
+
+
+def _join_evaluation_only(cells: pd.DataFrame) -> pd.DataFrame:
+    """Evaluation-only rows (a training-free method such as WinCLIP) in the panel of the variants trained
+    for the same dataset, where the study trained them on one set only: a method is then compared with
+    the others on one axis. Such rows keep a :data:`_JOINED` mark for the panel's title."""
+    cells = cells.assign(**{_JOINED: False})
+    trains = cells.groupby("dataset")["train_dataset"].agg(lambda s: set(s) - {NO_TRAINING})
+    for dataset, trained in trains.items():
+        rows = (cells["dataset"] == dataset) & (cells["train_dataset"] == NO_TRAINING)
+        if len(trained) == 1 and rows.any():
+            cells.loc[rows, "train_dataset"] = next(iter(trained))
+            cells.loc[rows, _JOINED] = True
+    return cells
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -241,12 +267,16 @@ def _study_plot(
             palette[value] = f"C{i}"
     cells = cells.assign(colour=colour_values.values if colour_values is not None else "")
     first_axis = roles.studied[0] if len(roles.studied) >= 2 else None
-    has_paper = has_study = has_flag = False
+    has_paper = has_study = has_flag = has_published = False
+    paper_methods: set[str] = set()
     titles = []
     for ax, (train, dataset) in zip(axes, panels):
         title = _panel_title(train, dataset)
-        titles.append(title)
         panel = cells[(cells["train_dataset"] == train) & (cells["dataset"] == dataset)]
+        if _JOINED in panel and panel[_JOINED].any():  # evaluation-only rows joined in (training-free)
+            joined = ", ".join(dict.fromkeys(code[s] for s in panel.loc[panel[_JOINED], "series"]))
+            title = f"{dataset} (trained on {train}; {joined}: evaluation only)"
+        titles.append(title)
         rows = rows_of[(train, dataset)]
         pos, ticks = np.arange(len(rows)), [code[s] for s in rows]
         rank = {s: i for i, s in enumerate(rows)}
@@ -278,8 +308,17 @@ def _study_plot(
             ax.annotate(
                 "n/a", xy, fontsize=7, color="0.4", va="center", ha="left" if horizontal else "center"
             )
-        if len(paper) == 1:
+        compared = panel.dropna(subset=["paper"]) if "paper" in panel else panel.iloc[:0]
+        methods = set(compared["method"]) if "method" in compared else set()
+        if len(methods) > 1:  # rows of several methods: each its own method's number, on its row
+            has_published = True
+            xy = (compared["paper"], compared["at"]) if horizontal else (compared["at"], compared["paper"])
+            ax.plot(
+                *xy, "|" if horizontal else "_", color=_PAPER_COLOUR, markersize=12, mew=2, linestyle="none"
+            )
+        elif len(paper) == 1:
             has_paper = True
+            paper_methods |= methods
             line = ax.axvline if horizontal else ax.axhline
             line(float(paper[0]), color=_PAPER_COLOUR, linestyle="--", linewidth=1)
         ref = panel.dropna(subset=["study_mean"]) if "study_mean" in panel else panel.iloc[:0]
@@ -322,8 +361,23 @@ def _study_plot(
                 [], [], marker="o", linestyle="none", color="C0", markerfacecolor="white", label="fewer seeds"
             )
         )
+    names = ", ".join(method_name(m) for m in sorted(paper_methods)) or PAPER_METHOD
     if has_paper:
-        handles.append(Line2D([], [], color=_PAPER_COLOUR, linestyle="--", label=f"paper ({PAPER_METHOD})"))
+        handles.append(Line2D([], [], color=_PAPER_COLOUR, linestyle="--", label=f"paper ({names})"))
+    if has_published:
+        marker = "|" if horizontal else "_"
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker=marker,
+                linestyle="none",
+                color=_PAPER_COLOUR,
+                mew=2,
+                markersize=10,
+                label="published, the row's method",
+            )
+        )
     if has_study:
         handles.append(
             Line2D([], [], marker="x", linestyle="none", color="black", label="reproduction study")
@@ -341,7 +395,9 @@ def _study_plot(
         f"macro over categories, bar: {ERROR_BARS} ({seeds} seeds)"
     )
     if has_paper:
-        caption += f"; dashed line: the paper's {PAPER_METHOD} {PAPER_SETTING} number"
+        caption += f"; dashed line: the paper's {names} {PAPER_SETTING} number"
+    if has_published:
+        caption += f"; grey tick on a row: the {PAPER_SETTING} number published for the row's own method"
     if has_study:
         caption += "; cross: the reproduction study's number"
     fixed = [f"{k}={v}" for k, v in roles.fixed if k != BARE]
@@ -362,7 +418,7 @@ def study_plots(summary: pd.DataFrame, metrics: Sequence[str] | None = None) -> 
     macro = summary[summary["averaging"] == "macro"]
     names = _backbone_labels(summary["backbone"])
     for study in sorted(macro["study"].unique()):
-        cells = macro[macro["study"] == study]
+        cells = _join_evaluation_only(macro[macro["study"] == study])
         shown = _study_metrics(cells, metrics)
         labels, roles = variant_labels(cells)
         several = cells["backbone"].nunique() > 1
@@ -401,14 +457,24 @@ def _paper_series(summary: pd.DataFrame, cells: pd.DataFrame) -> pd.Series:
     return text
 
 
+def _method_rank(method: str) -> tuple[int, str]:
+    """FE-CLIP first, then the peers in :data:`PAPER_METHODS` order, then any other method by name."""
+    order = list(PAPER_METHODS)
+    return (order.index(method) if method in order else len(order), method)
+
+
 def paper_bar_plots(summary: pd.DataFrame) -> dict[str, Plot]:
     """``bars_<metric>.png`` -> :class:`Plot` per metric with paper numbers: a panel per dataset, the
     paper's bar and one bar per compared row (study, variant, backbone), from 0, ± 1 std over seeds,
-    the gap to the paper written on each bar. Only rows compared with the paper are drawn."""
+    the gap to the paper written on each bar. Only rows compared with the paper are drawn. Where rows of
+    several methods are compared (FE-CLIP and its peers), each method's published bar comes first and its
+    rows below it, each row's gap taken to its own method's number."""
     plots = {}
     cells = summary[(summary["averaging"] == "macro") & summary["paper"].notna()].copy()
     if cells.empty:
         return plots
+    if "method" not in cells:
+        cells["method"] = DEFAULT_METHOD
     cells["series"] = _paper_series(summary, cells)
     for metric in _ordered(cells["metric"], METRIC_ORDER):
         sub = cells[cells["metric"] == metric]
@@ -416,13 +482,15 @@ def paper_bar_plots(summary: pd.DataFrame) -> dict[str, Plot]:
         several_trains = sub.groupby(["dataset", "series"])["train_dataset"].nunique().gt(1).any()
         if several_trains:
             sub = sub.assign(series=sub["series"] + " (train " + sub["train_dataset"] + ")")
+        methods = sorted(set(sub["method"]), key=_method_rank)
+        names = {m: f"{method_name(m)} (paper)" if len(methods) > 1 else "paper" for m in methods}
         datasets = _ordered(sub["dataset"], DATASET_ORDER)
         every = list(dict.fromkeys(sorted(sub["series"])))
         drawn_all, key = _codes(every, MAX_LABEL + 8)
         code = dict(zip(every, drawn_all))
-        most = int(sub.groupby("dataset")["series"].nunique().max()) + 1
+        most = int(sub.groupby("dataset")["series"].nunique().max()) + len(methods)
         nrows, ncols = _grid(len(datasets))
-        longest = max(len(s) for s in drawn_all + ["paper"])
+        longest = max(len(s) for s in drawn_all + list(names.values()))
         width = ncols * (_PANEL_INCHES + 0.075 * longest)
         height = nrows * (0.3 * most + 1.1) + 1.4
         fig = _new_figure(width, height)
@@ -431,23 +499,29 @@ def paper_bar_plots(summary: pd.DataFrame) -> dict[str, Plot]:
             ax.remove()
         labels_drawn = []
         for ax, dataset in zip(axes, datasets):
-            part = sub[sub["dataset"] == dataset].sort_values("series")
-            paper = float(part["paper"].iloc[0])
-            rows = ["paper", *[code[s] for s in part["series"]]]
-            labels_drawn += rows[1:]
-            y = np.arange(len(rows))
-            ax.barh(0, paper, color="0.7", height=0.7)
-            ax.text(1, 0, f"{PAPER_METHOD} {paper:.1f}", va="center", ha="left", fontsize=7)
-            means = part["mean"].to_numpy(dtype=float)
-            stds = part["std"].fillna(0.0).to_numpy(dtype=float)
-            ax.barh(y[1:], np.nan_to_num(means), xerr=stds, color="C0", height=0.7, capsize=2)
-            for yy, mean, gap in zip(y[1:], means, part["gap"].to_numpy(dtype=float)):
-                text = "n/a" if math.isnan(mean) else f"{mean:.1f} (gap {gap:+.1f})".replace("-", "−")
-                ax.text(
-                    1, yy, text, va="center", ha="left", fontsize=7, color="white" if mean > 30 else "black"
-                )
-            ax.axvline(paper, color=_PAPER_COLOUR, linestyle="--", linewidth=1)
-            ax.set_yticks(y, rows, fontsize=8)
+            part = sub[sub["dataset"] == dataset]
+            rows, y = [], 0
+            for method in sorted(set(part["method"]), key=_method_rank):
+                mine = part[part["method"] == method].sort_values("series")
+                paper = float(mine["paper"].iloc[0])
+                ax.barh(y, paper, color="0.7", height=0.7)
+                ax.text(1, y, f"{method_name(method)} {paper:.1f}", va="center", ha="left", fontsize=7)
+                rows.append(names[method])
+                at = np.arange(y + 1, y + 1 + len(mine))
+                means = mine["mean"].to_numpy(dtype=float)
+                stds = mine["std"].fillna(0.0).to_numpy(dtype=float)
+                ax.barh(at, np.nan_to_num(means), xerr=stds, color="C0", height=0.7, capsize=2)
+                for yy, mean, gap in zip(at, means, mine["gap"].to_numpy(dtype=float)):
+                    text = "n/a" if math.isnan(mean) else f"{mean:.1f} (gap {gap:+.1f})".replace("-", "−")
+                    colour = "white" if mean > 30 else "black"
+                    ax.text(1, yy, text, va="center", ha="left", fontsize=7, color=colour)
+                if len(methods) == 1:
+                    ax.axvline(paper, color=_PAPER_COLOUR, linestyle="--", linewidth=1)
+                drawn = [code[s] for s in mine["series"]]
+                rows += drawn
+                labels_drawn += drawn
+                y += 1 + len(mine)
+            ax.set_yticks(np.arange(len(rows)), rows, fontsize=8)
             ax.set_ylim(len(rows) - 0.5, -0.5)
             ax.set_xlim(0, 100)
             ax.set_xlabel("% (axis from 0)", fontsize=8)
@@ -456,12 +530,21 @@ def paper_bar_plots(summary: pd.DataFrame) -> dict[str, Plot]:
             ax.grid(axis="x", alpha=0.3)
         _draw_key(fig, key)
         label = metric_label(metric, {fpr_limit(v) for v in sub["variant"]})
-        title = f"{label}: ours vs the paper ({PAPER_METHOD} {PAPER_SETTING})"
-        caption = (
-            f"bars from 0; ours: mean over seeds of the macro over categories, error bar {ERROR_BARS}, "
-            "gap = ours − paper in points; grey bar and dashed line: the paper's number; only rows "
-            "compared with the paper (its CLIP, a complete macro, its training protocol)"
-        )
+        if len(methods) > 1:
+            title = f"{label}: ours vs the published numbers ({PAPER_SETTING}) of each method"
+            caption = (
+                f"bars from 0; ours: mean over seeds of the macro over categories, error bar {ERROR_BARS}, "
+                "gap = ours − the published number of the row's own method, in points; grey bar: a "
+                "method's published number, its rows below it; only rows compared with the paper (its "
+                "CLIP, a complete macro, its training protocol)"
+            )
+        else:
+            title = f"{label}: ours vs the paper ({method_name(methods[0])} {PAPER_SETTING})"
+            caption = (
+                f"bars from 0; ours: mean over seeds of the macro over categories, error bar {ERROR_BARS}, "
+                "gap = ours − paper in points; grey bar and dashed line: the paper's number; only rows "
+                "compared with the paper (its CLIP, a complete macro, its training protocol)"
+            )
         if metric in PRO_METRICS:
             caption += "; " + pro_caption(metric, {fpr_limit(v) for v in sub["variant"]})
         fig.suptitle(title + "\n" + _wrap(caption, width), fontsize=9)

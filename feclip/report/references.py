@@ -1,7 +1,12 @@
 """The reference numbers a report compares with: the paper's table and a reproduction study's table.
 
-``paper_numbers.csv`` (:func:`load_paper_numbers`) holds the paper's numbers per method, setting and
-dataset; ``study_numbers.csv`` (:func:`load_study_numbers`) a reproduction study's, keyed by the taps
+``paper_numbers.csv`` holds the published numbers per method, setting and dataset: FE-CLIP's and its
+peers' (WinCLIP, APRIL-GAN, AnomalyCLIP) as the FE-CLIP paper's Tables 1-2 print them.
+:func:`load_paper_numbers` reads one method's rows; :func:`load_published_numbers` every method a run can
+be (:data:`PAPER_METHODS`: ``method.name`` -> the file's method name), so that a run of a peer is compared
+with that peer's row, never with FE-CLIP's. A run's method comes from its ``config.yaml``
+(:func:`feclip.report.load.run_methods`), else from the ``method=<name>`` item of its variant name
+(:func:`variant_method`). ``study_numbers.csv`` (:func:`load_study_numbers`) a reproduction study's, keyed by the taps
 set, the auxiliary training set and the evaluated dataset. A results row finds its study number through
 the taps set its variant name names (:func:`variant_taps`). Both files hold percent; ``#`` starts a
 comment, ``-`` means not reported. Any problem is a :class:`~feclip.report.errors.ReportError` naming
@@ -21,15 +26,22 @@ from feclip.report.errors import ReportError
 from feclip.report.orders import METRIC_ORDER
 
 __all__ = [
+    "DEFAULT_METHOD",
     "DEFAULT_PAPER",
     "NO_TRAINING",
     "PAPER_METHOD",
+    "PAPER_METHODS",
     "PAPER_SETTING",
+    "PAPER_SOURCE",
     "PAPER_TO_OURS",
     "STUDY_NUMBERS",
     "load_paper_numbers",
+    "load_published_numbers",
     "load_study_numbers",
+    "method_name",
     "paper_train_dataset",
+    "published_source",
+    "variant_method",
     "variant_taps",
 ]
 
@@ -44,6 +56,20 @@ PAPER_TO_OURS = {
 }
 PAPER_METHOD = "FE-CLIP"
 PAPER_SETTING = "zero_shot"
+#: ``method.name`` of a run (conf/method, :data:`feclip.methods.model.METHODS`) -> its rows'
+#: ``method`` in paper_numbers.csv. A run is compared with its own method's published numbers only.
+PAPER_METHODS = {
+    "feclip": PAPER_METHOD,
+    "winclip": "WinCLIP",
+    "aprilgan": "APRIL-GAN",
+    "anomalyclip": "AnomalyCLIP",
+}
+#: The method of a run that records none (a config.yaml written before the ``method`` group, no
+#: ``method=`` item in its variant name): FE-CLIP, the only method then.
+DEFAULT_METHOD = "feclip"
+#: Where the packaged file's rows come from, per its comment lines: every method's zero-shot row as
+#: the FE-CLIP paper's Tables 1-2 print it (for the peers, not their own papers; docs/peers.md).
+PAPER_SOURCE = "the FE-CLIP paper's Tables 1-2"
 #: The paper's auxiliary (training) dataset for a target: VisA for MVTec AD, MVTec AD otherwise.
 PAPER_AUX_FOR_MVTEC = "visa"
 PAPER_AUX_DEFAULT = "mvtec"
@@ -106,26 +132,30 @@ def _read_reference_table(path: Path, what: str = "paper numbers") -> pd.DataFra
     return table
 
 
-def load_paper_numbers(
-    path: str | os.PathLike, method: str = PAPER_METHOD, setting: str = PAPER_SETTING
-) -> pd.DataFrame:
-    """The paper's numbers for one method and setting, long format: ``dataset, metric, paper`` (percent).
-
-    Reads ``paper_numbers.csv`` (``#`` lines are comments, ``-`` = not reported) and renames the paper's
-    columns to our metric names with :data:`PAPER_TO_OURS`; unreported values are dropped.
-
-    Raises:
-        ReportError: the file cannot be read or parsed, lacks a column, has no row for ``method`` and
-            ``setting``, lists a dataset twice, or holds a value that is not a percentage.
-    """
-    table = _read_reference_table(Path(path))
+def _check_columns(table: pd.DataFrame, path) -> None:
+    """A paper numbers file must have the key columns and the four compared ones."""
     needed = {"method", "setting", "dataset", *PAPER_TO_OURS}
     missing = sorted(needed - set(table.columns))
     if missing:
         raise ReportError(f"paper numbers {path}: missing columns {missing}")
+
+
+def _require_rows(table: pd.DataFrame, path, method: str, setting: str) -> None:
+    """The file must hold at least one row of ``method`` for ``setting``."""
+    if not ((table["method"] == method) & (table["setting"] == setting)).any():
+        raise ReportError(f"paper numbers {path}: no row with method={method} and setting={setting}")
+
+
+def _method_rows(table: pd.DataFrame, path, method: str, setting: str) -> pd.DataFrame:
+    """One method's rows of a paper numbers table, long: ``dataset, metric, paper`` (percent).
+
+    Unreported values (``-``, empty) are dropped. Raises ReportError on a dataset listed twice, a value
+    that is not a number or not in [0, 100], or only values <= 1 (fractions); an empty frame when the
+    method has no row for ``setting``.
+    """
     rows = table[(table["method"] == method) & (table["setting"] == setting)]
     if rows.empty:
-        raise ReportError(f"paper numbers {path}: no row with method={method} and setting={setting}")
+        return pd.DataFrame(columns=["dataset", "metric", "paper"])
     twice = rows["dataset"][rows["dataset"].duplicated()]
     if not twice.empty:
         raise ReportError(
@@ -140,14 +170,15 @@ def load_paper_numbers(
     if not bad.empty:
         b = bad.iloc[0]
         raise ReportError(
-            f"paper numbers {path}: dataset {b['dataset']}, column {b['column']}: {b['text']!r} is not a number"
+            f"paper numbers {path}: {method}, dataset {b['dataset']}, column {b['column']}: {b['text']!r} "
+            "is not a number"
         )
     out_of_range = long[(long["paper"] < 0) | (long["paper"] > 100)]
     if not out_of_range.empty:
         b = out_of_range.iloc[0]
         raise ReportError(
-            f"paper numbers {path}: dataset {b['dataset']}, column {b['column']}: {b['paper']} is not a "
-            "percentage in [0, 100]"
+            f"paper numbers {path}: {method}, dataset {b['dataset']}, column {b['column']}: {b['paper']} is "
+            "not a percentage in [0, 100]"
         )
     if long["paper"].notna().any() and (long["paper"].dropna() <= 1.0).all():
         raise ReportError(
@@ -155,6 +186,76 @@ def load_paper_numbers(
         )
     long["metric"] = long["column"].map(PAPER_TO_OURS)
     return long.dropna(subset=["paper"])[["dataset", "metric", "paper"]].reset_index(drop=True)
+
+
+def load_paper_numbers(
+    path: str | os.PathLike, method: str = PAPER_METHOD, setting: str = PAPER_SETTING
+) -> pd.DataFrame:
+    """One method's published numbers for one setting, long format: ``dataset, metric, paper`` (percent).
+
+    Reads ``paper_numbers.csv`` (``#`` lines are comments, ``-`` = not reported) and renames the paper's
+    columns to our metric names with :data:`PAPER_TO_OURS`; unreported values are dropped. ``method`` is
+    the file's name of the method (``FE-CLIP``, ``APRIL-GAN``). A summary given this frame compares
+    FE-CLIP's runs only; :func:`load_published_numbers` gives every method its own row.
+
+    Raises:
+        ReportError: the file cannot be read or parsed, lacks a column, has no row for ``method`` and
+            ``setting``, lists a dataset twice, or holds a value that is not a percentage.
+    """
+    table = _read_reference_table(Path(path))
+    _check_columns(table, path)
+    _require_rows(table, path, method, setting)
+    return _method_rows(table, path, method, setting)
+
+
+def load_published_numbers(path: str | os.PathLike, setting: str = PAPER_SETTING) -> pd.DataFrame:
+    """Every known method's published numbers for one setting, long: ``method, paper_method, dataset,
+    metric, paper`` (percent).
+
+    ``method`` is the run's ``method.name`` (:data:`PAPER_METHODS`: ``aprilgan``), ``paper_method`` the
+    file's name for it (``APRIL-GAN``). FE-CLIP's rows are required; a peer without rows in the file is
+    simply absent (its runs get no paper number), and rows of methods no run can be (``CLIP``) are
+    ignored. ``attrs["source"]`` is the file and ``attrs["comments"]`` its comment lines, where the
+    packaged file says where its numbers come from (:func:`published_source`).
+
+    Raises:
+        ReportError: as :func:`load_paper_numbers`, for any known method's rows.
+    """
+    path = Path(path)
+    table = _read_reference_table(path)
+    _check_columns(table, path)
+    _require_rows(table, path, PAPER_METHOD, setting)
+    parts = []
+    for ours, theirs in PAPER_METHODS.items():
+        rows = _method_rows(table, path, theirs, setting)
+        if not rows.empty:
+            parts.append(rows.assign(method=ours, paper_method=theirs))
+    frame = pd.concat(parts, ignore_index=True)[["method", "paper_method", "dataset", "metric", "paper"]]
+    frame.attrs["source"] = str(path)
+    frame.attrs["comments"] = list(table.attrs.get("comments", []))
+    return frame
+
+
+def published_source(published: pd.DataFrame | None) -> str | None:
+    """How the report names the source of the published numbers it shows.
+
+    The packaged ``paper_numbers.csv``: :data:`PAPER_SOURCE` (its comment lines say so), with the file's
+    name; another file (``--paper``): its path, whose own comments the notes quote. ``None`` without a
+    frame or a ``source``.
+    """
+    if published is None or "source" not in published.attrs:
+        return None
+    source = Path(published.attrs["source"])
+    try:
+        packaged = source.resolve() == DEFAULT_PAPER.resolve()
+    except OSError:
+        packaged = False
+    return f"{PAPER_SOURCE} (feclip/report/paper/{DEFAULT_PAPER.name})" if packaged else str(source)
+
+
+def method_name(method: str) -> str:
+    """A method as the tables name it: the paper's spelling (``aprilgan`` -> ``APRIL-GAN``), else itself."""
+    return PAPER_METHODS.get(method, method)
 
 
 def _study_percent(text: str, line: int, column: str, fail) -> float:
@@ -281,6 +382,21 @@ def variant_taps(variant: str) -> str | None:
             return None
         name, sep, value = item.partition("=")
         if sep and name == "taps" and value:
+            found = value
+    return found
+
+
+def variant_method(variant: str) -> str | None:
+    """The method a variant name asks for: ``<name>`` of its ``method=<name>`` item, else ``None``.
+
+    ``method=aprilgan,protocol=mvtec_to_all`` -> ``aprilgan``; an ``eval,`` prefix or a ``ckpt=`` part
+    is allowed. A run's ``config.yaml`` is the better witness (:func:`feclip.report.load.run_methods`
+    prefers it): an experiment file may set the method without the variant name saying so.
+    """
+    found = None
+    for item in _split_overrides(str(variant)):
+        name, sep, value = item.strip().lstrip("+").partition("=")
+        if sep and name == "method" and value:
             found = value
     return found
 

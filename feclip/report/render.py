@@ -3,23 +3,35 @@
 One table per study and averaging: rows variant x backbone x dataset, cells ``91.2 ± 0.3 (5)`` (percent,
 mean ± sample std over seeds, number of seeds; :data:`FLAG` marks fewer seeds than the table's usual
 count, :data:`INCOMPLETE_FLAG` a macro that does not cover the dataset's official categories), with
-paper/gap and study/study gap columns where there are such numbers. The Markdown adds each study's
-paired differences (:mod:`feclip.report.paired`).
+paper/gap and study/study gap columns where there are such numbers. A study that ran a peer method
+(WinCLIP, APRIL-GAN, AnomalyCLIP) gets a ``method`` column, each row's ``paper`` is its own method's
+published number, and a table of the published numbers of FE-CLIP and of the study's peers, labelled
+with their source, follows its summary table. The Markdown adds each study's paired differences
+(:mod:`feclip.report.paired`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
 from feclip.report.aggregate import WHY_AUPRO, WHY_PROTOCOL, _mode_count
 from feclip.report.backbones import _backbone_labels
 from feclip.report.labels import PRO_METRICS, fpr_limit, metric_label, pro_note
-from feclip.report.orders import METRIC_ORDER, _ordered
+from feclip.report.orders import DATASET_ORDER, METRIC_ORDER, _ordered
 from feclip.report.paired import CONFIDENCE, PAIRED_COLUMNS
-from feclip.report.references import PAPER_METHOD, PAPER_SETTING
+from feclip.report.references import (
+    DEFAULT_METHOD,
+    DEFAULT_PAPER,
+    PAPER_METHOD,
+    PAPER_METHODS,
+    PAPER_SETTING,
+    method_name,
+    published_source,
+)
 from feclip.results import UNKNOWN, is_paper_backbone
 
 __all__ = ["MAIN_METRICS", "format_cell", "format_paired", "render_latex", "render_markdown"]
@@ -33,6 +45,10 @@ INCOMPLETE_FLAG = "‡"
 DASH = "–"
 #: Label columns of the summary and paired tables (left-aligned; the rest are numbers).
 _SUMMARY_LABELS = ["variant", "backbone", "train", "dataset"]
+#: The same with the method, for a study that ran a peer method.
+_METHOD_LABELS = ["variant", "method", "backbone", "train", "dataset"]
+#: Label columns of the published numbers table.
+_PUBLISHED_LABELS = ["dataset", "method", "source"]
 _PAIRED_LABELS = ["A − B", "backbone", "train", "dataset"]
 #: The two columns a metric gets in a table when the study's numbers are attached.
 STUDY_HEADER = ["study", "study gap"]
@@ -84,11 +100,22 @@ def _header(metric: str, limits: set[str]) -> str:
     return f"{metric}: {metric_label(metric, limits)}" if metric in PRO_METRICS else metric
 
 
+def _has_peers(cells: pd.DataFrame) -> bool:
+    """Whether some rows of ``cells`` ran another method than FE-CLIP."""
+    return "method" in cells and bool((cells["method"] != DEFAULT_METHOD).any())
+
+
+def _label_columns(cells: pd.DataFrame) -> list[str]:
+    """The label columns of a summary table: with ``method`` where a peer ran."""
+    return list(_METHOD_LABELS if _has_peers(cells) else _SUMMARY_LABELS)
+
+
 def _summary_table(
     cells: pd.DataFrame, metrics: Sequence[str], labels: dict[str, str]
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one study table: rows variant x backbone x dataset, a cell per metric (+ paper,
-    gap; + study, study gap; both pairs empty where the row is not compared with that reference)."""
+    gap; + study, study gap; both pairs empty where the row is not compared with that reference). A
+    study that ran a peer method gets a ``method`` column (the method's published name)."""
     metrics = [m for m in metrics if m in set(cells["metric"])]
 
     def shown(value_column: str, why_column: str) -> list[str]:
@@ -103,7 +130,8 @@ def _summary_table(
 
     with_paper = shown("paper", "not_compared")
     with_study = shown("study_mean", "not_compared_study")
-    header = list(_SUMMARY_LABELS)
+    header = _label_columns(cells)
+    with_method = "method" in header
     limits = _limits(cells)
     for m in metrics:
         header += [_header(m, limits)] + (["paper", "gap"] if m in with_paper else [])
@@ -111,8 +139,10 @@ def _summary_table(
     rows = []
     row_keys = ["variant", "backbone", "train_dataset", "dataset"]
     index = cells.set_index(row_keys + ["metric"])
-    for (variant, backbone, train, dataset), _ in cells.groupby(row_keys, sort=False):
+    for (variant, backbone, train, dataset), group in cells.groupby(row_keys, sort=False):
         row = [variant, labels.get(backbone, backbone), train, dataset]
+        if with_method:
+            row.insert(1, method_name(str(group["method"].iloc[0])))
         for m in metrics:
             key = (variant, backbone, train, dataset, m)
             cell = index.loc[key] if key in index.index else None
@@ -135,6 +165,66 @@ def _summary_table(
                     row += [_study_cell(cell["study_mean"], cell["study_std"]), _signed(cell["gap_study"])]
         rows.append(row)
     return header, rows
+
+
+def _study_methods(cells: pd.DataFrame) -> list[str]:
+    """FE-CLIP and the methods a study ran, in :data:`PAPER_METHODS` order (others after, by name)."""
+    ran = set(cells["method"]) if "method" in cells else set()
+    order = list(PAPER_METHODS)
+    return sorted(ran | {DEFAULT_METHOD}, key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+def _source_cell(published: pd.DataFrame) -> str:
+    """The ``source`` column of the published table: the packaged file's source, or another file's name."""
+    source = published.attrs.get("source")
+    if source is None:
+        return ""
+    if Path(source).resolve() == DEFAULT_PAPER.resolve():
+        return f"{PAPER_METHOD} paper, Tables 1-2"
+    return Path(source).name
+
+
+def _published_table(
+    cells: pd.DataFrame, published: pd.DataFrame, metrics: Sequence[str]
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header and rows of a study's published numbers: per evaluated dataset, FE-CLIP's and each peer's
+    that the study ran (``–``: not reported), and the methods without any number in the file."""
+    methods = _study_methods(cells)
+    shown = [m for m in metrics if m in set(published["metric"])]
+    datasets = _ordered(cells["dataset"], DATASET_ORDER)
+    lookup = {
+        (method, d, m): v
+        for method, d, m, v in published[["method", "dataset", "metric", "paper"]].itertuples(index=False)
+    }
+    source = _source_cell(published)
+    header = list(_PUBLISHED_LABELS) + [_header(m, _limits(cells)) for m in shown]
+    rows = []
+    for dataset in datasets:
+        for method in methods:
+            values = [lookup.get((method, dataset, m), math.nan) for m in shown]
+            if all(math.isnan(v) for v in values):
+                continue
+            rows.append([dataset, method_name(method), source] + [_num(v) for v in values])
+    absent = [m for m in methods if m not in set(published["method"])]
+    return header, rows, absent
+
+
+def _published_notes(published: pd.DataFrame, absent: Sequence[str]) -> list[str]:
+    """Under the published table: where its numbers come from (the file's own comment lines), the
+    methods the file has no numbers for."""
+    comments = " ".join(c for c in published.attrs.get("comments", []) if c)
+    source = published_source(published) or "the paper numbers file"
+    text = f"source: {source}"
+    if comments:
+        text += f', whose comments read: "{comments.rstrip(".")}"'
+    notes = [
+        text
+        + f". {DASH}: not reported. Each row of the summary table is compared with its own method's number."
+    ]
+    if absent:
+        names = ", ".join(method_name(m) for m in absent)
+        notes.append(f"no published {PAPER_SETTING} numbers for {names} in {source}: not compared.")
+    return notes
 
 
 def _paired_table(
@@ -200,9 +290,11 @@ def _table_notes(
     labels: dict[str, str],
     study_label: str | None = None,
     metrics: Sequence[str] = (),
+    source: str | None = None,
 ) -> list[str]:
     """Footnotes under a summary table: which AUPRO each PRO column is, the seed flag, incomplete macros,
-    backbones, the paper and study legends."""
+    backbones, the paper and study legends. ``source`` names where the published numbers come from (a
+    study that ran a peer: each row's ``paper`` is its own method's)."""
     notes = []
     pro = pro_note(metrics, _limits(cells))
     if pro:
@@ -241,6 +333,13 @@ def _table_notes(
         )
     if (cells["paper"].notna().any() or not withheld.empty) and paper_label:
         legend = f"paper: {paper_label}; gap = ours − paper, in points"
+        if _has_peers(cells):
+            names = ", ".join(method_name(m) for m in _study_methods(cells) if m in set(cells["method"]))
+            legend = (
+                f"paper: the {PAPER_SETTING} number published for the row's own method ({names})"
+                + (f", from {source}" if source else "")
+                + "; gap = ours − paper, in points"
+            )
         notes.append(legend + ("; empty: not compared (see above)." if not withheld.empty else "."))
     if with_study:
         legend = (
@@ -280,13 +379,17 @@ def render_markdown(
     title: str = "FE-CLIP results",
     paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
     study_label: str | None = None,
+    published: pd.DataFrame | None = None,
 ) -> str:
     """The Markdown report: per study a macro table, a micro table when present and the paired table.
 
     ``study_label`` names the study numbers in the notes (:func:`_study_label`: the file and its
-    settings) where the summary carries them.
+    settings) where the summary carries them. ``published``
+    (:func:`~feclip.report.references.load_published_numbers`): a study that ran a peer method also gets
+    the published numbers of FE-CLIP and of its peers, labelled with their source.
     """
     labels = _backbone_labels(summary["backbone"])
+    source = published_source(published)
     out = [
         f"# {title}",
         "",
@@ -305,9 +408,24 @@ def render_markdown(
                 continue
             shown = _study_metrics(cells, metrics)
             header, rows = _summary_table(cells, shown, labels)
-            out += ["", f"### {label.capitalize()}", "", _markdown_table(header, rows, len(_SUMMARY_LABELS))]
-            notes = _table_notes(cells, paper_label, labels, study_label, shown)
+            n_labels = len(_label_columns(cells))
+            out += ["", f"### {label.capitalize()}", "", _markdown_table(header, rows, n_labels)]
+            notes = _table_notes(cells, paper_label, labels, study_label, shown, source)
             out += [""] + notes if notes else []
+            if averaging == "macro" and published is not None and _has_peers(cells):
+                header, rows, absent = _published_table(cells, published, shown)
+                notes = _published_notes(published, absent)
+                if rows:
+                    out += [
+                        "",
+                        f"### Published numbers ({PAPER_SETTING}): {PAPER_METHOD} and its peers",
+                        "",
+                        _markdown_table(header, rows, len(_PUBLISHED_LABELS)),
+                        "",
+                        *notes,
+                    ]
+                elif absent:
+                    out += ["", notes[-1]]
         pairs = paired[paired["study"] == study] if paired is not None and not paired.empty else None
         if pairs is not None and not pairs.empty:
             shown = _study_metrics(pairs, metrics)
@@ -378,9 +496,12 @@ def render_latex(
     metrics: Sequence[str] | None = None,
     paper_label: str | None = f"{PAPER_METHOD} {PAPER_SETTING}",
     study_label: str | None = None,
+    published: pd.DataFrame | None = None,
 ) -> str:
-    """The summary tables as LaTeX tabulars (booktabs), one per study and averaging."""
+    """The summary tables as LaTeX tabulars (booktabs), one per study and averaging; with ``published``,
+    a study that ran a peer method also gets the published numbers table (as the Markdown)."""
     labels = _backbone_labels(summary["backbone"])
+    source = published_source(published)
     blocks = [
         "% feclip-report: percent, mean +- sample std over seeds (n seeds). Needs \\usepackage{booktabs}."
     ]
@@ -391,8 +512,13 @@ def render_latex(
                 continue
             shown = _study_metrics(cells, metrics)
             header, rows = _summary_table(cells, shown, labels)
-            notes = _table_notes(cells, paper_label, labels, study_label, shown)
-            blocks.append(
-                _latex_table(header, rows, f"study {study}, {averaging}", notes, len(_SUMMARY_LABELS))
-            )
+            notes = _table_notes(cells, paper_label, labels, study_label, shown, source)
+            caption = f"study {study}, {averaging}"
+            blocks.append(_latex_table(header, rows, caption, notes, len(_label_columns(cells))))
+            if averaging == "macro" and published is not None and _has_peers(cells):
+                header, rows, absent = _published_table(cells, published, shown)
+                if rows:
+                    caption = f"study {study}, published {PAPER_SETTING} numbers"
+                    notes = _published_notes(published, absent)
+                    blocks.append(_latex_table(header, rows, caption, notes, len(_PUBLISHED_LABELS)))
     return "\n\n".join(blocks) + "\n"

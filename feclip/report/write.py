@@ -23,7 +23,7 @@ from feclip.report.load import load_results
 from feclip.report.orders import METRIC_ORDER, _ordered
 from feclip.report.paired import paired_differences
 from feclip.report.plots import render_paper_bars, render_studies
-from feclip.report.references import DEFAULT_PAPER, load_paper_numbers, load_study_numbers
+from feclip.report.references import DEFAULT_PAPER, load_published_numbers, load_study_numbers
 from feclip.report.render import _study_label, render_latex, render_markdown
 
 __all__ = ["plot_paper_bars", "plot_studies", "write_report"]
@@ -118,7 +118,9 @@ def write_report(
     Args:
         results_dir: the results tree (or one study's folder of it).
         out_dir: where to write; default ``<results_dir>/report``.
-        paper_path: the paper's ``paper_numbers.csv``, or ``None`` for no comparison.
+        paper_path: the paper's ``paper_numbers.csv``, or ``None`` for no comparison. Every method's
+            rows are read (:func:`~feclip.report.references.load_published_numbers`): each run is
+            compared with its own method's (FE-CLIP or a peer, from its config.yaml or variant name).
         baseline: one value of a study's axis (``spread3``, ``taps=spread3``): every variant against the
             one with this value and the same other axes, within each value of those (default: every
             pair); see :func:`paired_differences`.
@@ -141,7 +143,8 @@ def write_report(
                 f"--metrics: {', '.join(unknown) or 'none given'} not in {results_dir} "
                 f"(metrics: {', '.join(_ordered(present, METRIC_ORDER))})"
             )
-    paper = load_paper_numbers(paper_path) if paper_path is not None else None
+    # every method's published numbers: a run of a peer is compared with that peer's row
+    paper = load_published_numbers(paper_path) if paper_path is not None else None
     study = load_study_numbers(study_path) if study_path is not None else None
     _check_out_dir(out_dir)
     summary = summarize(df, paper, skip_nan, study)
@@ -150,12 +153,12 @@ def write_report(
     except ReportError as err:  # the baseline: named as the option that set it
         raise ReportError(f"--{err}") from None
     label = _study_label(study)
-    markdown = render_markdown(summary, paired, metrics, study_label=label)
+    markdown = render_markdown(summary, paired, metrics, study_label=label, published=paper)
     files = {
         "summary.csv": _csv_text(summary).encode(),
         "paired.csv": _csv_text(paired).encode(),
         "summary.md": markdown.encode(),
-        "summary.tex": render_latex(summary, metrics, study_label=label).encode(),
+        "summary.tex": render_latex(summary, metrics, study_label=label, published=paper).encode(),
     }
     if plots:
         files.update(render_paper_bars(summary))
