@@ -14,6 +14,7 @@ from feclip.apps.train import CONF_DIR, to_run_config
 SEEDS = [42, 123, 456, 789, 1024]
 # runs per experiment = (values of its axis) x (protocols) x (5 seeds)
 EXPECTED_RUNS = {
+    "peers": 4 * 2 * 5,
     "eval_resolution": 2 * 2 * 5,
     "aupro": 3 * 2 * 2 * 2 * 5,
     "map_taps": 4 * 2 * 5,

@@ -4,7 +4,7 @@ The fixture ``tests/data/peers/aprilgan.pt`` holds what the reference (``ByChels
 computed on the tiny random CLIP, fixed random images, masks and linear-layer weights
 (``scripts/peers/pin_aprilgan.py`` writes it). Measured: image scores within 1.2e-6, maps within 4.3e-6
 (values up to 4.0), loss within 9.6e-7 (8.4e-8 relative), gradients of the linear layers within 8.4e-7
-(at most 1.3e-6 of each tensor's largest entry): fp32 rounding (docs/peers_aprilgan.md).
+(at most 1.3e-6 of each tensor's largest entry): fp32 rounding (docs/peers.md).
 """
 
 from __future__ import annotations

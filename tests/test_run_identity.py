@@ -104,7 +104,9 @@ def test_options_that_change_no_number_change_no_identity(data_root):
     # and they are left out of the folder name Hydra builds from the overrides
     from omegaconf import OmegaConf
 
-    excluded = OmegaConf.load(REPO / "feclip" / "conf" / "train.yaml").hydra.job.config.override_dirname.exclude_keys
+    excluded = OmegaConf.load(
+        REPO / "feclip" / "conf" / "train.yaml"
+    ).hydra.job.config.override_dirname.exclude_keys
     assert {"logger", "eval.save_figures", "train.progress"} <= set(excluded)
 
 
@@ -361,7 +363,12 @@ def test_progress_is_periodic_lines_when_stderr_is_not_a_terminal(data_root, tmp
     run(
         compose_run(
             smoke_overrides(
-                data_root, tmp_path, "train.progress=true", "variant=pg", "train.epochs=1", "train.reuse=false"
+                data_root,
+                tmp_path,
+                "train.progress=true",
+                "variant=pg",
+                "train.epochs=1",
+                "train.reuse=false",
             )
         )
     )

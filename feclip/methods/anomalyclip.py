@@ -1,7 +1,7 @@
 """AnomalyCLIP (Zhou et al., ICLR 2024): object-agnostic prompt learning over a frozen CLIP.
 
 Reference: ``zqhang/AnomalyCLIP`` (train.py, test.py, prompt_ensemble.py, AnomalyCLIP_lib/, loss.py);
-docs/peers_anomalyclip.md lists the commit read, the published numbers and every difference.
+docs/peers.md lists the commit read, the published numbers and every difference.
 
 What is learned (nothing of the CLIP):
 

@@ -1,6 +1,6 @@
 """APRIL-GAN (Chen, Han and Zhang, VAND 2023 challenge report, arXiv 2305.17382) over a frozen open_clip ViT.
 
-What the authors' code (``ByChelsea/VAND-APRIL-GAN``, docs/peers_aprilgan.md) computes, for images
+What the authors' code (``ByChelsea/VAND-APRIL-GAN``, docs/peers.md) computes, for images
 ``(B, 3, S, S)``, a token grid ``h = w = S / patch`` and ``N`` taps:
 
 1. the frozen CLIP runs all its blocks on the images (no gradient ever reaches it); after each tap

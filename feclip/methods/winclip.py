@@ -1,7 +1,7 @@
 """WinCLIP, zero-shot (Jeong et al., CVPR 2023), computed as anomalib's ``WinClipModel`` with ``k_shot=0``.
 
 Reference: anomalib, ``src/anomalib/models/image/winclip/`` (``torch_model.py``, ``utils.py``,
-``prompting.py``); docs/peers_winclip.md names the commit read, the numbers published and the measured
+``prompting.py``); docs/peers.md names the commit read, the numbers published and the measured
 agreement. Training-free: no parameter of its own, the CLIP frozen.
 
 For images ``(B, 3, S, S)`` over a ViT with a class token, grid ``h x w`` (``P = h * w`` patches):

@@ -40,6 +40,7 @@ __all__ = [
     "load_study_numbers",
     "method_name",
     "paper_train_dataset",
+    "is_packaged",
     "published_source",
     "variant_method",
     "variant_taps",
@@ -245,12 +246,18 @@ def published_source(published: pd.DataFrame | None) -> str | None:
     """
     if published is None or "source" not in published.attrs:
         return None
-    source = Path(published.attrs["source"])
+    source = published.attrs["source"]
+    return (
+        f"{PAPER_SOURCE} (feclip/report/paper/{DEFAULT_PAPER.name})" if is_packaged(source) else str(source)
+    )
+
+
+def is_packaged(source: str | os.PathLike) -> bool:
+    """Whether a paper numbers file is the packaged ``paper_numbers.csv`` (:data:`DEFAULT_PAPER`)."""
     try:
-        packaged = source.resolve() == DEFAULT_PAPER.resolve()
+        return Path(source).resolve() == DEFAULT_PAPER.resolve()
     except OSError:
-        packaged = False
-    return f"{PAPER_SOURCE} (feclip/report/paper/{DEFAULT_PAPER.name})" if packaged else str(source)
+        return False
 
 
 def method_name(method: str) -> str:

@@ -25,10 +25,10 @@ from feclip.report.orders import DATASET_ORDER, METRIC_ORDER, _ordered
 from feclip.report.paired import CONFIDENCE, PAIRED_COLUMNS
 from feclip.report.references import (
     DEFAULT_METHOD,
-    DEFAULT_PAPER,
     PAPER_METHOD,
     PAPER_METHODS,
     PAPER_SETTING,
+    is_packaged,
     method_name,
     published_source,
 )
@@ -179,9 +179,7 @@ def _source_cell(published: pd.DataFrame) -> str:
     source = published.attrs.get("source")
     if source is None:
         return ""
-    if Path(source).resolve() == DEFAULT_PAPER.resolve():
-        return f"{PAPER_METHOD} paper, Tables 1-2"
-    return Path(source).name
+    return f"{PAPER_METHOD} paper, Tables 1-2" if is_packaged(source) else Path(source).name
 
 
 def _published_table(
