@@ -80,10 +80,10 @@ class PeerModel(nn.Module):
 
     def forward(self, images: torch.Tensor, categories: Sequence[str] | None = None) -> MethodOutput:
         """``(B, 3, S, S)`` -> the peer's :class:`MethodOutput`. ``categories``: each image's category,
-        for the methods whose prompts name it (APRIL-GAN with ``class_names``; underscores read as
-        spaces, ``metal_nut`` -> ``metal nut``)."""
+        for the methods whose prompts name it (APRIL-GAN with ``class_names``: the dataset's folder name
+        verbatim, ``metal_nut``, as its reference's data loaders give it)."""
         if self._takes_names and categories is not None:
-            return self.method(images, class_names=[c.replace("_", " ") for c in categories])
+            return self.method(images, class_names=list(categories))
         return self.method(images)
 
     def loss(self, output: MethodOutput, masks: torch.Tensor, labels: torch.Tensor):
