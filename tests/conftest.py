@@ -37,6 +37,21 @@ SMOKE_SIZES = {"n_train_good": 2, "n_test_good": 3, "n_test_bad": 3, "image_size
 _RUN_CACHE: Path | None = None  # paths.cache_dir of the test runs; set by the session fixture below
 
 
+# -- scripts ------------------------------------------------------------------------------------------
+
+
+def load_script(relative: str):
+    """A script of the repository (``scripts/peers/pin_winclip.py``) imported as a module, by path:
+    the scripts are not a package."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # -- models -------------------------------------------------------------------------------------------
 
 

@@ -7,15 +7,14 @@ made it and is the source of the inputs rebuilt here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, load_script
 
 from feclip.errors import ConfigError
 from feclip.methods.anomalyclip import (
@@ -28,17 +27,11 @@ from feclip.methods.anomalyclip import (
 )
 from feclip.models import load_clip
 
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "data" / "peers" / "anomalyclip"
 
 
 def _pin():
-    spec = importlib.util.spec_from_file_location(
-        "pin_anomalyclip", REPO / "scripts" / "peers" / "pin_anomalyclip.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/peers/pin_anomalyclip.py")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ computed on the tiny random CLIP, fixed random images, masks and linear-layer we
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, load_script
 
 from feclip.errors import ConfigError
 from feclip.losses import dice_loss
@@ -28,17 +27,11 @@ from feclip.methods.aprilgan import (
 )
 from feclip.models import load_clip
 
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "data" / "peers" / "aprilgan.pt"
 
 
 def _pin_script():
-    spec = importlib.util.spec_from_file_location(
-        "pin_aprilgan", REPO / "scripts" / "peers" / "pin_aprilgan.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/peers/pin_aprilgan.py")
 
 
 @pytest.fixture(scope="module")

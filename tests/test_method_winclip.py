@@ -8,13 +8,12 @@ Measured when pinned: max abs difference 3.0e-7 (per_window) and 1.8e-7 (transpo
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_tiny_clip
+from conftest import REPO, load_script, make_tiny_clip
 
 from feclip.errors import ConfigError
 from feclip.methods.base import MethodOutput
@@ -33,12 +32,7 @@ TOLERANCE = 1e-5  # fp32 rounding: the pin measured <= 3e-7
 
 
 def _pin_script():
-    spec = importlib.util.spec_from_file_location(
-        "pin_winclip", REPO / "scripts" / "peers" / "pin_winclip.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/peers/pin_winclip.py")
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from feclip.engine import hostsync
 from feclip.engine.store import OutputSlot, RawOutputs
 from feclip.errors import DatasetError
 from feclip.fileio import atomic_write_text
+from feclip.methods.model import is_peer
 from feclip.metrics.aggregate import AUPRO_METRIC_NAMES, category_metric_sets
 from feclip.metrics.aupro import aupro_from_regions, check_aupro_options, region_pixels
 from feclip.progress import progress as show_progress
@@ -162,7 +163,7 @@ def predict(
     model.eval()
     scoring = cfg.scoring()
     original = cfg.resolution != "input"
-    is_peer = not hasattr(model, "fc_patch")  # a peer method (feclip.methods), not FE-CLIP
+    peer = is_peer(model)  # a peer method (feclip.methods), not FE-CLIP
     scores, maps, masks, labels = [], [], [], []
     kept_cls, kept_patch = [], []
 
@@ -172,7 +173,7 @@ def predict(
             out = stored.output(batch["index"].tolist(), device)  # host tensor: no device wait
         else:
             images = batch["image"].to(device, non_blocking=True)
-            if is_peer:  # feclip.methods.model.PeerModel: the categories, for prompts that name them
+            if peer:  # feclip.methods.model.PeerModel: the categories, for prompts that name them
                 out = model(images, categories=batch.get("category"))
             else:
                 out = model(images, return_tokens=banks is not None)

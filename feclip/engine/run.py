@@ -39,7 +39,7 @@ from feclip.engine.store import AdapterStore, OutputStore, store_key, weights_sh
 from feclip.errors import CheckpointMismatchError, ConfigError, FEClipError, WeightsNotFoundError
 from feclip.fileio import atomic_write, atomic_write_text
 from feclip.loggers import NullLogger, make_logger, protocol_label, run_labels
-from feclip.methods.model import TRAINING_FREE, check_options_fit, checkpoint_options
+from feclip.methods.model import TRAINING_FREE, backbone_geometry, check_options_fit, checkpoint_options
 from feclip.models.provenance import (
     RANDOM,
     SHA_CHARS,
@@ -134,11 +134,8 @@ def inspect_checkpoint(cfg: RunConfig) -> tuple[dict | None, str]:
 
 def check_taps_fit(model_cfg, backbone_name: str) -> None:
     """``model.taps`` within the backbone's depth, read from open_clip's model config (nothing built)."""
-    from feclip.models.clip import _open_clip
-
-    vision = (_open_clip().get_model_config(backbone_name) or {}).get("vision_cfg", {})
-    depth = vision.get("layers")
-    if isinstance(depth, int):
+    depth, _ = backbone_geometry(backbone_name)
+    if depth is not None:
         model_cfg.validate(depth=depth)
 
 

@@ -45,6 +45,7 @@ from feclip.engine.cache import PrefixCache, prefix_bytes
 from feclip.errors import ConfigError, FEClipError
 from feclip.fileio import atomic_write
 from feclip.losses import feclip_loss, mask_loss_images
+from feclip.methods.model import is_peer
 from feclip.models.checkpoint import read_metadata, save_adapters
 from feclip.progress import progress
 
@@ -116,7 +117,7 @@ def build_optimizer(model, cfg) -> torch.optim.Adam:
     ``frozen`` leaves fc_patch out (and stops its gradients); ``frozen_after`` trains it at lr/100
     until ``frozen_after_batches`` steps, then freezes it.
     """
-    if not hasattr(model, "fc_patch"):  # a peer method (feclip.methods.model.PeerModel): its own groups
+    if is_peer(model):  # a peer method (feclip.methods.model.PeerModel): its own groups
         return torch.optim.Adam(model.param_groups(cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
     policy = cfg.fc_patch.policy
     groups = [{"params": list(model.adapters.parameters()), "lr": cfg.lr, "name": "adapters"}]
@@ -174,8 +175,7 @@ def save_checkpoint(model, optimizer, run_dir: Path, epoch: int, step: int, fing
 
 def _fc_patch_frozen(model) -> bool:
     """Whether FE-CLIP's fc_patch is frozen (a peer method has none: False)."""
-    fc = getattr(model, "fc_patch", None)
-    return fc is not None and not fc.weight.requires_grad
+    return not is_peer(model) and not model.fc_patch.weight.requires_grad
 
 
 def _export_adapters(model, run_dir: Path, epoch: int, step: int) -> None:
@@ -216,7 +216,7 @@ def try_resume(model, optimizer, run_dir: Path, fingerprint: str) -> tuple[int, 
             "or another results directory"
         )
     model.load_state_dict(state["adapters"], strict=False)
-    if state["fc_patch_frozen"] and hasattr(model, "fc_patch"):
+    if state["fc_patch_frozen"] and not is_peer(model):
         model.fc_patch.requires_grad_(False)
     optimizer.load_state_dict(state["optimizer"])
     if dist.is_main() and _exported_epoch(run_dir / ADAPTERS_FILE) != state["epoch"]:
@@ -236,7 +236,7 @@ def _exported_epoch(path: Path) -> int | None:
 
 def make_prefix_cache(model, dataset, cfg, device: torch.device, num_workers: int = 0) -> PrefixCache | None:
     """The frozen-prefix cache when ``cfg.prefix_cache`` asks for it and it fits the memory budget."""
-    if cfg.prefix_cache == "off" or not hasattr(model, "prefix"):  # a peer method runs its whole forward
+    if cfg.prefix_cache == "off" or is_peer(model):  # a peer method runs its whole forward
         return None
     size = prefix_bytes(model, len(dataset), model.token_dtype)
     if size > cfg.prefix_cache_max_gb * 1e9:
@@ -308,7 +308,7 @@ def train(
             if cache is None and num_workers > 0 and getattr(dataset, "cache", False):
                 dataset.preload(num_threads=num_workers)  # forked workers inherit the decoded images
         forward = model.forward_from_prefix if cache is not None else model.forward
-        peer = model if not hasattr(model, "fc_patch") else None  # a peer method: its own loss
+        peer = model if is_peer(model) else None  # a peer method: its own loss
         if cfg.compile != "off":
             forward = torch.compile(forward, mode=cfg.compile)
         model.train()
@@ -346,7 +346,7 @@ def train(
                 if (
                     cfg.fc_patch.policy == "frozen_after"
                     and step == cfg.fc_patch.frozen_after_batches
-                    and hasattr(model, "fc_patch")
+                    and not is_peer(model)
                 ):
                     model.fc_patch.requires_grad_(False)
                     log.info("fc_patch frozen after %d batches", step)

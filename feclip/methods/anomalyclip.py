@@ -51,7 +51,14 @@ from torch import nn
 
 from feclip.errors import ConfigError
 from feclip.methods.base import MethodOutput
-from feclip.models.feclip import COMPUTE_PRECISIONS, default_precision, is_plain_block, plain_block
+from feclip.models.feclip import (
+    COMPUTE_PRECISIONS,
+    class_patch_tokens,
+    default_precision,
+    is_plain_block,
+    layer_norm_fp32,
+    plain_block,
+)
 
 REFERENCE_DEPTH = 24  # the reference's backbone (ViT-L/14@336px) has 24 visual blocks
 REFERENCE_DPAM_LAYER = 20  # DPAM_layer: V-V attention in the last 19 blocks (6..24, 1-based)
@@ -313,19 +320,16 @@ class AnomalyClip(nn.Module):
                 f"the image size {images.shape[-1]} is not a multiple of the patch {self.patch_size}"
             )
         v = self.clip.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, h, w)
-        side_new = x.shape[-1]
-        x = x.flatten(2).transpose(1, 2)
-        if self.precision == "bf16":
-            x = x.float()
-        pos = v.positional_embedding.to(x.dtype)
+        # the stream's dtype: fp32 under bf16 (autocast is on around this), else the CLIP's (it is off)
+        dtype = torch.float32 if self.precision == "bf16" else v.conv1.weight.dtype
+        side_new = images.shape[-1] // self.patch_size  # the token grid's side
+        pos = v.positional_embedding.to(dtype)
         side = int(round((pos.shape[0] - 1) ** 0.5))
         if side != side_new:
             grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
             grid = F.interpolate(grid, (side_new, side_new), mode="bilinear")
             pos = torch.cat([pos[:1], grid.flatten(2)[0].T], dim=0)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return v.ln_pre(torch.cat([cls, x], dim=1) + pos)
+        return v.ln_pre(class_patch_tokens(v, images, dtype, positions=pos))
 
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         blk = self.clip.visual.transformer.resblocks[i]
@@ -357,14 +361,10 @@ class AnomalyClip(nn.Module):
                     tap_tokens.append(x_dpam if i >= self.dpam_start else x)
         with torch.autocast(images.device.type, enabled=False):
             proj = v.proj.float()
-            ln = v.ln_post
-            w, b = ln.weight.float(), ln.bias.float()
-            tokens = torch.stack(
-                [F.layer_norm(t.float(), ln.normalized_shape, w, b, ln.eps) for t in tap_tokens]
-            )
+            tokens = torch.stack([layer_norm_fp32(v.ln_post, t.float()) for t in tap_tokens])
             cls = x[:, 0].float()
             if cfg.cls_ln_post:
-                cls = F.layer_norm(cls, ln.normalized_shape, w, b, ln.eps)
+                cls = layer_norm_fp32(v.ln_post, cls)
             return cls @ proj, tokens @ proj
 
     # -- the method --------------------------------------------------------------------------------

@@ -37,20 +37,12 @@ from torch import nn
 
 from feclip.errors import ConfigError
 from feclip.methods.base import MethodOutput
-from feclip.models.prompts import encode_states
+from feclip.models.feclip import check_images, class_patch_tokens
+from feclip.models.prompts import ABNORMAL_STATES, NORMAL_STATES, compose_sentences, encode_states
 
-# The reference's prompt ensemble (prompt_ensemble.py): state phrasings of the category name and the
-# templates they are put in. The order only matters through floating-point summation.
-NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+# The reference's prompt ensemble (prompt_ensemble.py): the state phrasings are feclip's ensemble's
+# (feclip.models.prompts: the same 7 normal and 5 abnormal), the templates its own, in its order (the
+# order only matters through floating-point summation).
 TEMPLATES = (
     "a bad photo of a {}.",
     "a low resolution photo of the {}.",
@@ -95,11 +87,9 @@ UPSAMPLERS = ("interpolate", "matmul")
 def ensemble_sentences(object_word: str) -> tuple[list[str], list[str]]:
     """The reference's sentences for one category: ``(normal, abnormal)``, 7 x 35 and 5 x 35, each
     state phrasing in every template (state-major order, as the reference builds them)."""
-
-    def expand(states):
-        return [t.format(s.format(object_word)) for s in states for t in TEMPLATES]
-
-    return expand(NORMAL_STATES), expand(ABNORMAL_STATES)
+    return compose_sentences(NORMAL_STATES, TEMPLATES, object_word), compose_sentences(
+        ABNORMAL_STATES, TEMPLATES, object_word
+    )
 
 
 @dataclass
@@ -283,15 +273,9 @@ class AprilGan(nn.Module):
         """The frozen CLIP, without gradients: ``(B, 3, S, S)`` -> (the final class token through
         ``ln_post`` and ``proj``, ``(B, D_text)``; the raw tap tokens without the class token,
         ``(N, B, h*w, D)``)."""
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.image_size,) * 2:
-            raise ConfigError(
-                f"images must have shape (B, 3, {self.image_size}, {self.image_size}) for this backbone, "
-                f"got {tuple(images.shape)}"
-            )
         v = self.clip.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, h*w, D)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
+        check_images(images, self.image_size, v.patch_size[0])
+        x = v.ln_pre(class_patch_tokens(v, images))  # (B, 1 + h*w, D), in conv1's output dtype
         taps = []
         for i in range(self.depth):
             x = self._block(i, x)

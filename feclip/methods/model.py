@@ -179,6 +179,12 @@ def checkpoint_options(cfg, depth: int | None) -> dict:
     return asdict(options)
 
 
+def is_peer(model) -> bool:
+    """Whether the engine's ``model`` is a peer method (a :class:`PeerModel`), not FE-CLIP: the one
+    test the engine makes where the two differ (optimiser groups, fc_patch, prefix cache, loss)."""
+    return isinstance(model, PeerModel)
+
+
 def build_model(cfg, clip: nn.Module, precision: str, backbone: str | None = None) -> nn.Module:
     """The model a run config asks for: :class:`~feclip.models.FEClip` (``method.name=feclip``) or a
     :class:`PeerModel` over ``clip`` at ``precision`` (``fp32`` | ``bf16``)."""

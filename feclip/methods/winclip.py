@@ -40,20 +40,19 @@ from torch import nn
 
 from feclip.errors import ConfigError
 from feclip.methods.base import MethodOutput
-from feclip.models.feclip import COMPUTE_PRECISIONS, default_precision
+from feclip.models.feclip import (
+    COMPUTE_PRECISIONS,
+    check_images,
+    class_patch_tokens,
+    default_precision,
+    layer_norm_fp32,
+)
+from feclip.models.prompts import NORMAL_STATES, compose_sentences
 
 # The compositional prompt ensemble as anomalib's prompting.py lists it (WinCLIP, Sec. 4.1). The
 # template list holds "a jpeg corrupted photo of the {}." twice: that sentence weighs double in the
 # mean, as it does in the reference.
-WINCLIP_NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
+WINCLIP_NORMAL_STATES = NORMAL_STATES  # the same 7 phrasings as feclip's ensemble
 WINCLIP_ANOMALOUS_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
 WINCLIP_TEMPLATES = (
     "a cropped photo of the {}.",
@@ -133,11 +132,10 @@ class WinClipConfig:
 def winclip_prompts(config: WinClipConfig | None = None) -> tuple[list[str], list[str]]:
     """The sentences of each state, ``(normal, anomalous)``: state-major, every template per state."""
     cfg = config or WinClipConfig()
-
-    def expand(states):
-        return [t.format(s.format(cfg.object_word)) for s in states for t in cfg.templates]
-
-    return expand(cfg.normal_states), expand(cfg.anomalous_states)
+    return (
+        compose_sentences(cfg.normal_states, cfg.templates, cfg.object_word),
+        compose_sentences(cfg.anomalous_states, cfg.templates, cfg.object_word),
+    )
 
 
 def window_indices(grid: tuple[int, int], size: int, stride: int = 1) -> torch.Tensor:
@@ -269,23 +267,11 @@ class WinClip(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + class token + positions (before ``ln_pre``). ``(B, 3, S, S) -> (B, 1 + P, D)``."""
-        if (
-            images.ndim != 4
-            or images.shape[1] != 3
-            or tuple(images.shape[-2:]) != (self.image_size, self.image_size)
-        ):
-            raise ConfigError(
-                f"images must have shape (B, 3, {self.image_size}, {self.image_size}) for this backbone, "
-                f"got {tuple(images.shape)}"
-            )
+        """Patch embedding + class token + positions (before ``ln_pre``). ``(B, 3, S, S) -> (B, 1 + P, D)``;
+        fp32 under bf16 (the residual stream stays fp32 under autocast), else as ``conv1`` returns it."""
+        check_images(images, self.image_size, self.patch_size)
         v = self.clip.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, P, D)
-        if self.precision == "bf16":
-            x = x.float()  # the residual stream stays fp32 under autocast
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return class_patch_tokens(v, images, torch.float32 if self.precision == "bf16" else None)
 
     def encode_cls(self, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """``ln_pre -> transformer -> ln_post -> CLS @ proj`` on token sequences ``(N, L, D) -> (N, D_text)``
@@ -298,14 +284,7 @@ class WinClip(nn.Module):
             else:
                 x = v.transformer(x)  # open_clip >= 2.26: batch-first tokens
         with torch.autocast(x.device.type, enabled=False):
-            cls = x[:, 0].float()
-            cls = F.layer_norm(
-                cls,
-                v.ln_post.normalized_shape,
-                None if v.ln_post.weight is None else v.ln_post.weight.float(),
-                None if v.ln_post.bias is None else v.ln_post.bias.float(),
-                v.ln_post.eps,
-            )
+            cls = layer_norm_fp32(v.ln_post, x[:, 0].float())
             return cls @ v.proj.float() if v.proj is not None else cls
 
     def window_embeddings(self, tokens: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,35 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
-def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+def check_images(images: torch.Tensor, image_size: int, patch_size: int) -> None:
+    """Refuse a batch that is not ``(B, 3, S, S)`` at the backbone's ``S = image_size``."""
+    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (image_size, image_size):
+        raise ConfigError(
+            f"images must have shape (B, 3, {image_size}, {image_size}) for this backbone "
+            f"(a multiple of the patch size {patch_size} fixed when the CLIP was loaded), got {tuple(images.shape)}"
+        )
+
+
+def class_patch_tokens(
+    visual: nn.Module,
+    images: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """An open_clip ViT's input sequence before ``ln_pre``: patch embedding (``conv1``) cast to ``dtype``
+    (None: as ``conv1`` returns it, under the caller's autocast if any), the class token prepended, the
+    positional embedding added (``positions``, ``(1 + h*w, D)``: another one, e.g. resized; default the
+    CLIP's own). Shape: ``(B, 3, S, S) -> (B, 1 + h*w, D)``."""
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, D, h, w)
+    x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+    if dtype is not None:
+        x = x.to(dtype)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    pos = visual.positional_embedding if positions is None else positions
+    return torch.cat([cls, x], dim=1) + pos.to(x.dtype)
+
+
+def layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """``ln`` applied in fp32 (its weights cast), for fp32 ``x`` of any backbone precision."""
     return F.layer_norm(x, ln.normalized_shape, _float(ln.weight), _float(ln.bias), ln.eps)
 
@@ -387,22 +415,11 @@ class FEClip(nn.Module):
         return blk(x.transpose(0, 1)).transpose(0, 1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + class token + positions + ln_pre. Shape: ``(B, 3, S, S) -> (B, 1 + h*w, D)``."""
-        if (
-            images.ndim != 4
-            or images.shape[1] != 3
-            or tuple(images.shape[-2:]) != (self.image_size, self.image_size)
-        ):
-            raise ConfigError(
-                f"images must have shape (B, 3, {self.image_size}, {self.image_size}) for this backbone "
-                f"(a multiple of the patch size {self.patch_size} fixed when the CLIP was loaded), got {tuple(images.shape)}"
-            )
+        """Patch embedding + class token + positions + ln_pre, in the stream's dtype (:attr:`token_dtype`).
+        Shape: ``(B, 3, S, S) -> (B, 1 + h*w, D)``."""
+        check_images(images, self.image_size, self.patch_size)
         v = self.clip.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2).to(self.token_dtype)  # (B, h*w, D); the stream's dtype
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        return v.ln_pre(x)
+        return v.ln_pre(class_patch_tokens(v, images, self.token_dtype))
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens after the first tap block, before its adapter: independent of every trainable weight.
@@ -450,9 +467,9 @@ class FEClip(nn.Module):
             text = self.text_embeddings.float()
             scale = self.logit_scale
             cls_emb = F.normalize(
-                _layer_norm_fp32(v.ln_post, x_cls) @ v.proj.float(), dim=-1
+                layer_norm_fp32(v.ln_post, x_cls) @ v.proj.float(), dim=-1
             )  # (N, B, D_text)
-            tokens = _layer_norm_fp32(v.ln_post, x_patches) if self.config.ln_post else x_patches
+            tokens = layer_norm_fp32(v.ln_post, x_patches) if self.config.ln_post else x_patches
             patch_emb = F.normalize(
                 F.linear(tokens, self.fc_patch.weight.float(), _float(self.fc_patch.bias)), dim=-1
             )

@@ -7,6 +7,8 @@ object word is "object"); each state's sentence embeddings are L2-normalised, av
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,13 @@ TEMPLATES = (
 )
 
 
+def compose_sentences(states: Sequence[str], templates: Sequence[str], object_word: str) -> list[str]:
+    """The compositional prompt ensemble of one state: every state phrasing of ``object_word`` in every
+    template, state-major (``len(states) * len(templates)`` sentences, in the order the peers' reference
+    code builds them; the order matters only through floating-point summation)."""
+    return [t.format(s.format(object_word)) for s in states for t in templates]
+
+
 def prompt_sentences(
     mode: str = "paper",
     normal: str = PAPER_PROMPTS[0],
@@ -58,11 +67,10 @@ def prompt_sentences(
     if mode == "paper":
         return [normal], [abnormal]
     if mode == "ensemble":
-
-        def expand(states):
-            return [t.format(s.format(object_word)) for s in states for t in TEMPLATES]
-
-        return expand(NORMAL_STATES), expand(ABNORMAL_STATES)
+        return (
+            compose_sentences(NORMAL_STATES, TEMPLATES, object_word),
+            compose_sentences(ABNORMAL_STATES, TEMPLATES, object_word),
+        )
     raise ValueError(f"prompts must be one of {PROMPT_MODES}, got {mode!r}")
 
 
