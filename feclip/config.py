@@ -30,9 +30,6 @@ from feclip.models.clip import DEFAULT_MODEL, DEFAULT_WEIGHT_PRECISION
 from feclip.models.feclip import FEClipConfig
 from feclip.scoring import ScoringConfig
 
-# eval.resolution's values stay here until feclip.engine.evaluate, which reads the option, lists them.
-RESOLUTIONS = ("input", "original")
-
 
 def _aupro_default(name: str):
     """A dataclass field whose default is ``feclip.metrics.aupro.<name>`` (a tuple given as a list),
@@ -172,6 +169,9 @@ class EvalConfig(ScoringConfig):
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     aupro: AuproConfig = field(default_factory=AuproConfig)
     micro: bool = True  # also write pooled (__micro__) rows
+    # where the metrics sort the normal pixels' scores (most of their work): auto (on the evaluation's
+    # GPU when it has one, else numpy) | cpu (numpy always). The same numbers bit for bit either way
+    metrics_device: str = "auto"
     batch_size: int = 32
     fewshot_k: int = 0  # 0 = zero-shot; k > 0 = k normal reference images per category (paper Table 5)
     fewshot_bank: str = "fused"  # fused (the tap tokens after fusion) | plain (before the tap's adapter)
@@ -248,10 +248,12 @@ class RunConfig:
         # the lists of the modules that read each option, imported when called (several of those
         # modules import this one; all are read at the call, so each list has one home)
         from feclip.engine.cache import PREFIX_CACHE_MODES, PREFIX_CACHE_STORAGES
+        from feclip.engine.evaluate import RESOLUTIONS
         from feclip.engine.train import COMPILE_MODES, FC_PATCH_LR_FACTOR
         from feclip.loggers import LOGGERS
         from feclip.losses import MASK_LOSS_INPUTS, MASK_LOSS_ON, MASK_TARGETS
         from feclip.metrics.aupro import AUPRO_METHODS
+        from feclip.metrics.sorting import METRICS_DEVICES
         from feclip.models.clip import WEIGHT_PRECISIONS
         from feclip.models.feclip import AMP_MODES
         from feclip.models.fewshot import FEATURE_KINDS, FEWSHOT_SOURCES
@@ -267,6 +269,7 @@ class RunConfig:
             ("train.prefix_cache", self.train.prefix_cache, PREFIX_CACHE_MODES),
             ("train.prefix_cache_storage", self.train.prefix_cache_storage, PREFIX_CACHE_STORAGES),
             ("eval.resolution", self.eval.resolution, RESOLUTIONS),
+            ("eval.metrics_device", self.eval.metrics_device, METRICS_DEVICES),
             ("logger.kind", self.logger.kind, LOGGERS),
             ("eval.fewshot_bank", self.eval.fewshot_bank, FEATURE_KINDS),
             ("eval.fewshot_source", self.eval.fewshot_source, FEWSHOT_SOURCES),

@@ -18,6 +18,10 @@ Sections (``--only`` picks some):
            CPU by feclip.engine.hostsync; feclip-tiny).
   precision the demo (feclip-tiny, synthetic set A, 30 epochs) evaluated on set B in fp32 and in
            emulated bf16 (CPU autocast; FE-CLIP's bf16 policy): image/pixel AUROC and map differences.
+  precision_wide the same trained demo in fp32 and emulated bf16 on larger sets B (3 categories of 120
+           normal + 240 anomalous images), one per seed (--precision-wide-seeds): the image AUROC
+           difference per seed, its mean and 95 % t-interval, the flipped normal-anomalous pairs and the
+           resolution (points per flipped pair).
   spread   the demo trained again with the same seed and gradient noise at float rounding level (what
            non-deterministic CUDA reductions do), and with other seeds: the ranges of the metrics.
   reuse    train once, evaluate many (scripts/bench_reuse.py): an eval-only sweep of the demo (8 values
@@ -26,8 +30,8 @@ Sections (``--only`` picks some):
 
 The last line printed is one JSON object of named figures, e.g. ``forward_overhead``. Helpers shared
 with scripts/bench_gpu.py (timing, the training step, the PNG category) are in scripts/benchlib.py;
-the metrics section is scripts/bench_metrics.py, host and syncs scripts/bench_host.py, precision and
-spread scripts/bench_demo.py.
+the metrics section is scripts/bench_metrics.py, host and syncs scripts/bench_host.py, precision,
+precision_wide and spread scripts/bench_demo.py.
 Usage: ``python scripts/bench.py [--only model,metrics] [--repeats 5] [--model ViT-L-14-336-quickgelu]``
 """
 
@@ -257,7 +261,19 @@ def bench_pipeline(
     return figures
 
 
-SECTIONS = ("model", "train", "eval", "metrics", "host", "pipeline", "syncs", "precision", "spread", "reuse")
+SECTIONS = (
+    "model",
+    "train",
+    "eval",
+    "metrics",
+    "host",
+    "pipeline",
+    "syncs",
+    "precision",
+    "precision_wide",
+    "spread",
+    "reuse",
+)
 
 
 def main(argv=None) -> dict:
@@ -289,7 +305,16 @@ def main(argv=None) -> dict:
         help="models of the pipeline section (comma-separated; name:N evaluates the first N PNGs)",
     )
     parser.add_argument(
-        "--precision-epochs", type=int, default=30, help="demo epochs of the precision and spread sections"
+        "--precision-epochs",
+        type=int,
+        default=30,
+        help="demo epochs of the precision, precision_wide and spread sections",
+    )
+    parser.add_argument(
+        "--precision-wide-seeds",
+        type=int,
+        default=5,
+        help="sets B of the precision_wide section (make_synthetic seeds 0 .. N-1)",
     )
     parser.add_argument(
         "--sweep-rounds", type=int, default=6, help="interleaved sweep pairs of the reuse section (>= 6)"
@@ -327,6 +352,12 @@ def main(argv=None) -> dict:
         from bench_demo import bench_precision
 
         figures.update(bench_precision(args.precision_epochs))
+    if "precision_wide" in sections:
+        from bench_demo import bench_precision_wide
+
+        figures.update(
+            bench_precision_wide(args.precision_epochs, seeds=tuple(range(args.precision_wide_seeds)))
+        )
     if "spread" in sections:
         from bench_demo import bench_spread
 

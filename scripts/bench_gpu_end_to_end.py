@@ -132,7 +132,11 @@ def measure_pipeline(clip, device: torch.device, sizes) -> dict:
 
 
 def measure_eval(clip, dataset, device: torch.device, amp: bool) -> dict:
-    """Seconds of ``predict`` (model and maps) and ``metric_rows`` (all metrics) over ``dataset``."""
+    """Seconds of ``predict`` (model and maps) and ``metric_rows`` (all metrics) over ``dataset``; the
+    metrics twice, their pixel sorts on the GPU (``eval.metrics_device=auto``, the default) and with
+    numpy (``cpu``), in turn, and their rows compared value for value."""
+    from dataclasses import replace
+
     from feclip.config import EvalConfig
     from feclip.engine.evaluate import metric_rows, predict
 
@@ -143,15 +147,24 @@ def measure_eval(clip, dataset, device: torch.device, amp: bool) -> dict:
     preds = predict(model, dataset, cfg, device)  # at the model's precision (bf16 on CUDA)
     sync(device)
     t1 = time.perf_counter()
-    rows = metric_rows("random", preds, dataset.category_has_masks, cfg)
+    rows = metric_rows("random", preds, dataset.category_has_masks, cfg, device)
     t2 = time.perf_counter()
+    host_rows = metric_rows("random", preds, dataset.category_has_masks, replace(cfg, metrics_device="cpu"))
+    t3 = time.perf_counter()
+    differ = sum(
+        not (a.value == b.value or (a.value != a.value and b.value != b.value))
+        for a, b in zip(rows, host_rows)
+    )
     figures = {
         "eval_images": len(dataset),
         "eval_categories": len(dataset.category_has_masks),
         "eval_seconds": t2 - t0,
         "eval_predict_seconds": t1 - t0,
         "eval_metrics_seconds": t2 - t1,
+        "eval_metrics_host_sort_seconds": t3 - t2,
+        "eval_metrics_gpu_sort_speedup": (t3 - t2) / max(t2 - t1, 1e-9),
         "eval_metric_rows": len(rows),
+        "eval_metric_values_differing": differ + abs(len(rows) - len(host_rows)),
     }
     if len(dataset) == MVTEC_TEST_IMAGES and len(dataset.category_has_masks) == len(MVTEC_CATEGORIES):
         figures["eval_mvtec_seconds"] = t2 - t0

@@ -175,6 +175,12 @@ def format_summary(figures: dict) -> str:
             f"(predict {f['eval_predict_seconds']:.1f} s{predict_mfu}; "
             f"metrics {f['eval_metrics_seconds']:.1f} s, {f['eval_metric_rows']} rows)"
         )
+        if "eval_metrics_host_sort_seconds" in f:
+            lines.append(
+                f"[eval] metrics with the pixels sorted on the device {f['eval_metrics_seconds']:.2f} s, by "
+                f"numpy {f['eval_metrics_host_sort_seconds']:.2f} s (x{f['eval_metrics_gpu_sort_speedup']:.2f}); "
+                f"values differing: {f['eval_metric_values_differing']}"
+            )
     if "pipeline_model_images_per_s" in f:
         w = f["pipeline_workers"]
         lines.append(

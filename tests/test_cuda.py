@@ -9,6 +9,7 @@ What the CPU tests emulate is checked here for real, with the tiny random CLIP (
 * fp32 on CUDA (TF32 off) equals the CPU within rounding, outputs and gradients;
 * ``train.deterministic`` training is bit-for-bit repeatable on CUDA, and evaluation is repeatable;
 * ``DataLoader`` workers with pinned memory change no number;
+* the metrics' sort of the normal pixels on the GPU (``eval.metrics_device=auto``) changes no number;
 
 and on ViT-L/14@336 (random weights: kernels do not depend on them), through the profile and the
 repeated training of ``scripts/bench_gpu_kernels.py`` (the GPU bench reports the same as figures):
@@ -257,6 +258,27 @@ def test_evaluation_is_repeatable_and_workers_change_nothing_on_cuda(sets):
     assert np.array_equal(a.scores, b.scores)
     assert all(np.array_equal(x, y) for x, y in zip(a.maps, b.maps))
     assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_metrics_sorted_on_the_gpu_equal_the_host_ones(dtype):
+    """eval.metrics_device=auto on CUDA: the normal pixels sorted by torch on the GPU; every metric value
+    of the categories and of the pooled rows equal bit for bit to numpy's sort (2 M pixels a category)."""
+    from test_metrics_grouped import assert_same_values, dataset
+
+    from feclip.metrics.aggregate import category_metric_sets
+    from feclip.metrics.sorting import DeviceSort, metrics_sort
+
+    rng = np.random.default_rng(30)
+    labels, scores, masks, maps, groups = dataset(rng, n_categories=3, per_category=32, size=256, dtype=dtype)
+    groups["__micro__"] = list(range(len(labels)))
+    with_masks = dict.fromkeys(groups, True)
+    expected = category_metric_sets(labels, scores, masks, maps, groups, with_masks, "__micro__")
+    chosen = metrics_sort("auto", CUDA)
+    assert isinstance(chosen, DeviceSort) and chosen.min_values < 2_000_000
+    got = category_metric_sets(labels, scores, masks, maps, groups, with_masks, "__micro__", sort=chosen)
+    for name in groups:
+        assert_same_values(got[name], expected[name])
 
 
 # -- ViT-L: fused attention, deterministic training ----------------------------------------------------

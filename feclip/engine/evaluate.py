@@ -43,12 +43,16 @@ from feclip.fileio import atomic_write_text
 from feclip.methods.model import is_peer
 from feclip.metrics.aggregate import AUPRO_METRIC_NAMES, category_metric_sets
 from feclip.metrics.aupro import aupro_from_regions, check_aupro_options, region_pixels
+from feclip.metrics.sorting import metrics_sort
 from feclip.progress import progress as show_progress
 from feclip.results import MICRO, MetricRow
 from feclip.scoring import maps_at_sizes, output_image_scores, scores_and_maps
 
 log = logging.getLogger("feclip.eval")
 
+#: Values of ``eval.resolution``: ``input`` (maps and masks at the model's square input size) or
+#: ``original`` (each map upsampled to its image's own size, masks read at that size).
+RESOLUTIONS = ("input", "original")
 SCORES_DIR = "scores"  # <run folder>/scores/<dataset>.csv
 #: The columns of a target's scores file, one row per image in the dataset's order: the dataset (as in
 #: metrics.csv), the category, the defect folder (``good`` for normal images), the label (0 normal, 1
@@ -397,14 +401,16 @@ def _one_size(arrays: list[np.ndarray], what: str, category: str) -> bool:
 
 
 def metric_rows(
-    dataset_name: str, preds: Predictions, category_has_masks: dict[str, bool], cfg
+    dataset_name: str, preds: Predictions, category_has_masks: dict[str, bool], cfg, device=None
 ) -> list[MetricRow]:
     """Per-category metrics, plus pooled ``__micro__`` rows when ``cfg.micro``.
 
     The categories are computed in parallel threads (``FECLIP_METRIC_THREADS``, default: the CPUs
     this process may use) and the pooled rows reuse their sorted pixels and labelled regions
     (:func:`feclip.metrics.aggregate.category_metric_sets`); the numbers are those of
-    :func:`~feclip.metrics.compute_category_metrics` per group, bit for bit.
+    :func:`~feclip.metrics.compute_category_metrics` per group, bit for bit. ``device``: the
+    evaluation's torch device; with ``cfg.metrics_device=auto`` and a GPU there, the normal pixels'
+    scores are sorted on it (:mod:`feclip.metrics.sorting`; the same numbers).
     """
     groups = {c: [i for i, x in enumerate(preds.categories) if x == c] for c in category_has_masks}
     if cfg.micro and len(groups) > 1:
@@ -428,6 +434,7 @@ def metric_rows(
         pooled=MICRO if MICRO in groups else None,
         aupro_methods=tuple(cfg.aupro.methods),
         fpr_limit=cfg.aupro.fpr_limit,
+        sort=metrics_sort(cfg.metrics_device, device),
     )
     rows: list[MetricRow] = []
     variant = not cfg.aupro.include_normal or cfg.aupro.per_image_norm
@@ -495,7 +502,7 @@ def evaluate(
                 out_dir, dataset_name, dataset, preds, cfg.aupro.fpr_limit, cfg.aupro.methods, progress
             )
     drawn = time.perf_counter()
-    rows = metric_rows(dataset_name, preds, dataset.category_has_masks, cfg)
+    rows = metric_rows(dataset_name, preds, dataset.category_has_masks, cfg, device)
     done = time.perf_counter()
     n = len(dataset)
     figures = f", figures {drawn - predicted:.1f} s" if out_dir is not None and cfg.save_figures else ""

@@ -49,6 +49,7 @@ NOT_IDENTITY = (
     "eval.save_figures",
     "train.reuse",  # adapters of the same training identity loaded from the store: the same weights
     "eval.reuse_outputs",  # the model's outputs read from the store: the same numbers, bit for bit
+    "eval.metrics_device",  # where the metrics sort the pixels' scores: the same numbers, bit for bit
 )
 # train.* keys that change no trained weight (the rest of train.*, max_steps included, does)
 TRAIN_NOT_WEIGHTS = ("resume", "progress", "reuse")

@@ -30,6 +30,7 @@ from feclip.metrics.aupro import (
 )
 from feclip.metrics.image import _image_rank_metrics, metrics_from_counts, rank_counts, to_numpy
 from feclip.metrics.pixel import pixel_metrics
+from feclip.metrics.sorting import Sort, host_sort
 
 __all__ = [
     "macro_average",
@@ -223,6 +224,7 @@ def category_metric_sets(
     aupro_methods: str | Iterable[str] = DEFAULT_METHODS,
     fpr_limit: float = DEFAULT_FPR_LIMIT,
     threads: int | None = None,
+    sort: Sort = host_sort,
 ) -> dict[str, dict[str, float]]:
     """:func:`compute_category_metrics` of several groups of images at once, the same numbers bit for bit.
 
@@ -244,6 +246,8 @@ def category_metric_sets(
         pooled: the name of the group to pool from the others, or ``None``.
         aupro_methods, fpr_limit: as for :func:`compute_category_metrics`.
         threads: at most this many threads; ``1`` computes everything in this thread.
+        sort: how the normal pixels' scores are sorted (:mod:`feclip.metrics.sorting`: numpy, or a
+            GPU); the numbers do not depend on it.
 
     Returns:
         name -> the dict of :func:`compute_category_metrics`, in the order of ``groups``.
@@ -275,7 +279,7 @@ def category_metric_sets(
 
     def group_pixels(idx: Sequence[int]) -> PixelGroup:
         n_pixels = sum(maps[i].size for i in idx)
-        g = pixel_group(((_as_mask(masks[i]), maps[i]) for i in idx), dtype, n_pixels)
+        g = pixel_group(((_as_mask(masks[i]), maps[i]) for i in idx), dtype, n_pixels, sort)
         _check_finite(g.rp)
         return g
 
@@ -301,7 +305,7 @@ def category_metric_sets(
     if pooled is not None:
         if keep_for_pool:
             results[pooled] = _pooled(
-                pooled, groups, done, labels, scores, group_pixels, methods, limit, threads
+                pooled, groups, done, labels, scores, group_pixels, methods, limit, threads, sort
             )
         else:
             results[pooled] = one(pooled)[0]
@@ -318,6 +322,7 @@ def _pooled(
     methods: tuple[str, ...],
     limit: float,
     threads: int,
+    sort: Sort,
 ) -> dict[str, float]:
     """The pooled group's metrics from the other groups' :class:`PixelGroup` (see category_metric_sets):
     those wholly inside it, in its order, are merged; its other images are split here."""
@@ -341,5 +346,6 @@ def _pooled(
         positions.append(rest)
     auroc, ap, f1 = _image_rank_metrics(labels[order], scores[order])
     out = {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
-    out.update(_pixel_values(pool_groups(parts, positions, threads), methods, limit, threads))
+    neg_sort = None if sort is host_sort else sort  # the host merges sorted runs by its own method
+    out.update(_pixel_values(pool_groups(parts, positions, threads, neg_sort), methods, limit, threads))
     return out

@@ -55,6 +55,7 @@ from sklearn.metrics import auc as _sk_auc
 from feclip.errors import ConfigError
 from feclip.metrics.image import RankCounts, rank_counts
 from feclip.metrics.pixel import prepare_pixels
+from feclip.metrics.sorting import Sort, host_sort
 
 __all__ = ["aupro"]
 
@@ -150,12 +151,15 @@ class PixelGroup:
     image_regions: np.ndarray
 
 
-def pixel_group(images: Iterable[tuple[np.ndarray, np.ndarray]], dtype: Any, n_pixels: int) -> PixelGroup:
+def pixel_group(
+    images: Iterable[tuple[np.ndarray, np.ndarray]], dtype: Any, n_pixels: int, sort: Sort = host_sort
+) -> PixelGroup:
     """Split images ``(bool mask (H, W), map (H, W) of dtype)`` by ground truth and label the regions.
 
     One pass over the images: the normal pixels are copied into one buffer of ``n_pixels`` (at least
-    the total pixel count) and sorted in place; the anomalous pixels are ordered as a stable sort of
-    their scores in image order would, with the same region numbering as :func:`region_pixels`.
+    the total pixel count) and sorted in place by ``sort`` (:mod:`feclip.metrics.sorting`); the
+    anomalous pixels are ordered as a stable sort of their scores in image order would, with the same
+    region numbering as :func:`region_pixels`.
     """
     buf = np.empty(n_pixels, dtype=dtype)
     n_neg = 0
@@ -190,8 +194,7 @@ def pixel_group(images: Iterable[tuple[np.ndarray, np.ndarray]], dtype: Any, n_p
         image_pos.append(len(lab_in))
         image_regions.append(n)
         offset += n
-    neg = buf[:n_neg]
-    neg.sort()
+    neg = sort(buf[:n_neg])
     if pos_parts:
         pos = np.concatenate(pos_parts)
         order, keys = _stable_order(pos)
@@ -250,21 +253,26 @@ def merge_regions(parts: list[RegionPixels]) -> RegionPixels:
     return RegionPixels(pos=pos[order], pos_region=pos_region[order], region_area=area, neg=neg)
 
 
-def merge_sorted(runs: Sequence[np.ndarray], threads: int = 1) -> np.ndarray:
+def merge_sorted(runs: Sequence[np.ndarray], threads: int = 1, sort: Sort | None = None) -> np.ndarray:
     """The sorted concatenation of sorted 1-D ``runs`` of one dtype.
 
-    A stable sort of the concatenation (numpy's timsort merges the runs: about half the time of a
-    sort); with ``threads > 1`` the value range is cut at sampled splitters into ``threads`` slices,
-    each merged by its own thread (numpy releases the GIL while sorting).
+    A sort of the concatenation: the runs hold values only (floats, or the unique keys of
+    :func:`_stable_order`), so equal entries are interchangeable and numpy's default (SIMD quicksort)
+    serves: 2.5x faster than the timsort merge of ``kind="stable"`` on float32, 1.6x on uint64 keys
+    (numpy 2.4, 28 M values in 8 runs). With ``threads > 1`` the value range is cut at sampled
+    splitters into ``threads`` slices, each sorted by its own thread (numpy releases the GIL).
+    ``sort`` (:mod:`feclip.metrics.sorting`; float runs only): sorts the whole concatenation instead.
     """
     dtype = runs[0].dtype if len(runs) else np.float64
     runs = [r for r in runs if len(r)]
     if len(runs) <= 1:
         return runs[0].copy() if runs else np.empty(0, dtype=dtype)
     total = sum(len(r) for r in runs)
+    if sort is not None:
+        return sort(np.concatenate(runs))
     if threads <= 1 or total < _MIN_PARALLEL_MERGE:
         out = np.concatenate(runs)
-        out.sort(kind="stable")
+        out.sort()
         return out
     stride = max(1, total // (256 * threads))
     sample = np.sort(np.concatenate([r[stride // 2 :: stride] for r in runs]))
@@ -280,7 +288,7 @@ def merge_sorted(runs: Sequence[np.ndarray], threads: int = 1) -> np.ndarray:
             piece = r[b[s] : b[s + 1]]
             out[at : at + len(piece)] = piece
             at += len(piece)
-        out[starts[s] : starts[s + 1]].sort(kind="stable")
+        out[starts[s] : starts[s + 1]].sort()
 
     with ThreadPoolExecutor(max_workers=threads) as ex:
         list(ex.map(merge_slice, range(threads)))
@@ -288,7 +296,7 @@ def merge_sorted(runs: Sequence[np.ndarray], threads: int = 1) -> np.ndarray:
 
 
 def pool_groups(
-    groups: Sequence[PixelGroup], positions: Sequence[np.ndarray], threads: int = 1
+    groups: Sequence[PixelGroup], positions: Sequence[np.ndarray], threads: int = 1, sort: Sort | None = None
 ) -> RegionPixels:
     """The :class:`RegionPixels` of disjoint groups of images pooled, equal to :func:`region_pixels` of
     all their images in the pooled order, without sorting or labelling anything again.
@@ -297,7 +305,7 @@ def pool_groups(
     together are 0 .. n_images - 1. The normal pixels are merged (:func:`merge_sorted`); the anomalous
     ones too, ties ordered by the pooled image order (the keys of :func:`_stable_order` with the pooled
     index in their low half, or one stable argsort when a group has no keys); regions are renumbered in
-    the pooled image order.
+    the pooled image order. ``sort``: how the normal pixels are merged (:func:`merge_sorted`).
     """
     n_images = sum(len(p) for p in positions)
     image_pos = np.zeros(n_images, dtype=np.int64)
@@ -342,7 +350,7 @@ def pool_groups(
         order = (keys & _LOW32).astype(np.intp)
     else:
         order = np.argsort(values, kind="stable")
-    neg = merge_sorted([g.rp.neg for g in groups], threads) if groups else np.empty(0, dtype=dtype)
+    neg = merge_sorted([g.rp.neg for g in groups], threads, sort) if groups else np.empty(0, dtype=dtype)
     return RegionPixels(pos=values[order], pos_region=regions[order], region_area=area, neg=neg)
 
 
