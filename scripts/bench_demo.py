@@ -25,35 +25,50 @@ DEMO_SEED = 42  # the demo's seed: the backbone, the adapters and the training
 DEMO_IMAGE_SIZE = 84
 
 
-def _demo_model(precision: str, device: str | torch.device = "cpu"):
-    """The demo's FE-CLIP (feclip-tiny, backbone and adapters drawn from the demo's seed) at
-    ``precision`` on ``device``."""
+def _demo_model(precision: str, device: str | torch.device = "cpu", seed: int = DEMO_SEED):
+    """The demo's FE-CLIP (feclip-tiny, backbone and adapters drawn from ``seed``, the demo's by
+    default) at ``precision`` on ``device``."""
     from feclip.models import load_clip
 
-    clip = load_clip("feclip-tiny", seed=DEMO_SEED, device=device)
-    return feclip_model(clip, seed=DEMO_SEED, precision=precision)
+    clip = load_clip("feclip-tiny", seed=seed, device=device)
+    return feclip_model(clip, seed=seed, precision=precision)
 
 
-def _train_demo(tmp: Path, epochs: int):
-    """The demo trained in fp32 on the CPU: the default synthetic sets written under ``tmp / "syn"``,
-    30 epochs (``epochs``) of set A at lr 2e-3, fc_patch policy ``same``, 84 px, the run in ``tmp``.
-    Returns ``(model, sets)``."""
+def _train_on_set_a(model, sets: dict, epochs: int, seed: int, run_dir) -> None:
+    """The demo's training of ``model`` on the CPU: ``epochs`` epochs of ``sets["set_a"]`` at lr 2e-3,
+    fc_patch policy ``same``, 84 px, seed ``seed``, the run in ``run_dir``."""
     from feclip.config import TrainConfig
-    from feclip.data import AnomalyDataset, list_samples, make_synthetic
+    from feclip.data import AnomalyDataset, list_samples
     from feclip.engine.train import train
 
-    sets = make_synthetic(Path(tmp) / "syn")
-    model = _demo_model("fp32")
     cfg = TrainConfig(epochs=epochs, lr=2e-3, progress=False, resume=False)
     cfg.fc_patch.policy = "same"
     train(
         model,
         AnomalyDataset(list_samples("synthetic", sets["set_a"]), image_size=DEMO_IMAGE_SIZE),
         cfg,
-        tmp,
-        DEMO_SEED,
+        run_dir,
+        seed,
         torch.device("cpu"),
     )
+
+
+def _macro(rows, keys) -> dict[str, float]:
+    """``{metric: mean over the categories in [0, 1]}`` of metric rows, ``__micro__`` left out."""
+    return {
+        k: float(np.mean([r.value for r in rows if r.metric == k and r.category != "__micro__"]))
+        for k in keys
+    }
+
+
+def _train_demo(tmp: Path, epochs: int):
+    """The demo trained in fp32 on the CPU: the default synthetic sets written under ``tmp / "syn"``,
+    ``epochs`` epochs of set A (:func:`_train_on_set_a`), the run in ``tmp``. Returns ``(model, sets)``."""
+    from feclip.data import make_synthetic
+
+    sets = make_synthetic(Path(tmp) / "syn")
+    model = _demo_model("fp32")
+    _train_on_set_a(model, sets, epochs, DEMO_SEED, tmp)
     return model, sets
 
 
@@ -73,11 +88,7 @@ def _predict_precisions(model, set_root: Path, device: str | torch.device = "cpu
         m.load_state_dict(model.state_dict(), strict=False)
         preds = predict(m, target, EvalConfig(), torch.device(device))
         rows = metric_rows("synthetic", preds, target.category_has_masks, EvalConfig())
-        macro = {
-            k: float(np.mean([r.value for r in rows if r.metric == k and r.category != "__micro__"]))
-            for k in MACRO_KEYS
-        }
-        results[precision] = (preds, macro)
+        results[precision] = (preds, _macro(rows, MACRO_KEYS))
     return results
 
 
@@ -259,39 +270,26 @@ def _demo_metrics(
     the rounding differences of CUDA's non-deterministic reductions (atomic adds in another order)."""
     import tempfile
 
-    from feclip.config import EvalConfig, TrainConfig
+    from feclip.config import EvalConfig
     from feclip.data import AnomalyDataset, list_samples
     from feclip.engine.evaluate import metric_rows, predict
-    from feclip.engine.train import train
-    from feclip.models import load_clip
 
-    model = feclip_model(load_clip("feclip-tiny", seed=seed), seed=seed, precision=precision)
+    model = _demo_model(precision, seed=seed)
     if grad_noise:
         g = torch.Generator().manual_seed(noise_seed)
         for p in list(model.adapters.parameters()) + list(model.fc_patch.parameters()):
             p.register_hook(lambda grad, g=g: grad * (1 + grad_noise * torch.randn(grad.shape, generator=g)))
-    cfg = TrainConfig(epochs=epochs, lr=2e-3, progress=False, resume=False)
-    cfg.fc_patch.policy = "same"
     with tempfile.TemporaryDirectory() as tmp:
-        train(
-            model,
-            AnomalyDataset(list_samples("synthetic", sets["set_a"]), image_size=84),
-            cfg,
-            tmp,
-            seed,
-            torch.device("cpu"),
-        )
-    target = AnomalyDataset(list_samples("synthetic", sets["set_b"]), image_size=84)
+        _train_on_set_a(model, sets, epochs, seed, tmp)
+    target = AnomalyDataset(list_samples("synthetic", sets["set_b"]), image_size=DEMO_IMAGE_SIZE)
     rows = metric_rows(
         "synthetic",
         predict(model, target, EvalConfig(), torch.device("cpu")),
         target.category_has_masks,
         EvalConfig(),
     )
-    return {
-        k: 100 * float(np.mean([r.value for r in rows if r.metric == k and r.category != "__micro__"]))
-        for k in ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro_zsad")
-    }
+    macro = _macro(rows, ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro_zsad"))
+    return {k: 100 * v for k, v in macro.items()}
 
 
 def bench_spread(epochs: int = 30, runs: int = 3, grad_noise: float = 1e-6, precision: str = "bf16") -> dict:

@@ -346,6 +346,5 @@ def _pooled(
         positions.append(rest)
     auroc, ap, f1 = _image_rank_metrics(labels[order], scores[order])
     out = {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
-    neg_sort = None if sort is host_sort else sort  # the host merges sorted runs by its own method
-    out.update(_pixel_values(pool_groups(parts, positions, threads, neg_sort), methods, limit, threads))
+    out.update(_pixel_values(pool_groups(parts, positions, threads, sort), methods, limit, threads))
     return out
