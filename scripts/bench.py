@@ -24,6 +24,10 @@ Sections (``--only`` picks some):
            resolution (points per flipped pair).
   spread   the demo trained again with the same seed and gradient noise at float rounding level (what
            non-deterministic CUDA reductions do), and with other seeds: the ranges of the metrics.
+  overlap  an evaluation (690 maps of 336^2, 15 categories, all metrics) with each category's metrics
+           started while the model predicts the next ones vs all metrics after the predictions, on an
+           emulated GPU (feclip-tiny at 336 plus --overlap-device-ms of sleep per batch: the host free
+           as while a GPU computes); the model alone too, for the pipeline ratios (bench_overlap.py).
   reuse    train once, evaluate many (scripts/bench_reuse.py): an eval-only sweep of the demo (8 values
            of eval.sigma) with the adapter and outputs stores vs without, interleaved; and rescoring
            stored outputs into every metric per image vs one ViT-L-14-336 forward.
@@ -273,6 +277,7 @@ SECTIONS = (
     "precision_wide",
     "spread",
     "reuse",
+    "overlap",
 )
 
 
@@ -295,6 +300,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-images", type=int, default=8, help="images of the eval section's category")
     parser.add_argument(
         "--model", default="ViT-L-14-336-quickgelu", help="open_clip model name (random weights)"
+    )
+    parser.add_argument(
+        "--overlap-repeats", type=int, default=7, help="interleaved rounds of the overlap section"
+    )
+    parser.add_argument(
+        "--overlap-device-ms",
+        type=float,
+        default=60.0,
+        help="emulated device time per batch of 32 in the overlap section (60: ViT-L-14-336 on an H200)",
     )
     parser.add_argument("--n-maps", type=int, default=200, help="maps for the metrics section")
     parser.add_argument("--size", type=int, default=336, help="map size for the metrics section")
@@ -368,6 +382,10 @@ def main(argv=None) -> dict:
         figures.update(
             bench_reuse(args.repeats, args.sweep_rounds, epochs=args.sweep_epochs, model_name=args.model)
         )
+    if "overlap" in sections:
+        from bench_overlap import bench_overlap
+
+        figures.update(bench_overlap(repeats=args.overlap_repeats, device_ms=args.overlap_device_ms))
     if "metrics" in sections:
         from bench_metrics import bench_metrics
 

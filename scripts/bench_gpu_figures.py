@@ -181,6 +181,12 @@ def format_summary(figures: dict) -> str:
                 f"numpy {f['eval_metrics_host_sort_seconds']:.2f} s (x{f['eval_metrics_gpu_sort_speedup']:.2f}); "
                 f"values differing: {f['eval_metric_values_differing']}"
             )
+        if "eval_overlap_seconds" in f:
+            lines.append(
+                f"[eval] evaluate() with the metrics after the predictions {f['eval_after_seconds']:.2f} s, "
+                f"metrics overlapped with them {f['eval_overlap_seconds']:.2f} s "
+                f"(x{f['eval_overlap_speedup']:.2f}); values differing: {f['eval_overlap_values_differing']}"
+            )
     if "pipeline_model_images_per_s" in f:
         w = f["pipeline_workers"]
         lines.append(

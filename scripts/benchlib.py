@@ -192,6 +192,25 @@ class RandomAnomalySet(torch.utils.data.Dataset):
         }
 
 
+class ByCategory(torch.utils.data.Dataset):
+    """The images of a :class:`RandomAnomalySet` (categories interleaved) reordered category by category,
+    as the readers list a benchmark's test split: each category's last image comes before the next's."""
+
+    def __init__(self, data: RandomAnomalySet):
+        self.data = data
+        self.order = sorted(
+            range(len(data)), key=lambda i: (data.categories.index(data.samples[i].category), i)
+        )
+        self.samples = [data.samples[i] for i in self.order]
+        self.category_has_masks = data.category_has_masks
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.data[self.order[index]], "index": index}
+
+
 def png_category(root: Path, n: int, size: int) -> list:
     """``n`` MVTec-like PNGs of ``size`` x ``size`` (every other one anomalous, with a blob mask) of one
     category ``root.name``, listed as an ``mvtec`` dataset (the samples)."""

@@ -191,6 +191,8 @@ def test_every_section_runs_on_the_cpu_with_the_tiny_clip(bench, monkeypatch):
     assert "[eval] 6 images, 2 categories" in bench.format_summary(figures)
     assert figures["eval_metric_values_differing"] == 0 and figures["eval_metrics_host_sort_seconds"] > 0
     assert "sorted on the device" in bench.format_summary(figures)
+    assert figures["eval_overlap_values_differing"] == 0 and figures["eval_overlap_speedup"] > 0
+    assert "metrics overlapped" in bench.format_summary(figures)
     json.dumps(figures)
 
 

@@ -41,7 +41,7 @@ from feclip.engine.store import OutputSlot, RawOutputs
 from feclip.errors import DatasetError
 from feclip.fileio import atomic_write_text
 from feclip.methods.model import is_peer
-from feclip.metrics.aggregate import AUPRO_METRIC_NAMES, category_metric_sets
+from feclip.metrics.aggregate import AUPRO_METRIC_NAMES, MetricSets
 from feclip.metrics.aupro import aupro_from_regions, check_aupro_options, region_pixels
 from feclip.metrics.sorting import metrics_sort
 from feclip.progress import progress as show_progress
@@ -149,6 +149,7 @@ def predict(
     keep_outputs: bool = False,
     progress: bool = False,
     desc: str = "predict",
+    on_category: Callable[[Predictions, str, list[int]], None] | None = None,
 ) -> Predictions:
     """Run ``model`` over ``dataset`` (an :class:`~feclip.data.AnomalyDataset`) with the options of ``cfg``
     (a :class:`feclip.config.EvalConfig`), at the model's precision.
@@ -160,6 +161,9 @@ def predict(
     running the model (no forward pass; the same batches, so the same numbers); not with ``banks``.
     ``keep_outputs``: return the model's outputs in :attr:`Predictions.outputs` (for the store).
     ``progress``: show the images done (:func:`feclip.progress.progress`, labelled ``desc``).
+    ``on_category``: called as ``on_category(predictions, category, indices)`` as soon as the last
+    image of a category is predicted (and post-processed): ``predictions`` holds the images up to
+    there (its maps and masks lists keep growing; its scores and labels are filled in place).
     """
     if stored is not None and banks is not None:
         raise ValueError("predict: stored outputs hold no tap tokens for the few-shot banks")
@@ -168,7 +172,16 @@ def predict(
     scoring = cfg.scoring()
     original = cfg.resolution != "input"
     peer = is_peer(model)  # a peer method (feclip.methods), not FE-CLIP
-    scores, maps, masks, labels = [], [], [], []
+    n = len(dataset)
+    preds = Predictions(
+        scores=np.zeros(n, dtype=np.float64),
+        maps=[],
+        masks=[],
+        labels=np.zeros(n, dtype=np.int64),
+        categories=[s.category for s in dataset.samples],
+    )
+    maps, masks = preds.maps, preds.masks
+    ends = _category_ends(preds.categories)  # (last index, category), in order of their last image
     kept_cls, kept_patch = [], []
 
     def launch(batch):
@@ -203,14 +216,17 @@ def predict(
             *batch_maps, cls, patch = batch_maps
             kept_cls.append(cls)
             kept_patch.append(patch)
-        if not original:
-            maps.extend(batch_maps[0].numpy())
-            masks.extend(batch["mask"].numpy().astype(np.uint8))
-        else:
-            maps.extend(m.numpy() for m in batch_maps)
-            masks.extend(batch["original_mask"])
-        scores.append(batch_scores)
-        labels.append(batch["label"])
+        start = len(maps)
+        new_maps = batch_maps[0].numpy() if not original else [m.numpy() for m in batch_maps]
+        if _needs_postprocess(cfg.postprocess):
+            new_maps = [postprocess(m, cfg.postprocess) for m in new_maps]
+        maps.extend(new_maps)
+        masks.extend(batch["mask"].numpy().astype(np.uint8) if not original else batch["original_mask"])
+        preds.scores[start : len(maps)] = batch_scores.double().numpy()
+        preds.labels[start : len(maps)] = batch["label"].numpy()
+        while on_category is not None and ends and ends[0][0] < len(maps):
+            category = ends.pop(0)[1]
+            on_category(preds, category, [i for i, c in enumerate(preds.categories) if c == category])
 
     pending = None
     loader = _loader(dataset, cfg.batch_size, device, num_workers, original)
@@ -224,17 +240,16 @@ def predict(
         pending = launched
     if pending is not None:
         collect(pending)
-    if _needs_postprocess(cfg.postprocess):
-        maps = [postprocess(m, cfg.postprocess) for m in maps]
     model.train(was_training)
-    return Predictions(
-        scores=torch.cat(scores).double().numpy(),
-        maps=maps,
-        masks=masks,
-        labels=torch.cat(labels).numpy().astype(np.int64),
-        categories=[s.category for s in dataset.samples],
-        outputs=RawOutputs.from_batches(kept_cls, kept_patch) if keep_outputs and kept_cls else None,
-    )
+    if keep_outputs and kept_cls:
+        preds.outputs = RawOutputs.from_batches(kept_cls, kept_patch)
+    return preds
+
+
+def _category_ends(categories: list[str]) -> list[tuple[int, str]]:
+    """``(index of its last image, category)`` of each category, in the order of those indices."""
+    last = {c: i for i, c in enumerate(categories)}
+    return sorted((i, c) for c, i in last.items())
 
 
 def predict_through_store(
@@ -246,10 +261,12 @@ def predict_through_store(
     num_workers: int = 0,
     progress: bool = False,
     desc: str = "predict",
+    on_category: Callable[[Predictions, str, list[int]], None] | None = None,
 ) -> Predictions:
     """:func:`predict` with the outputs store (``eval.reuse_outputs``): the stored outputs of ``slot``
     when they are there (no forward pass), else the model's, then stored. A second process after the
-    same outputs waits for the first (the slot's lock) and reads them."""
+    same outputs waits for the first (the slot's lock) and reads them. ``on_category``: as for
+    :func:`predict`."""
     shape = (len(dataset), len(model.config.taps), tuple(model.grid))
     raw = slot.load(*shape)
     if raw is None:
@@ -265,6 +282,7 @@ def predict_through_store(
                     keep_outputs=True,
                     progress=progress,
                     desc=desc,
+                    on_category=on_category,
                 )
                 if preds.outputs is not None:
                     slot.save(preds.outputs)
@@ -275,7 +293,15 @@ def predict_through_store(
         slot.key,
     )
     return predict(
-        model, dataset, cfg, device, num_workers=num_workers, stored=raw, progress=progress, desc=desc
+        model,
+        dataset,
+        cfg,
+        device,
+        num_workers=num_workers,
+        stored=raw,
+        progress=progress,
+        desc=desc,
+        on_category=on_category,
     )
 
 
@@ -400,42 +426,81 @@ def _one_size(arrays: list[np.ndarray], what: str, category: str) -> bool:
     return True
 
 
+def metric_groups(
+    categories: list[str], category_has_masks: dict[str, bool], cfg
+) -> tuple[dict[str, list[int]], dict[str, bool]]:
+    """The groups of images that get metric rows (each category of ``category_has_masks``, then
+    ``__micro__``, all images, when ``cfg.micro`` and there are several) and whether each gets pixel
+    metrics (``__micro__`` only when every category has masks)."""
+    groups = {c: [i for i, x in enumerate(categories) if x == c] for c in category_has_masks}
+    if cfg.micro and len(groups) > 1:
+        groups[MICRO] = list(range(len(categories)))
+    with_masks = {
+        c: all(category_has_masks.values()) if c == MICRO else category_has_masks[c] for c in groups
+    }
+    return groups, with_masks
+
+
+def start_metrics(
+    categories: list[str], category_has_masks: dict[str, bool], cfg, device=None, background: bool = False
+) -> MetricSets:
+    """The :class:`~feclip.metrics.aggregate.MetricSets` of :func:`metric_rows` for images of
+    ``categories``: ``cfg.aupro`` options, the sort of ``cfg.metrics_device`` on ``device``, the
+    categories' pixels kept for the ``__micro__`` rows; ``background``: every category computed in a
+    background thread (while the model predicts the next ones)."""
+    groups, _ = metric_groups(categories, category_has_masks, cfg)
+    return MetricSets(
+        sum(g != MICRO for g in groups),
+        keep_pixels=MICRO in groups,
+        aupro_methods=tuple(cfg.aupro.methods),
+        fpr_limit=cfg.aupro.fpr_limit,
+        sort=metrics_sort(cfg.metrics_device, device),
+        background=background,
+    )
+
+
+def add_group(sets: MetricSets, preds: Predictions, name: str, idx: list[int], with_masks: bool) -> None:
+    """Start the metrics of images ``idx`` of ``preds`` as group ``name`` (:meth:`MetricSets.add`; the
+    pooled ``__micro__`` group: :meth:`MetricSets.pool`)."""
+    arrays = ([preds.masks[i] for i in idx], [preds.maps[i] for i in idx]) if with_masks else (None, None)
+    start = sets.pool if name == MICRO else sets.add
+    start(name, idx, preds.labels[idx], preds.scores[idx], *arrays)
+
+
 def metric_rows(
-    dataset_name: str, preds: Predictions, category_has_masks: dict[str, bool], cfg, device=None
+    dataset_name: str,
+    preds: Predictions,
+    category_has_masks: dict[str, bool],
+    cfg,
+    device=None,
+    started: MetricSets | None = None,
 ) -> list[MetricRow]:
     """Per-category metrics, plus pooled ``__micro__`` rows when ``cfg.micro``.
 
     The categories are computed in parallel threads (``FECLIP_METRIC_THREADS``, default: the CPUs
     this process may use) and the pooled rows reuse their sorted pixels and labelled regions
-    (:func:`feclip.metrics.aggregate.category_metric_sets`); the numbers are those of
+    (:class:`feclip.metrics.aggregate.MetricSets`); the numbers are those of
     :func:`~feclip.metrics.compute_category_metrics` per group, bit for bit. ``device``: the
     evaluation's torch device; with ``cfg.metrics_device=auto`` and a GPU there, the normal pixels'
-    scores are sorted on it (:mod:`feclip.metrics.sorting`; the same numbers).
+    scores are sorted on it (:mod:`feclip.metrics.sorting`; the same numbers). ``started``: the
+    :func:`start_metrics` to which some categories were already added (during the predictions), the
+    others are added here; closed on return.
     """
-    groups = {c: [i for i, x in enumerate(preds.categories) if x == c] for c in category_has_masks}
-    if cfg.micro and len(groups) > 1:
-        groups[MICRO] = list(range(len(preds.categories)))
-    with_masks = {
-        c: all(category_has_masks.values()) if c == MICRO else category_has_masks[c] for c in groups
-    }
+    groups, with_masks = metric_groups(preds.categories, category_has_masks, cfg)
     one_size = {}
     for category, idx in groups.items():
         if with_masks[category]:
             one_size[category] = _one_size([preds.masks[i] for i in idx], "masks", category) and _one_size(
                 [preds.maps[i] for i in idx], "maps", category
             )
-    per_group = category_metric_sets(
-        preds.labels,
-        preds.scores,
-        preds.masks,
-        preds.maps,
-        groups,
-        with_masks,
-        pooled=MICRO if MICRO in groups else None,
-        aupro_methods=tuple(cfg.aupro.methods),
-        fpr_limit=cfg.aupro.fpr_limit,
-        sort=metrics_sort(cfg.metrics_device, device),
+    sets = (
+        started if started is not None else start_metrics(preds.categories, category_has_masks, cfg, device)
     )
+    with sets:
+        for category, idx in groups.items():
+            if category not in sets:
+                add_group(sets, preds, category, idx, with_masks[category])
+        per_group = sets.results()
     rows: list[MetricRow] = []
     variant = not cfg.aupro.include_normal or cfg.aupro.per_image_norm
     for category, idx in groups.items():
@@ -474,6 +539,7 @@ def evaluate(
     outputs: OutputSlot | None = None,
     progress: bool = False,
     on_predictions: Callable[[Predictions], None] | None = None,
+    overlap_metrics: bool = False,
 ) -> list[MetricRow]:
     """Metric rows of ``model`` on one dataset (see :func:`predict` and :func:`metric_rows`).
 
@@ -483,32 +549,58 @@ def evaluate(
     never with ``banks``). ``progress``: show the progress of the forward pass and the figures
     (``train.progress``). ``on_predictions``: called with the :class:`Predictions` once they are made
     (e.g. the tracker's pictures). The time of each step and the images/s are logged.
+
+    ``overlap_metrics``: each category's metrics start in a background thread as soon as its last map
+    is made, while the model predicts the next categories (:func:`start_metrics`); default ``False``:
+    all of them after the predictions. The same numbers either way. Off by default until a GPU run
+    shows a gain: on the CPU the background thread competes with the forward pass for the GIL
+    (BENCHMARKS.md, 2026-12-05 "overlap"); ``scripts/bench_gpu.py``'s eval section times both ways.
     """
     start = time.perf_counter()
     desc = f"{dataset_name}: predict"
-    if outputs is not None and banks is None:
-        preds = predict_through_store(model, dataset, cfg, device, outputs, num_workers, progress, desc)
-    else:
-        preds = predict(model, dataset, cfg, device, banks, num_workers, progress=progress, desc=desc)
-    predicted = time.perf_counter()
-    if on_predictions is not None:
-        on_predictions(preds)
-    written = ""
-    if out_dir is not None:
-        path = write_scores(scores_path(out_dir, dataset_name), dataset_name, dataset, preds)
-        written = f"; per-image scores in {path.relative_to(out_dir)}"
-        if cfg.save_figures:
-            save_figures(
-                out_dir, dataset_name, dataset, preds, cfg.aupro.fpr_limit, cfg.aupro.methods, progress
+    has_masks = dataset.category_has_masks
+    categories = [s.category for s in dataset.samples]
+    with start_metrics(categories, has_masks, cfg, device, background=overlap_metrics) as sets:
+
+        def on_category(preds: Predictions, category: str, idx: list[int]) -> None:
+            if overlap_metrics and category in has_masks:  # its metrics run while the model goes on
+                add_group(sets, preds, category, idx, has_masks[category])
+
+        if outputs is not None and banks is None:
+            preds = predict_through_store(
+                model, dataset, cfg, device, outputs, num_workers, progress, desc, on_category
             )
-    drawn = time.perf_counter()
-    rows = metric_rows(dataset_name, preds, dataset.category_has_masks, cfg, device)
+        else:
+            preds = predict(
+                model,
+                dataset,
+                cfg,
+                device,
+                banks,
+                num_workers,
+                progress=progress,
+                desc=desc,
+                on_category=on_category,
+            )
+        predicted = time.perf_counter()
+        if on_predictions is not None:
+            on_predictions(preds)
+        written = ""
+        if out_dir is not None:
+            path = write_scores(scores_path(out_dir, dataset_name), dataset_name, dataset, preds)
+            written = f"; per-image scores in {path.relative_to(out_dir)}"
+            if cfg.save_figures:
+                save_figures(
+                    out_dir, dataset_name, dataset, preds, cfg.aupro.fpr_limit, cfg.aupro.methods, progress
+                )
+        drawn = time.perf_counter()
+        rows = metric_rows(dataset_name, preds, has_masks, cfg, device, started=sets)
     done = time.perf_counter()
     n = len(dataset)
     figures = f", figures {drawn - predicted:.1f} s" if out_dir is not None and cfg.save_figures else ""
     log.info(
         "evaluated %s: %d images in %.1f s (%.1f images/s): predictions %.1f s (%.1f images/s)%s, "
-        "metrics %.1f s%s",
+        "metrics %.1f s after them%s",
         dataset_name,
         n,
         done - start,

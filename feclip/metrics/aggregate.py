@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ __all__ = [
     "micro",
     "compute_category_metrics",
     "category_metric_sets",
+    "MetricSets",
     "metric_threads",
     "AUPRO_METRIC_NAMES",
 ]
@@ -133,8 +134,7 @@ def compute_category_metrics(
         check_aupro_options(fpr_limit, method)
     if (masks is None) != (maps is None):
         raise ValueError("compute_category_metrics: give both masks and maps, or neither")
-    auroc, ap, f1 = _image_rank_metrics(labels, scores)
-    out = {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
+    out = _image_values(labels, scores)
     if masks is None:
         return out
     if not methods and not isinstance(masks, (list, tuple)):
@@ -238,6 +238,8 @@ def category_metric_sets(
       not split, sorted and labelled again: its pixels are the other groups' sorted pixels merged
       (:func:`~feclip.metrics.aupro.pool_groups`), plus those of its images in no other group.
 
+    :class:`MetricSets` does the same one group at a time (e.g. while a model predicts the next ones).
+
     Args:
         labels, scores: (N,) per image.
         masks, maps: N per-image (H, W) arrays, or ``None`` without pixel metrics.
@@ -252,99 +254,195 @@ def category_metric_sets(
     Returns:
         name -> the dict of :func:`compute_category_metrics`, in the order of ``groups``.
     """
-    methods = _check_methods(aupro_methods)
-    for method in methods:
-        check_aupro_options(fpr_limit, method)
-    limit = float(fpr_limit)
-    threads = metric_threads() if threads is None else max(1, int(threads))
     labels, scores = np.asarray(labels), np.asarray(scores)
-    pixel_names = [n for n in groups if with_masks[n]]
-    if pixel_names and (masks is None or maps is None):
-        raise ValueError("category_metric_sets: pixel metrics need masks and maps")
-    dtype = None
-    if pixel_names and all(len(groups[n]) for n in pixel_names):
-        dtype = _fast_inputs(masks, maps, {i for n in pixel_names for i in groups[n]})
-        if dtype is not None and any(
-            len({maps[i].shape for i in groups[n]}) > 1 for n in pixel_names if n != pooled
-        ):
-            dtype = None
-    keep_for_pool = (
-        dtype is not None
-        and pooled is not None
-        and with_masks.get(pooled, False)
-        and len(set(groups[pooled])) == len(groups[pooled])
-    )
     names = [n for n in groups if n != pooled]
-    inner_threads = threads if len(names) == 1 else 1  # threads within a group when it is alone
+    if any(with_masks[n] for n in groups) and (masks is None or maps is None):
+        raise ValueError("category_metric_sets: pixel metrics need masks and maps")
 
-    def group_pixels(idx: Sequence[int]) -> PixelGroup:
-        n_pixels = sum(maps[i].size for i in idx)
-        g = pixel_group(((_as_mask(masks[i]), maps[i]) for i in idx), dtype, n_pixels, sort)
-        _check_finite(g.rp)
-        return g
-
-    def one(name: str) -> tuple[dict[str, float], PixelGroup | None]:
-        idx = list(groups[name])
-        if with_masks[name] and dtype is None:  # the general path
-            mk, mp = _stacked([masks[i] for i in idx]), _stacked([maps[i] for i in idx])
-            return compute_category_metrics(labels[idx], scores[idx], mk, mp, methods, limit), None
-        auroc, ap, f1 = _image_rank_metrics(labels[idx], scores[idx])
-        out = {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
+    def arrays(name: str, idx: list[int]) -> tuple[list | None, list | None]:
         if not with_masks[name]:
-            return out, None
-        g = group_pixels(idx)
-        out.update(_pixel_values(g.rp, methods, limit, inner_threads))
-        return out, (g if keep_for_pool else None)
+            return None, None
+        return [masks[i] for i in idx], [maps[i] for i in idx]
 
-    if threads > 1 and len(names) > 1:
-        with ThreadPoolExecutor(max_workers=min(threads, len(names))) as ex:
-            done = dict(zip(names, ex.map(one, names)))
-    else:
-        done = {n: one(n) for n in names}
-    results = {n: done[n][0] for n in names}
-    if pooled is not None:
-        if keep_for_pool:
-            results[pooled] = _pooled(
-                pooled, groups, done, labels, scores, group_pixels, methods, limit, threads, sort
-            )
-        else:
-            results[pooled] = one(pooled)[0]
+    with MetricSets(len(names), pooled is not None, aupro_methods, fpr_limit, threads, sort) as sets:
+        for name in names:
+            idx = list(groups[name])
+            sets.add(name, idx, labels[idx], scores[idx], *arrays(name, idx))
+        if pooled is not None:
+            idx = list(groups[pooled])
+            sets.pool(pooled, idx, labels[idx], scores[idx], *arrays(pooled, idx))
+        results = sets.results()
     return {n: results[n] for n in groups}
 
 
-def _pooled(
-    pooled: str,
-    groups: Mapping[str, Sequence[int]],
-    done: Mapping[str, tuple[dict[str, float], PixelGroup | None]],
-    labels: np.ndarray,
-    scores: np.ndarray,
-    group_pixels: Callable[[Sequence[int]], PixelGroup],
-    methods: tuple[str, ...],
-    limit: float,
-    threads: int,
-    sort: Sort,
-) -> dict[str, float]:
-    """The pooled group's metrics from the other groups' :class:`PixelGroup` (see category_metric_sets):
-    those wholly inside it, in its order, are merged; its other images are split here."""
-    order = list(groups[pooled])
-    place = {i: k for k, i in enumerate(order)}
-    covered = np.zeros(len(order), dtype=bool)
-    parts, positions = [], []
-    for name, (_, g) in done.items():
-        if g is None:
-            continue
-        where = np.array([place.get(i, -1) for i in groups[name]], dtype=np.int64)
-        # Only groups wholly inside the pooled one, in its order, and not overlapping an earlier one.
-        if len(where) and (where.min() < 0 or np.any(np.diff(where) <= 0) or covered[where].any()):
-            continue
-        covered[where] = True
-        parts.append(g)
-        positions.append(where)
-    rest = np.flatnonzero(~covered)
-    if len(rest):
-        parts.append(group_pixels([order[k] for k in rest]))
-        positions.append(rest)
-    auroc, ap, f1 = _image_rank_metrics(labels[order], scores[order])
-    out = {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
-    out.update(_pixel_values(pool_groups(parts, positions, threads, sort), methods, limit, threads))
-    return out
+class MetricSets:
+    """The metric sets of :func:`category_metric_sets`, started one group at a time, the same numbers.
+
+    Each :meth:`add` computes a group (its image metrics and, with masks, its pixel metrics) in this
+    thread, or in a background thread when there are several groups and threads, or ``background``
+    says so: an evaluation adds each category as soon as its last map is made, so that its metrics
+    run while the model works on the next categories. :meth:`pool` then computes the pooled group
+    (the ``__micro__`` rows) from the added groups' sorted pixels, and :meth:`results` waits for all.
+    Use it as a context manager: leaving it drops what has not started and waits for what has.
+
+    Args:
+        n_groups: how many groups will be added (one alone gets every thread for itself).
+        keep_pixels: keep each group's split pixels for a later :meth:`pool`.
+        aupro_methods, fpr_limit, threads, sort: as for :func:`category_metric_sets`.
+        background: compute every added group in a background thread, even with one thread.
+    """
+
+    def __init__(
+        self,
+        n_groups: int,
+        keep_pixels: bool = False,
+        aupro_methods: str | Iterable[str] = DEFAULT_METHODS,
+        fpr_limit: float = DEFAULT_FPR_LIMIT,
+        threads: int | None = None,
+        sort: Sort = host_sort,
+        background: bool = False,
+    ) -> None:
+        self.methods = _check_methods(aupro_methods)
+        for method in self.methods:
+            check_aupro_options(fpr_limit, method)
+        self.limit = float(fpr_limit)
+        self.threads = metric_threads() if threads is None else max(1, int(threads))
+        self.keep_pixels, self.sort = keep_pixels, sort
+        self.inner_threads = self.threads if n_groups == 1 else 1  # threads within a group when it is alone
+        parallel = background or (self.threads > 1 and n_groups > 1)
+        workers = min(self.threads, max(n_groups, 1))
+        self._executor = ThreadPoolExecutor(max_workers=workers) if parallel else None
+        self._done: dict[str, Any] = {}  # name -> (metrics, PixelGroup or None, indices), or its Future
+
+    def __enter__(self) -> MetricSets:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the groups not started yet and wait for those that are (idempotent)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._done
+
+    def add(
+        self,
+        name: str,
+        idx: Sequence[int],
+        labels: Any,
+        scores: Any,
+        masks: Sequence[Any] | None = None,
+        maps: Sequence[Any] | None = None,
+    ) -> None:
+        """Compute group ``name``: its images' ids ``idx`` (what :meth:`pool` matches), their (n,)
+        ``labels`` and ``scores`` and, for pixel metrics, their (H, W) ``masks`` and ``maps`` (lists in
+        the order of ``idx``; ``None``: image metrics only)."""
+        if name in self._done:
+            raise ValueError(f"MetricSets: group {name!r} added twice")
+        args = (list(idx), np.asarray(labels), np.asarray(scores), masks, maps)
+        if self._executor is None:
+            self._done[name] = self._group(*args, self.inner_threads, self.keep_pixels)
+        else:
+            self._done[name] = self._executor.submit(self._group, *args, self.inner_threads, self.keep_pixels)
+
+    def pool(
+        self,
+        name: str,
+        idx: Sequence[int],
+        labels: Any,
+        scores: Any,
+        masks: Sequence[Any] | None = None,
+        maps: Sequence[Any] | None = None,
+    ) -> None:
+        """Compute the pooled group ``name`` (arguments as for :meth:`add`, ``idx`` in the order that
+        defines the pooling) in this thread, once the added groups are done: the sorted pixels of
+        those wholly inside it, in its order and not overlapping, are merged; its other images are
+        split here."""
+        idx, labels, scores = list(idx), np.asarray(labels), np.asarray(scores)
+        for other in list(self._done):
+            self._finished(other)  # the added groups first (and their errors)
+        dtype = None if masks is None else self._dtype(masks, maps, one_shape=False)
+        if dtype is None or not self.keep_pixels or len(set(idx)) != len(idx):
+            self._done[name] = self._group(idx, labels, scores, masks, maps, self.threads, False, False)
+            return
+        place = {i: k for k, i in enumerate(idx)}
+        covered = np.zeros(len(idx), dtype=bool)
+        parts, positions = [], []
+        for _, g, group_idx in self._done.values():
+            if g is None or g.rp.neg.dtype != dtype:
+                continue
+            where = np.array([place.get(i, -1) for i in group_idx], dtype=np.int64)
+            if len(where) and (where.min() < 0 or np.any(np.diff(where) <= 0) or covered[where].any()):
+                continue
+            covered[where] = True
+            parts.append(g)
+            positions.append(where)
+        rest = np.flatnonzero(~covered)
+        if len(rest):
+            parts.append(self._pixels([masks[k] for k in rest], [maps[k] for k in rest], dtype))
+            positions.append(rest)
+        out = _image_values(labels, scores)
+        rp = pool_groups(parts, positions, self.threads, self.sort)
+        out.update(_pixel_values(rp, self.methods, self.limit, self.threads))
+        self._done[name] = (out, None, idx)
+
+    def results(self) -> dict[str, dict[str, float]]:
+        """name -> the dict of :func:`compute_category_metrics`, in the order the groups came; waits for
+        the groups still running and raises the first error of any."""
+        return {name: self._finished(name) for name in list(self._done)}
+
+    def _finished(self, name: str) -> dict[str, float]:
+        done = self._done[name]
+        if isinstance(done, Future):
+            done = self._done[name] = done.result()
+        return done[0]
+
+    @staticmethod
+    def _dtype(masks: Sequence[Any], maps: Sequence[Any], one_shape: bool) -> Any:
+        """The maps' dtype when the fast path can take these images (see :func:`_fast_inputs`; with
+        ``one_shape``, all of one size too), else ``None``."""
+        if not len(maps):
+            return None
+        dtype = _fast_inputs(masks, maps, range(len(maps)))
+        if dtype is not None and one_shape and len({a.shape for a in maps}) > 1:
+            return None
+        return dtype
+
+    def _pixels(self, masks: Sequence[Any], maps: Sequence[Any], dtype: Any) -> PixelGroup:
+        n_pixels = sum(a.size for a in maps)
+        g = pixel_group(((_as_mask(m), a) for m, a in zip(masks, maps)), dtype, n_pixels, self.sort)
+        _check_finite(g.rp)
+        return g
+
+    def _group(
+        self,
+        idx: list[int],
+        labels: np.ndarray,
+        scores: np.ndarray,
+        masks: Sequence[Any] | None,
+        maps: Sequence[Any] | None,
+        threads: int,
+        keep: bool,
+        one_shape: bool = True,
+    ) -> tuple[dict[str, float], PixelGroup | None, list[int]]:
+        """One group's metrics, its split pixels (when ``keep``) and its images. The fast path splits each
+        image once without stacking; images it cannot take go to :func:`compute_category_metrics`."""
+        if masks is None:
+            return _image_values(labels, scores), None, idx
+        dtype = self._dtype(masks, maps, one_shape)
+        if dtype is None:  # the general path
+            mk, mp = _stacked(list(masks)), _stacked(list(maps))
+            return compute_category_metrics(labels, scores, mk, mp, self.methods, self.limit), None, idx
+        g = self._pixels(masks, maps, dtype)
+        out = _image_values(labels, scores)
+        out.update(_pixel_values(g.rp, self.methods, self.limit, threads))
+        return out, (g if keep else None), idx
+
+
+def _image_values(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    auroc, ap, f1 = _image_rank_metrics(labels, scores)
+    return {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
