@@ -9,7 +9,9 @@ Plain helpers (``from conftest import compose_run, make_tiny_feclip``) and the f
   the tests only read them): the factory fixture ``synthetic_sets``, and ``sets`` / ``data_root`` at the
   smoke runs' size (:data:`SMOKE_SIZES`);
 * runs: :func:`compose_run` (a Hydra config as ``feclip-train`` composes it), :func:`smoke_overrides`
-  (a short run of the tiny CLIP on ``data_root``) and :func:`cache_override`.
+  (a short run of the tiny CLIP on ``data_root``) and :func:`cache_override`;
+* child processes import this checkout's ``feclip``, installed or not: :func:`repo_python_path`,
+  :func:`train_cli`, :func:`run_notebook` (``experiments/analysis.ipynb`` on a results tree).
 
 A run keeps decoded images under ``paths.cache_dir`` (default ``.cache/feclip``, relative to the working
 folder: the repository's). :func:`smoke_overrides` and :func:`cache_override` point it to a temporary
@@ -192,8 +194,7 @@ def train_cli(args, env_extra=None, timeout=120) -> subprocess.CompletedProcess:
     """``feclip-train ARGS`` in a fresh process (offline), output captured, run from a temporary working
     folder: the relative default paths (``results/.hydra`` of a run that fails, ``.cache/feclip``) land
     there, not in the repository; ``feclip`` is the repository's (``PYTHONPATH``)."""
-    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path, **(env_extra or {})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo_python_path(), **(env_extra or {})}
     with tempfile.TemporaryDirectory(prefix="feclip-cli-") as cwd:
         return subprocess.run(
             [sys.executable, "-c", "from feclip.apps.train import train_main; train_main()", *args],
@@ -203,6 +204,37 @@ def train_cli(args, env_extra=None, timeout=120) -> subprocess.CompletedProcess:
             env=env,
             timeout=timeout,
         )
+
+
+def repo_python_path() -> str:
+    """``PYTHONPATH`` with the repository first: a child process (a CLI, a notebook kernel) imports this
+    checkout's ``feclip`` whether or not it is installed."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
+def run_notebook(results: Path, timeout: int = 300):
+    """``experiments/analysis.ipynb`` executed (nbclient, kernel ``python3``) on the results tree
+    ``results``, from ``experiments/``, plots on Agg; returns the executed notebook (its cells hold the
+    outputs). The kernel imports this checkout's ``feclip`` (:func:`repo_python_path`)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    notebook = REPO / "experiments" / "analysis.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    env = {"FECLIP_RESULTS": str(results), "MPLBACKEND": "Agg", "PYTHONPATH": repo_python_path()}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
+        ).execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return nb
 
 
 def torchrun_train(args, nproc: int = 2, timeout: int = 180) -> subprocess.CompletedProcess:

@@ -8,13 +8,10 @@ import io
 import json
 from pathlib import Path
 
-import pytest
+from conftest import run_notebook
 from test_report import PAPER_BB, write_run
 
 from feclip import report
-
-REPO = Path(__file__).resolve().parent.parent
-NOTEBOOK = REPO / "experiments" / "analysis.ipynb"
 
 # A two-axis study (taps x protocol) and a one-variant study: 2 seeds each, three evaluated datasets.
 PROTOCOLS = {"visa_to_mvtec": ("visa", ["mvtec"]), "mvtec_to_visa": ("mvtec", ["visa", "btad"])}
@@ -46,20 +43,10 @@ def png_text(data: str) -> dict[str, str]:
     return dict(Image.open(io.BytesIO(base64.b64decode(data))).text)
 
 
-def test_the_notebook_shows_the_reports_figures_per_dataset(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    root = write_tree(tmp_path / "results")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def test_the_notebook_shows_the_reports_figures_per_dataset(tmp_path):
+    nb = run_notebook(write_tree(tmp_path / "results"))
     parameters = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(parameters) == 1 and "FECLIP_RESULTS" in parameters[0].source
-    monkeypatch.setenv("FECLIP_RESULTS", str(root))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    )
-    client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     figures = [png_text(o["data"]["image/png"]) for o in outputs if "image/png" in o.get("data", {})]

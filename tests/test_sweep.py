@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cache_override
+from conftest import REPO, cache_override, run_notebook
 from hydra import compose, initialize_config_dir
 
 from feclip.apps.train import CONF_DIR
@@ -97,20 +97,8 @@ def test_report_cli_on_the_sweep(sweep):
 
 
 def test_notebook_runs_on_the_sweep_results(sweep):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     root, _, _ = sweep
-    nb = nbformat.read(REPO / "experiments" / "analysis.ipynb", as_version=4)
-    os.environ["FECLIP_RESULTS"] = str(root / "results")
-    try:
-        nbclient.NotebookClient(
-            nb,
-            timeout=180,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(REPO / "experiments")}},
-        ).execute()
-    finally:
-        del os.environ["FECLIP_RESULTS"]
+    nb = run_notebook(root / "results", timeout=180)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
