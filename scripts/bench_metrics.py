@@ -22,8 +22,13 @@ paired per-round ratios with 95 % intervals, the new code with one thread and wi
 adds the same comparison for one category's ``compute_category_metrics``, its two AUPROs alone, and
 the pooled ``__micro__`` row.
 
+With ``--rows-vs COMMIT``: ``metric_rows`` of this checkout against that of ``COMMIT`` (any commit
+whose ``metric_rows`` takes today's arguments), each whole ``feclip`` package in its own worker process
+on the same predictions, rounds interleaved, rows compared bit for bit.
+
 Run: ``python scripts/bench_metrics.py [--n-maps 200] [--size 336] [--seed 0]`` or
-``python scripts/bench_metrics.py --rows [--rows-images 1725] [--repeats 5] [--stages]``. The last line
+``python scripts/bench_metrics.py --rows [--rows-images 1725] [--repeats 5] [--stages]`` or
+``python scripts/bench_metrics.py --rows-vs 1498394 [--repeats 7]``. The last line
 printed is one JSON object with all figures.
 """
 
@@ -419,6 +424,113 @@ def bench_stages(before: SimpleNamespace, preds, repeats: int) -> dict:
     return figures
 
 
+# -- metric_rows of two whole checkouts, each in its own process ------------------------------------------
+
+
+def rows_worker(n_images: int, size: int, n_categories: int, seed: int) -> None:
+    """``--rows-worker``: the ``feclip`` on ``sys.path`` (the driver sets ``PYTHONPATH``) answers one
+    line of JSON per line read: ``run`` times ``metric_rows`` once on :func:`make_predictions` (the paper
+    preset, all threads) and returns the seconds and the rows; ``quit`` ends. The first line says which
+    ``feclip`` was imported."""
+    import feclip
+    from feclip.config import EvalConfig
+    from feclip.engine.evaluate import metric_rows
+
+    preds = make_predictions(n_images, size, n_categories, seed)
+    has_masks = dict.fromkeys(dict.fromkeys(preds.categories), True)
+    print(json.dumps({"feclip": feclip.__file__}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        t0 = time.perf_counter()
+        rows = metric_rows("b", preds, has_masks, EvalConfig())
+        seconds = time.perf_counter() - t0
+        values = [[r.category, r.metric, repr(r.value)] for r in rows]
+        print(json.dumps({"seconds": seconds, "rows": values}), flush=True)
+
+
+def bench_rows_vs(
+    commit: str,
+    n_images: int = 1725,
+    size: int = 336,
+    n_categories: int = 15,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict:
+    """``metric_rows`` of this checkout and of ``commit`` (its ``feclip/`` from ``git archive``), each
+    in a worker process (:func:`rows_worker`) on the same predictions, rounds interleaved; the rows
+    must be equal bit for bit. For commits whose ``metric_rows`` takes this one's arguments (since
+    2026-12-04); ``--before`` compares older metrics in one process."""
+    from benchlib import median_ci, paired_ratio
+
+    root = Path(__file__).resolve().parents[1]
+    before_root = Path(tempfile.mkdtemp(prefix="feclip_vs_"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", "--format=tar", commit, "feclip"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(before_root)], input=archive, check=True)
+    args = [str(n_images), str(size), str(n_categories), str(seed)]
+    workers = {}
+    for name, tree in (("before", before_root), ("now", root)):
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p),
+        }
+        workers[name] = subprocess.Popen(
+            [sys.executable, __file__, "--rows-worker", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    try:
+        imported = {name: json.loads(w.stdout.readline())["feclip"] for name, w in workers.items()}
+        assert imported["before"].startswith(str(before_root)), imported
+        assert imported["now"].startswith(str(root)), imported
+
+        def run(name: str) -> dict:
+            workers[name].stdin.write("run\n")
+            workers[name].stdin.flush()
+            return json.loads(workers[name].stdout.readline())
+
+        first = {name: run(name) for name in workers}  # warm-up, and the rows compared
+        times = {name: [] for name in workers}
+        for _ in range(repeats):
+            for name in workers:
+                times[name].append(run(name)["seconds"])
+    finally:
+        for w in workers.values():
+            w.communicate("quit\n", timeout=60)
+    differ = sum(a != b for a, b in zip(first["before"]["rows"], first["now"]["rows"]))
+    ratio = paired_ratio(times, "before", "now")
+    return {
+        "vs_commit": commit,
+        "vs_images": n_images,
+        "vs_size": size,
+        "vs_categories": n_categories,
+        "vs_repeats": repeats,
+        "vs_rows": len(first["now"]["rows"]),
+        "vs_row_names_equal": [r[:2] for r in first["before"]["rows"]]
+        == [r[:2] for r in first["now"]["rows"]],
+        "vs_differing_rows": differ,
+        "vs_seconds_before": median_ci(times["before"])[0],
+        "vs_seconds_now": median_ci(times["now"])[0],
+        "vs_speedup": ratio[0],
+        "vs_speedup_ci": [ratio[1], ratio[2]],
+    }
+
+
+def print_rows_vs(f: dict) -> None:
+    lo, hi = f["vs_speedup_ci"]
+    print(
+        f"metric_rows, this checkout vs {f['vs_commit']}: {f['vs_images']} maps of {f['vs_size']}x{f['vs_size']}, "
+        f"{f['vs_categories']} categories, {f['vs_rows']} rows, {f['vs_repeats']} rounds\n"
+        f"  before {f['vs_seconds_before']:.2f} s, now {f['vs_seconds_now']:.2f} s: speed-up "
+        f"{f['vs_speedup']:.2f}x (95% CI {lo:.2f}-{hi:.2f}); rows differing: {f['vs_differing_rows']}"
+        f" (same names and order: {f['vs_row_names_equal']})"
+    )
+
+
 def print_rows(f: dict) -> None:
     print(
         f"metric_rows: {f['rows_images']} maps of {f['rows_size']}x{f['rows_size']}, {f['rows_categories']} "
@@ -457,7 +569,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of --rows")
     parser.add_argument("--stages", action="store_true", help="with --rows: one category, each AUPRO, micro")
     parser.add_argument("--before", default=BEFORE_COMMIT, help="the commit to compare --rows against")
+    parser.add_argument("--rows-vs", metavar="COMMIT", help="metric_rows now vs COMMIT's, one process each")
+    parser.add_argument("--rows-worker", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rows_worker:
+        rows_worker(*args.rows_worker)
+        return
+    if args.rows_vs:
+        f = bench_rows_vs(
+            args.rows_vs, args.rows_images, args.size, args.rows_categories, args.repeats, args.seed
+        )
+        print_rows_vs(f)
+        print(json.dumps(f))
+        return
     if args.rows:
         f = bench_rows(
             args.rows_images,
