@@ -204,6 +204,13 @@ def format_summary(figures: dict) -> str:
             f"{f[f'eval_images_per_s_cached_w{w}']:.1f} with {w} "
             f"(ratio {f[f'eval_pipeline_ratio_cached_w{w}']:.3f})"
         )
+    if "pipeline_cached_feed_images_per_s" in f:
+        lines.append(
+            f"[pipeline] cached, {f['pipeline_workers']} workers, each part alone: feed "
+            f"{f['pipeline_cached_feed_images_per_s']:.1f} images/s, predict (feed + model + maps) "
+            f"{f['pipeline_cached_predict_images_per_s']:.1f} images/s, metrics "
+            f"{f['pipeline_cached_metrics_seconds']:.2f} s"
+        )
     for key in sorted(k for k in f if k.startswith("peak_memory_gb_")):
         lines.append(f"[memory] {key.removeprefix('peak_memory_gb_')}: {f[key]:.1f} GB peak")
     for section, error in f.get("section_errors", {}).items():

@@ -177,6 +177,9 @@ def test_every_section_runs_on_the_cpu_with_the_tiny_clip(bench, monkeypatch):
         "eval_images_per_s_cached_w1",
         "eval_pipeline_ratio_cached_w0",
         "eval_pipeline_ratio_cached_w1",
+        "pipeline_cached_feed_images_per_s",
+        "pipeline_cached_predict_images_per_s",
+        "pipeline_cached_metrics_seconds",
     ):
         assert math.isfinite(figures[key]) and figures[key] > 0, key
     # the same start and batches give the same weights, bit for bit: the CPU is deterministic either way
@@ -184,6 +187,7 @@ def test_every_section_runs_on_the_cpu_with_the_tiny_clip(bench, monkeypatch):
     assert figures["precision"] == "fp32 (tokens torch.float32)"
     assert "[pipeline] 4 PNGs of 96^2" in bench.format_summary(figures)
     assert "[pipeline] from the warm decoded-image cache" in bench.format_summary(figures)
+    assert "[pipeline] cached, 1 workers, each part alone: feed" in bench.format_summary(figures)
     assert not any(k.startswith(("mfu_", "tflops_")) for k in figures)  # ViT-L/14@336's FLOP model only
     assert figures["protocol_images"] == 6 and len(figures["protocol_epoch_images_per_s"]) == 1
     assert figures["eval_metric_rows"] == 3 * 8  # 2 categories + micro, 8 metrics each
