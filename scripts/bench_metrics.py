@@ -449,27 +449,9 @@ def rows_worker(n_images: int, size: int, n_categories: int, seed: int) -> None:
         print(json.dumps({"seconds": seconds, "rows": values}), flush=True)
 
 
-def bench_rows_vs(
-    commit: str,
-    n_images: int = 1725,
-    size: int = 336,
-    n_categories: int = 15,
-    repeats: int = 5,
-    seed: int = 0,
-) -> dict:
-    """``metric_rows`` of this checkout and of ``commit`` (its ``feclip/`` from ``git archive``), each
-    in a worker process (:func:`rows_worker`) on the same predictions, rounds interleaved; the rows
-    must be equal bit for bit. For commits whose ``metric_rows`` takes this one's arguments (since
-    2026-12-04); ``--before`` compares older metrics in one process."""
-    from benchlib import median_ci, paired_ratio
-
-    root = Path(__file__).resolve().parents[1]
-    before_root = Path(tempfile.mkdtemp(prefix="feclip_vs_"))
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", "--format=tar", commit, "feclip"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(before_root)], input=archive, check=True)
-    args = [str(n_images), str(size), str(n_categories), str(seed)]
+def _rows_vs_rounds(root: Path, before_root: Path, sizes: list[int], repeats: int) -> tuple[dict, dict]:
+    """One :func:`rows_worker` on ``before_root``'s ``feclip`` and one on ``root``'s: the first call's
+    answers (warm-up; their rows are compared) and the seconds of ``repeats`` interleaved rounds."""
     workers = {}
     for name, tree in (("before", before_root), ("now", root)):
         env = {
@@ -477,7 +459,7 @@ def bench_rows_vs(
             "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p),
         }
         workers[name] = subprocess.Popen(
-            [sys.executable, __file__, "--rows-worker", *args],
+            [sys.executable, __file__, "--rows-worker", *map(str, sizes)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -493,7 +475,7 @@ def bench_rows_vs(
             workers[name].stdin.flush()
             return json.loads(workers[name].stdout.readline())
 
-        first = {name: run(name) for name in workers}  # warm-up, and the rows compared
+        first = {name: run(name) for name in workers}
         times = {name: [] for name in workers}
         for _ in range(repeats):
             for name in workers:
@@ -501,6 +483,33 @@ def bench_rows_vs(
     finally:
         for w in workers.values():
             w.communicate("quit\n", timeout=60)
+    return first, times
+
+
+def bench_rows_vs(
+    commit: str,
+    n_images: int = 1725,
+    size: int = 336,
+    n_categories: int = 15,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict:
+    """``metric_rows`` of this checkout and of ``commit`` (its ``feclip/`` from ``git archive``), each
+    in a worker process (:func:`rows_worker`) on the same predictions, rounds interleaved; the rows
+    must be equal bit for bit. For commits whose ``metric_rows`` takes this one's arguments (since
+    2026-12-04); ``--before`` compares older metrics in one process."""
+    from benchlib import median_ci, paired_ratio
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="feclip_vs_") as tmp:
+        before_root = Path(tmp)
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", "--format=tar", commit, "feclip"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(before_root)], input=archive, check=True)
+        first, times = _rows_vs_rounds(root, before_root, [n_images, size, n_categories, seed], repeats)
     differ = sum(a != b for a, b in zip(first["before"]["rows"], first["now"]["rows"]))
     ratio = paired_ratio(times, "before", "now")
     return {

@@ -221,19 +221,13 @@ def run_notebook(results: Path, timeout: int = 300):
     pytest.importorskip("ipykernel")
     notebook = REPO / "experiments" / "analysis.ipynb"
     nb = nbformat.read(notebook, as_version=4)
-    env = {"FECLIP_RESULTS": str(results), "MPLBACKEND": "Agg", "PYTHONPATH": repo_python_path()}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # the kernel inherits this process's environment
+        env.setenv("FECLIP_RESULTS", str(results))
+        env.setenv("MPLBACKEND", "Agg")
+        env.setenv("PYTHONPATH", repo_python_path())
         nbclient.NotebookClient(
             nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
         ).execute()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return nb
 
 
